@@ -1,0 +1,1 @@
+"""adm_jax.data."""
