@@ -1,0 +1,194 @@
+"""Forward process, p_mean_variance and training losses against golden cases
+`diffusion_functions_base` (GaussianDiffusion, linear, T=1000) and
+`diffusion_functions_spaced250` (SpacedDiffusion "250"). Golden arrays are NCHW; the
+diffusion math is elementwise, so it runs on them directly with channel_axis=1."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adm_jax import diffusion as dm
+
+CASES = {
+    "diffusion_functions_base": None,
+    "diffusion_functions_spaced250": "250",
+}
+
+
+def assert_close(actual, expected, *, case, quantity, rtol, atol):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (
+        f"{case}: {quantity}: shape {actual.shape} != {expected.shape}"
+    )
+    err = np.abs(actual - expected)
+    ok = err <= atol + rtol * np.abs(expected)
+    assert ok.all(), (
+        f"{case}: {quantity}: max abs err {err.max():.3e}, "
+        f"max rel err {np.max(err / np.maximum(np.abs(expected), 1e-30)):.3e} "
+        f"(rtol={rtol}, atol={atol})"
+    )
+
+
+def make(case, var_type, mean_type="epsilon", loss_type="mse"):
+    betas = dm.get_named_beta_schedule("linear", 1000)
+    respacing = CASES[case]
+    use = None if respacing is None else dm.space_timesteps(1000, respacing)
+    return dm.make_diffusion(
+        betas,
+        model_mean_type=mean_type.lower(),
+        model_var_type=var_type.lower(),
+        loss_type=loss_type.lower(),
+        use_timesteps=use,
+    )
+
+
+class Stub:
+    """Returns a stored output and records the timesteps it receives (eager calls only)."""
+
+    def __init__(self, output):
+        self.output = jnp.asarray(output)
+        self.received = []
+
+    def __call__(self, x, t):
+        self.received.append(np.asarray(t))
+        return self.output
+
+
+def stub_output(arrays, spec):
+    if spec == "model_output_eps":
+        return arrays["model_output_eps"]
+    if spec == "model_output_xstart":
+        return arrays["model_output_xstart"]
+    c = arrays["model_output_eps"].shape[1]
+    if spec.startswith("model_output_xstart concatenated"):
+        return np.concatenate(
+            [arrays["model_output_xstart"], arrays["model_output_learned"][:, c:]], 1
+        )
+    assert spec.startswith("model_output_eps concatenated") or spec == "model_output_learned", spec
+    return arrays["model_output_learned"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_process(golden, case):
+    meta, a = golden(case)
+    tol = dict(rtol=meta["tolerance_hint"]["rtol"], atol=meta["tolerance_hint"]["atol"], case=case)
+    d = make(case, "learned_range")
+    np.testing.assert_array_equal(
+        d.timestep_map, a["timestep_map"], err_msg=f"{case}: timestep_map"
+    )
+    x0, t, noise = a["x_start"], a["t"], a["noise"]
+    for name, value in zip(
+        ("mean", "variance", "log_variance"), dm.q_mean_variance(d, x0, t), strict=True
+    ):
+        assert_close(value, a[f"q_mean_variance/{name}"], quantity=f"q_mean_variance/{name}", **tol)
+    x_t = dm.q_sample(d, x0, t, noise)
+    assert_close(x_t, a["q_sample/x_t"], quantity="q_sample/x_t", **tol)
+    post = dm.q_posterior_mean_variance(d, x0, a["q_sample/x_t"], t)
+    for name, value in zip(("mean", "variance", "log_variance_clipped"), post, strict=True):
+        assert_close(value, a[f"q_posterior/{name}"], quantity=f"q_posterior/{name}", **tol)
+    assert_close(dm.prior_bpd(d, x0), a["prior_bpd"], quantity="prior_bpd", **tol)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_p_mean_variance(golden, case):
+    meta, a = golden(case)
+    tol = dict(rtol=meta["tolerance_hint"]["rtol"], atol=meta["tolerance_hint"]["atol"], case=case)
+    x_t, t = a["q_sample/x_t"], a["t"]
+    cases = (
+        meta.get("p_mean_variance_cases")
+        or golden("diffusion_functions_base")[0]["p_mean_variance_cases"]
+    )
+    assert len(cases) == 11
+    for key, spec in cases.items():
+        d = make(case, spec["model_var_type"], spec["model_mean_type"])
+        stub = Stub(stub_output(a, spec["model_output"]))
+        out = dm.p_mean_variance(
+            d, stub, x_t, t, clip_denoised=spec["clip_denoised"], channel_axis=1
+        )
+        np.testing.assert_array_equal(
+            stub.received[0],
+            a["model_received_timesteps"],
+            err_msg=f"{case}: {key}: model timesteps",
+        )
+        for name in ("mean", "variance", "log_variance", "pred_xstart"):
+            assert_close(out[name], a[f"{key}/{name}"], quantity=f"{key}/{name}", **tol)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_losses(golden, case):
+    meta, a = golden(case)
+    tol = dict(rtol=meta["tolerance_hint"]["rtol"], atol=meta["tolerance_hint"]["atol"], case=case)
+    for key, spec in meta["training_losses_cases"].items():
+        d = make(case, spec["model_var_type"], loss_type=spec["loss_type"])
+        stub = Stub(stub_output(a, spec["model_output"]))
+        terms = dm.training_losses(d, stub, a["x_start"], a["t"], a["noise"], channel_axis=1)
+        assert sorted(terms) == sorted(spec["terms"]), f"{case}: {key}: terms {sorted(terms)}"
+        for received in stub.received:
+            np.testing.assert_array_equal(
+                received,
+                spec["model_received_timesteps"][0],
+                err_msg=f"{case}: {key}: model timesteps",
+            )
+        for name in spec["terms"]:
+            assert_close(terms[name], a[f"{key}/{name}"], quantity=f"{key}/{name}", **tol)
+
+
+def test_vb_stops_gradient_to_the_mean(golden):
+    """Hybrid loss: d(vb)/d(eps) == 0, d(mse)/d(v) == 0, d(vb)/d(v) != 0 (Improved DDPM)."""
+    _, a = golden("diffusion_functions_base")
+    d = make("diffusion_functions_base", "learned_range")
+
+    def term(out, name):
+        return dm.training_losses(
+            d, lambda x, t: out, a["x_start"], a["t"], a["noise"], channel_axis=1
+        )[name].sum()
+
+    out = jnp.asarray(a["model_output_learned"])
+    g_vb = jax.grad(term)(out, "vb")
+    g_mse = jax.grad(term)(out, "mse")
+    assert np.all(g_vb[:, :3] == 0) and np.any(g_vb[:, 3:] != 0)
+    assert np.all(g_mse[:, 3:] == 0) and np.any(g_mse[:, :3] != 0)
+
+
+def test_training_losses_jitted_nhwc(golden):
+    """The default NHWC layout under jit reproduces the (NCHW) golden losses."""
+    case = "diffusion_functions_spaced250"
+    meta, a = golden(case)
+    key = "training_losses/LEARNED_RANGE/MSE"
+    d = make(case, "learned_range")
+    to_nhwc = lambda z: np.transpose(z, (0, 2, 3, 1))
+    out = to_nhwc(a["model_output_learned"])
+    f = jax.jit(lambda x0, t, n: dm.training_losses(d, lambda x, tt: out, x0, t, n))
+    terms = f(to_nhwc(a["x_start"]), a["t"], to_nhwc(a["noise"]))
+    for name in ("loss", "mse", "vb"):
+        assert_close(
+            terms[name],
+            a[f"{key}/{name}"],
+            case=case,
+            quantity=f"NHWC {key}/{name}",
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_calc_bpd_loop_consistent_with_vb_terms():
+    """calc_bpd_loop (one scan) equals the per-step functions with the noise it draws."""
+    d = dm.create_diffusion(learn_sigma=True, timestep_respacing="5")
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.integers(0, 256, (2, 4, 4, 3)) / 127.5 - 1, jnp.float32)
+    model_fn = lambda x, t: jnp.concatenate(
+        [0.1 * x, jnp.tanh(x) * (t[:, None, None, None] / 1000)], -1
+    )
+    key = jax.random.key(3)
+    out = jax.jit(lambda x, k: dm.calc_bpd_loop(d, model_fn, x, k))(x0, key)
+    assert out["vb"].shape == (2, 5) and out["total_bpd"].shape == (2,)
+    for j, step in enumerate(range(4, -1, -1)):  # column j is step T - 1 - j
+        t = jnp.full((2,), step, jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(key, step), x0.shape)
+        x_t = dm.q_sample(d, x0, t, noise)
+        pmv = dm.p_mean_variance(d, model_fn, x_t, t)
+        np.testing.assert_allclose(out["vb"][:, j], dm.vb_terms_bpd(d, pmv, x0, x_t, t), rtol=1e-5)
+        eps = dm.predict_eps_from_xstart(d, x_t, t, pmv["pred_xstart"])
+        np.testing.assert_allclose(out["mse"][:, j], dm.mean_flat((eps - noise) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(out["total_bpd"], out["vb"].sum(1) + dm.prior_bpd(d, x0), rtol=1e-6)
