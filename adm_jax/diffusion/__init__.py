@@ -31,7 +31,6 @@ from adm_jax.diffusion.losses import (
 )
 from adm_jax.diffusion.samplers import (
     classifier_guidance_grad,
-    ddim_reverse_loop,
     ddim_reverse_sample,
     ddim_sample,
     p_sample,
@@ -71,7 +70,6 @@ __all__ = [
     "condition_mean",
     "condition_score",
     "create_diffusion",
-    "ddim_reverse_loop",
     "ddim_reverse_sample",
     "ddim_sample",
     "diffusion_kwargs_from_flags",

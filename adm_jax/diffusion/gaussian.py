@@ -9,6 +9,7 @@ are gathered as float32 copies of the float64 numpy constants, like the referenc
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -73,9 +74,16 @@ def predict_xstart_from_eps(diffusion: Diffusion, x_t, t, eps):
 
 def predict_eps_from_xstart(diffusion: Diffusion, x_t, t, pred_xstart):
     """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1), the inverse of the above."""
-    return (extract(diffusion.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / extract(
-        diffusion.sqrt_recipm1_alphas_cumprod, t, x_t
-    )
+    return (
+        extract(diffusion.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart
+    ) / _exact_divisor(extract(diffusion.sqrt_recipm1_alphas_cumprod, t, x_t), jnp.shape(x_t))
+
+
+def _exact_divisor(coef, shape):
+    """Broadcasts coef so XLA divides exactly: it rewrites x / broadcast(c) as x * (1 / c),
+    one ulp off, which sqrt(1 / abar - 1) ~ 2e4 at the end of the cosine schedule amplifies
+    (eps is recomputed from a clipped x_0 in DDIM and guidance)."""
+    return jax.lax.optimization_barrier(jnp.broadcast_to(coef, shape))
 
 
 def predict_xstart_from_xprev(diffusion: Diffusion, x_t, t, xprev):

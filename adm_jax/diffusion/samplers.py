@@ -201,9 +201,35 @@ _STATIC = (
 )
 
 
+def _traced_kwargs(kwargs):
+    """Fixed dtypes for the traced options, so 1.0, 1 and jnp.float32(1) share one trace."""
+    kwargs = dict(kwargs)
+    for name in ("eta", "classifier_scale"):
+        if name in kwargs:
+            kwargs[name] = jnp.asarray(kwargs[name], jnp.float32)
+    if kwargs.get("y") is not None:
+        kwargs["y"] = jnp.asarray(kwargs["y"], jnp.int32)
+    return kwargs
+
+
+def sample_loop(diffusion: Diffusion, model_fn, noise, **kwargs):
+    """Samples x_0 from x_T = noise[0] (the reference's p_sample_loop / ddim_sample_loop).
+
+    noise: (T + 1, *sample_shape); noise[k] is the fresh noise of the k-th reverse step (DDIM
+    with eta = 0 ignores it). Keyword arguments: use_ddim=False, eta=0.0,
+    clip_denoised=True, classifier_fn=None, y=None, classifier_scale=0.0,
+    return_trajectory=False, channel_axis=-1. With classifier_fn, every step is guided by
+    classifier_scale * grad_x log p(y | x_t, t) (`classifier_guidance_grad`). Returns x_0,
+    or with return_trajectory a dict: "sample" (x_0) and per step (T, ...) "samples" (x
+    after the step), "pred_xstart", "timesteps" (what the networks received) and, when
+    guided, "cond_grad".
+    """
+    return _sample_loop(diffusion, model_fn, noise, **_traced_kwargs(kwargs))
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def sample_loop(
-    diffusion: Diffusion,
+def _sample_loop(
+    diffusion,
     model_fn,
     noise,
     *,
@@ -216,14 +242,6 @@ def sample_loop(
     return_trajectory=False,
     channel_axis=-1,
 ):
-    """Samples x_0 from x_T = noise[0] (the reference's p_sample_loop / ddim_sample_loop).
-
-    noise: (T + 1, *sample_shape); noise[k] is the fresh noise of the k-th reverse step (DDIM
-    with eta = 0 ignores it). With classifier_fn, steps are guided by classifier_scale * grad
-    of log p(y | x_t, t) (`classifier_guidance_grad`). Returns x_0, or with
-    return_trajectory a dict: "sample" (x_0) and per step (T, ...) "samples" (x after the
-    step), "pred_xstart", "timesteps" (what the networks received) and "cond_grad".
-    """
     return _reverse_loop(
         diffusion,
         model_fn,
@@ -245,16 +263,18 @@ def sample_noise(key, num_timesteps: int, shape, dtype=jnp.float32):
     """The (T + 1, *shape) noise `sample` draws from key: slot k is normal(fold_in(key, k))."""
     return jnp.stack(
         [
-            jax.random.normal(jax.random.fold_in(key, k), shape, dtype)
+            jax.random.normal(jax.random.fold_in(key, k), tuple(shape), dtype)
             for k in range(num_timesteps + 1)
         ]
     )
 
 
 def sample(diffusion: Diffusion, model_fn, key, shape, **kwargs):
-    """`sample_loop` with the noise drawn from key inside the scan (see `sample_noise`),
-    so the (T + 1) noise arrays are never materialised together. Same kwargs."""
-    return _sample(diffusion, model_fn, key, tuple(int(s) for s in shape), **kwargs)
+    """`sample_loop` with its noise drawn from key inside the scan (equal to
+    `sample_loop(..., sample_noise(key, T, shape))`), so the T + 1 noise arrays are never
+    materialised together. Same keyword arguments."""
+    shape = tuple(int(s) for s in shape)
+    return _sample(diffusion, model_fn, key, shape, **_traced_kwargs(kwargs))
 
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "shape"))
@@ -292,23 +312,3 @@ def _sample(
         return_trajectory=return_trajectory,
         channel_axis=channel_axis,
     )
-
-
-@functools.partial(
-    jax.jit, static_argnames=("diffusion", "model_fn", "clip_denoised", "channel_axis")
-)
-def ddim_reverse_loop(
-    diffusion: Diffusion, model_fn, x_start, *, clip_denoised=True, channel_axis=-1
-):
-    """Encodes x_0 into x_T with the deterministic reverse DDIM ODE (one `lax.scan`)."""
-    batch = x_start.shape[0]
-
-    def body(x, i):
-        t = jnp.full((batch,), i, jnp.int32)
-        out = ddim_reverse_sample(
-            diffusion, model_fn, x, t, clip_denoised=clip_denoised, channel_axis=channel_axis
-        )
-        return out["sample"], None
-
-    x_T, _ = jax.lax.scan(body, x_start, jnp.arange(diffusion.num_timesteps, dtype=jnp.int32))
-    return x_T
