@@ -71,6 +71,10 @@ def vb_terms_bpd(diffusion: Diffusion, p_mean_var, x_start, x_t, t):
 def prior_bpd(diffusion: Diffusion, x_start):
     """Prior term L_T = KL(q(x_T | x_0) || N(0, I)) in bits per dim (DDPM eq. 5). (B,)."""
     t = jnp.full((jnp.shape(x_start)[0],), diffusion.num_timesteps - 1, jnp.int32)
+    # The KL is ~1e-5 from 0.5 (exp(lv) - 1 - lv + mean^2) in float32, so its value hangs on
+    # the rounding of exp(lv); keep XLA from constant-folding that under jit (off by 5e-4
+    # relative) so jitted and eager results both equal the reference's.
+    t = jax.lax.optimization_barrier(t)
     mean, _, log_variance = gaussian.q_mean_variance(diffusion, x_start, t)
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / _LOG2
 
