@@ -1,0 +1,725 @@
+"""Batch sampling at scale: ``python -m adm_jax.main --mode=sample``.
+
+One ``jax.jit``-compiled reverse-diffusion ``lax.scan`` serves every batch of a run (and every
+guidance scale of a sweep): parameters, labels, the guidance scale and the batch index are
+traced arguments, so the only compilation happens on the first batch. The global batch is
+sharded over the mesh's ``("data", "fsdp")`` axes across all devices and processes; parameters
+are replicated.
+
+Determinism: batch ``b`` draws its noise from ``fold_in(PRNGKey(seed), b)`` and its random
+labels from ``numpy.random.default_rng([seed, b])``. Neither depends on the device count, so a
+run on one device and on a pod produce the same samples (up to float round-off, which can move
+a few uint8 pixels by one).
+
+A run writes ``output_dir/shards/batch_000012.npz`` as it goes (atomic renames) next to
+``shards/args.json``, the arguments that determine the samples. Rerun with the same arguments
+it skips the finished shards; with different ones it refuses, naming them. When every shard
+exists it assembles ``output_dir/samples_{N}x{H}x{W}x{C}.npz`` in the reference layout
+(``arr_0`` uint8 NHWC, ``arr_1`` labels) plus a PNG grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from adm_jax.sampling import io
+
+BATCH_AXES = ("data", "fsdp")
+ARGS_FILE = "args.json"
+SHARD_PATTERN = "batch_{:06d}.npz"
+_SHARD_RE = re.compile(r"batch_(\d{6})\.npz$")
+# Reference kwargs that do not change what a checkpoint computes at inference.
+_IGNORED_MODEL_KWARGS = frozenset({"dropout", "use_fp16", "use_checkpoint", "dims"})
+# create_diffusion kwargs that change sampling (use_kl / rescaling only change training).
+_SAMPLING_DIFFUSION_KWARGS = ("steps", "noise_schedule", "learn_sigma", "sigma_small")
+
+
+def make_mesh() -> Mesh:
+    """The ``("data", "fsdp")`` mesh over every device of every process (fsdp of size 1)."""
+    try:
+        from adm_jax.train.sharding import create_mesh
+    except ImportError:
+        return Mesh(np.asarray(jax.devices()).reshape(-1, 1), BATCH_AXES)
+    return create_mesh(data=-1, fsdp=1)
+
+
+def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds in full."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+    """Lays every leaf of ``tree`` out with ``sharding`` (a replicated one), keeping no copy."""
+
+    def put(leaf):
+        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+            return leaf
+        return _global_array(np.asarray(leaf), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """[-1, 1] -> uint8 exactly as the reference: ``((x + 1) * 127.5).clamp(0, 255).to(uint8)``."""
+    return jnp.clip((x + 1.0) * 127.5, 0.0, 255.0).astype(jnp.uint8)
+
+
+class BatchSampler:
+    """Samples one global batch per call with a single compiled reverse-diffusion scan.
+
+    ``model_apply(params, x, t, **kw)`` gets ``y=labels`` when ``class_cond`` and
+    ``low_res=...`` when ``superres``; ``classifier_apply(params, x, t) -> logits`` enables
+    classifier guidance with a traced scale. ``trace_count`` counts traces: anything above one
+    means a batch recompiled, which at pod scale costs minutes.
+    """
+
+    def __init__(
+        self,
+        diffusion: Any,
+        model_apply: Callable[..., jax.Array],
+        *,
+        image_shape: Sequence[int],
+        batch_size: int,
+        mesh: Mesh | None = None,
+        use_ddim: bool = False,
+        eta: float = 0.0,
+        clip_denoised: bool = True,
+        classifier_apply: Callable[..., jax.Array] | None = None,
+        class_cond: bool = False,
+        superres: bool = False,
+        sample_fn: Callable[..., jax.Array] | None = None,
+    ):
+        if sample_fn is None:
+            from adm_jax.diffusion import sample as sample_fn
+        self.mesh = mesh if mesh is not None else make_mesh()
+        num_shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES if a in self.mesh.shape)
+        if batch_size % num_shards:
+            raise ValueError(
+                f"sample.batch_size: the global batch ({batch_size}) must be a multiple of the "
+                f"{num_shards} devices it is sharded over"
+            )
+        self.batch_size = int(batch_size)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.class_cond, self.superres = class_cond, superres
+        self.guided = classifier_apply is not None
+        axes = tuple(a for a in BATCH_AXES if a in self.mesh.shape)
+        self.batch_sharding = NamedSharding(self.mesh, P(axes))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.trace_count = 0
+        constrain = lambda a: jax.lax.with_sharding_constraint(a, self.batch_sharding)
+
+        def run(model_params, classifier_params, seed, batch_index, labels, scale, low_res):
+            self.trace_count += 1
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
+            kwargs = {}
+            if class_cond:
+                kwargs["y"] = labels
+            if superres:
+                kwargs["low_res"] = low_res
+
+            def model_fn(x, t):
+                # Without this, an unconditional model has no sharded input and XLA could
+                # replicate the whole batch on every device.
+                return constrain(model_apply(model_params, constrain(x), t, **kwargs))
+
+            guidance = {}
+            if classifier_apply is not None:
+                guidance = dict(
+                    classifier_fn=lambda x, t: classifier_apply(classifier_params, x, t),
+                    y=labels,
+                    classifier_scale=scale,
+                )
+            x = sample_fn(
+                diffusion,
+                model_fn,
+                key,
+                (self.batch_size, *self.image_shape),
+                use_ddim=use_ddim,
+                eta=eta,
+                clip_denoised=clip_denoised,
+                **guidance,
+            )
+            return to_uint8(x)
+
+        b, r = self.batch_sharding, self.replicated
+        self._run = jax.jit(run, in_shardings=(r, r, r, r, b, r, b), out_shardings=r)
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.class_cond or self.guided
+
+    def __call__(
+        self,
+        model_params: Any,
+        *,
+        seed: int,
+        batch_index: int,
+        labels: np.ndarray | None = None,
+        classifier_params: Any = None,
+        scale: float = 0.0,
+        low_res: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Returns the batch as uint8 NHWC numpy (identical on every process)."""
+        if self.needs_labels != (labels is not None):
+            raise ValueError("labels: required exactly for class-conditional or guided sampling")
+        if self.superres != (low_res is not None):
+            raise ValueError("low_res: required exactly for a super-resolution model")
+        if labels is not None:
+            labels = _global_array(np.asarray(labels, np.int32), self.batch_sharding)
+        if low_res is not None:
+            low_res = _global_array(np.asarray(low_res, np.float32), self.batch_sharding)
+        out = self._run(
+            model_params,
+            classifier_params,
+            np.uint32(seed % 2**32),
+            np.int32(batch_index),
+            labels,
+            np.float32(scale),
+            low_res,
+        )
+        return np.asarray(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading models and checking them against the config.
+
+
+def load_checkpoint(path: str, sharding: NamedSharding | None = None):
+    """An ``InferenceCheckpoint`` from an exported/converted checkpoint or a training workdir."""
+    from adm_jax import checkpoints
+
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
+    if checkpoints.is_inference_checkpoint(path):
+        ckpt = checkpoints.load_inference_checkpoint(path, sharding=sharding)
+    else:
+        try:
+            from adm_jax.train import restore_inference
+        except ImportError as e:
+            raise FileNotFoundError(
+                f"checkpoint: {path} is not an inference checkpoint and adm_jax.train "
+                "(which restores training workdirs) is unavailable"
+            ) from e
+        ckpt = restore_inference(path)
+    if sharding is not None:
+        ckpt.params = replicate(ckpt.params, sharding)
+    return ckpt
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalize(v) for k, v in value.items()}
+    return value
+
+
+def _differences(got: dict, want: dict, keys) -> list[str]:
+    return [
+        f"{k}={_normalize(got[k])!r} (checkpoint) vs {_normalize(want[k])!r} (config)"
+        for k in keys
+        if k in got and k in want and _normalize(got[k]) != _normalize(want[k])
+    ]
+
+
+def check_matches_config(ckpt: Any, config: Any, path: str) -> None:
+    """Raises if the checkpoint's architecture or diffusion differs from ``config``.
+
+    Sampling a checkpoint with the wrong config "works" and yields noise; this makes it an
+    error. Skipped for config sections that are absent or empty.
+    """
+    diffs = []
+    model_cfg = _cfg_get(config, "model")
+    if model_cfg:
+        from adm_jax.models import reference_kwargs_from_flags
+        from adm_jax.models.factory import KNOWN_FLAGS
+
+        flags = _to_dict(model_cfg)
+        kind = flags.pop("kind", ckpt.kind)
+        flags = {k: v for k, v in flags.items() if k in KNOWN_FLAGS}  # drop dtype, remat, ...
+        if kind != ckpt.kind:
+            diffs.append(f"kind={ckpt.kind!r} (checkpoint) vs {kind!r} (config)")
+        else:
+            want = reference_kwargs_from_flags(kind, flags)
+            keys = sorted(set(ckpt.model_kwargs) - _IGNORED_MODEL_KWARGS)
+            diffs += _differences(ckpt.model_kwargs, want, keys)
+    diffusion_cfg = _cfg_get(config, "diffusion")
+    if diffusion_cfg and ckpt.diffusion_kwargs:
+        diffs += _differences(
+            ckpt.diffusion_kwargs, _to_dict(diffusion_cfg), _SAMPLING_DIFFUSION_KWARGS
+        )
+    if diffs:
+        raise ValueError(f"checkpoint {path} does not match the config: {'; '.join(diffs)}")
+
+
+def _cfg_get(config: Any, name: str, default: Any = None) -> Any:
+    if config is None:
+        return default
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+
+
+def _to_dict(cfg: Any) -> dict:
+    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def parse_class_labels(spec: Any) -> list[int] | None:
+    """``"random"``/``""``/None -> None (random); ``"1,2"``, ``[1, 2]``, ``3`` -> list."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec.lower() in ("", "random"):
+            return None
+        try:
+            return [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(
+                f"sample.class_labels: expected 'random' or comma-separated ints, got {spec!r}"
+            ) from None
+    if isinstance(spec, (int, np.integer)):
+        return [int(spec)]
+    return [int(s) for s in spec]
+
+
+# --------------------------------------------------------------------------------------------
+# A sampling job: models loaded once, then run for any number of samples / guidance scales.
+
+
+@dataclasses.dataclass
+class SamplingJob:
+    """Everything a run needs; ``sweep`` reuses one job (and its compiled scan) for all scales."""
+
+    sampler: BatchSampler
+    model_params: Any
+    classifier_params: Any
+    seed: int
+    num_classes: int | None  # label range when labels are used
+    class_labels: list[int] | None  # None: random
+    base_images: np.ndarray | None = None  # two-stage: uint8 NHWC low-resolution images
+    base_labels: np.ndarray | None = None
+    default_num_samples: int = 0
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def labels_for(self, batch_index: int) -> np.ndarray | None:
+        """Labels of batch ``batch_index``; sample ``i`` of the run is row ``i - b*B``."""
+        if not self.sampler.needs_labels:
+            return None
+        rows = batch_index * self.batch_size + np.arange(self.batch_size)
+        if self.base_labels is not None:
+            return self.base_labels[rows % len(self.base_labels)].astype(np.int32)
+        if self.class_labels is not None:
+            return np.asarray(self.class_labels, np.int32)[rows % len(self.class_labels)]
+        rng = np.random.default_rng([self.seed, batch_index])
+        return rng.integers(0, self.num_classes, self.batch_size).astype(np.int32)
+
+    def low_res_for(self, batch_index: int) -> np.ndarray | None:
+        """Two-stage: the base images of this batch in [-1, 1] (cycled like the reference)."""
+        if self.base_images is None:
+            return None
+        rows = batch_index * self.batch_size + np.arange(self.batch_size)
+        return self.base_images[rows % len(self.base_images)].astype(np.float32) / 127.5 - 1.0
+
+    def sample_batch(self, batch_index: int, scale: float = 0.0) -> tuple[np.ndarray, Any]:
+        labels = self.labels_for(batch_index)
+        images = self.sampler(
+            self.model_params,
+            seed=self.seed,
+            batch_index=batch_index,
+            labels=labels,
+            classifier_params=self.classifier_params,
+            scale=scale,
+            low_res=self.low_res_for(batch_index),
+        )
+        return images, labels
+
+
+def _module_overrides(config: Any) -> dict[str, Any]:
+    dtype = _cfg_get(_cfg_get(config, "model"), "dtype")
+    return {"dtype": jnp.dtype(dtype)} if dtype else {}
+
+
+def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> SamplingJob:
+    """Loads the model (+ classifier, + base samples), validates everything, compiles nothing.
+
+    Errors are single-line ``ValueError``/``FileNotFoundError`` naming the config field.
+    """
+    from adm_jax.diffusion import create_diffusion
+    from adm_jax.sampling import two_stage
+
+    sc = config.sample
+    mesh = mesh if mesh is not None else make_mesh()
+    replicated = NamedSharding(mesh, P())
+
+    scale = float(_cfg_get(sc, "classifier_scale", 0.0) or 0.0)
+    classifier_path = _cfg_get(sc, "classifier_checkpoint", "") or ""
+    if scale != 0.0 and not classifier_path:
+        raise ValueError(
+            f"sample.classifier_scale={scale:g} needs sample.classifier_checkpoint "
+            "(a noisy-image classifier); set the scale to 0 to sample without guidance"
+        )
+
+    model_path = _cfg_get(sc, "checkpoint", "") or workdir
+    ckpt = load_checkpoint(model_path, replicated)
+    if ckpt.kind not in ("unet", "superres"):
+        raise ValueError(
+            f"sample.checkpoint: {model_path} holds a {ckpt.kind!r} model; sampling needs a "
+            "diffusion model ('unet' or 'superres')"
+        )
+    check_matches_config(ckpt, config, model_path)
+    mk = ckpt.model_kwargs
+    image_size = int(mk["image_size"])
+    channels = int(mk.get("in_channels", 3))
+    model_classes = mk.get("num_classes")
+    class_cond = model_classes is not None
+    superres = ckpt.kind == "superres"
+
+    classifier_apply = classifier_params = None
+    classifier_classes = None
+    if classifier_path:
+        cls_ckpt = load_checkpoint(classifier_path, replicated)
+        if cls_ckpt.kind != "classifier":
+            raise ValueError(
+                f"sample.classifier_checkpoint: {classifier_path} holds a {cls_ckpt.kind!r} "
+                "model, not a 'classifier'"
+            )
+        cls_size = int(cls_ckpt.model_kwargs["image_size"])
+        if cls_size != image_size:
+            raise ValueError(
+                f"sample.classifier_checkpoint: classifier image_size {cls_size} does not match "
+                f"the diffusion model's image_size {image_size}"
+            )
+        classifier_classes = int(cls_ckpt.model_kwargs.get("out_channels", 1000))
+        cls_module = cls_ckpt.module(**_module_overrides(config))
+        classifier_apply = lambda p, x, t: cls_module.apply({"params": p}, x, t)
+        classifier_params = cls_ckpt.params
+
+    class_labels = parse_class_labels(_cfg_get(sc, "class_labels", "random"))
+    needs_labels = class_cond or classifier_apply is not None
+    if class_labels is not None and not needs_labels:
+        raise ValueError(
+            "sample.class_labels: the model is unconditional and no classifier guides it, so it "
+            "cannot take class labels; use 'random' (ignored) or add sample.classifier_checkpoint"
+        )
+    limits = [n for n in (model_classes, classifier_classes) if n is not None]
+    num_classes = min(limits) if limits else None
+    if class_labels is not None:
+        bad = [y for y in class_labels if not 0 <= y < num_classes]
+        if bad:
+            raise ValueError(
+                f"sample.class_labels: {bad} outside [0, {num_classes}), the range of the "
+                f"{'model' if num_classes == model_classes else 'classifier'}"
+            )
+
+    base_images = base_labels = None
+    base_path = _cfg_get(sc, "base_samples", "") or ""
+    if superres:
+        if not base_path:
+            raise ValueError(
+                f"sample.base_samples: {model_path} is an upsampler; give it the .npz of base "
+                "samples to upsample"
+            )
+        if class_labels is not None:
+            raise ValueError(
+                "sample.class_labels: an upsampler takes its labels from base_samples arr_1; "
+                "leave class_labels 'random'"
+            )
+        base_images, base_labels = two_stage.load_base_samples(
+            base_path, large_size=image_size, channels=channels, class_cond=needs_labels
+        )
+        if base_labels is not None and num_classes is not None:
+            bad = np.unique(base_labels[(base_labels < 0) | (base_labels >= num_classes)])
+            if bad.size:
+                raise ValueError(
+                    f"sample.base_samples: labels {bad.tolist()} outside [0, {num_classes})"
+                )
+    elif base_path:
+        raise ValueError(
+            f"sample.base_samples is set but {model_path} is a {ckpt.kind!r} model; base samples "
+            "feed an upsampler ('superres') checkpoint"
+        )
+
+    diffusion_kwargs = dict(ckpt.diffusion_kwargs or _to_dict(_cfg_get(config, "diffusion", {})))
+    respacing = str(_cfg_get(sc, "timestep_respacing", "") or "")
+    if respacing:
+        diffusion_kwargs["timestep_respacing"] = respacing
+    diffusion = create_diffusion(**diffusion_kwargs)
+    use_ddim = bool(_cfg_get(sc, "use_ddim", False))
+    if respacing.startswith("ddim") and not use_ddim:
+        logging.warning("timestep_respacing=%s with use_ddim=False: ancestral sampling", respacing)
+
+    module = ckpt.module(**_module_overrides(config))
+    if superres:
+        model_apply = lambda p, x, t, y=None, low_res=None: module.apply(
+            {"params": p}, x, t, low_res=low_res, y=y
+        )
+    else:
+        model_apply = lambda p, x, t, y=None: module.apply({"params": p}, x, t, y=y)
+
+    sampler = BatchSampler(
+        diffusion,
+        model_apply,
+        image_shape=(image_size, image_size, channels),
+        batch_size=int(sc.batch_size),
+        mesh=mesh,
+        use_ddim=use_ddim,
+        eta=float(_cfg_get(sc, "eta", 0.0) or 0.0),
+        clip_denoised=bool(_cfg_get(sc, "clip_denoised", True)),
+        classifier_apply=classifier_apply,
+        class_cond=class_cond,
+        superres=superres,
+    )
+    seed = int(_cfg_get(sc, "seed", 0) or 0)
+    provenance = {
+        "checkpoint": os.path.abspath(model_path),
+        "checkpoint_step": ckpt.extra.get("step"),
+        "classifier_checkpoint": os.path.abspath(classifier_path) if classifier_path else "",
+        "base_samples": os.path.abspath(base_path) if base_path else "",
+        "base_samples_shape": None if base_images is None else list(base_images.shape),
+        "seed": seed,
+        "batch_size": sampler.batch_size,
+        "image_shape": list(sampler.image_shape),
+        "diffusion": _normalize(diffusion_kwargs),
+        "use_ddim": use_ddim,
+        "eta": float(_cfg_get(sc, "eta", 0.0) or 0.0),
+        "clip_denoised": bool(_cfg_get(sc, "clip_denoised", True)),
+        "class_labels": "random" if class_labels is None else class_labels,
+        "num_classes": num_classes,
+    }
+    return SamplingJob(
+        sampler=sampler,
+        model_params=ckpt.params,
+        classifier_params=classifier_params,
+        seed=seed,
+        num_classes=num_classes,
+        class_labels=class_labels,
+        base_images=base_images,
+        base_labels=base_labels,
+        default_num_samples=0 if base_images is None else len(base_images),
+        provenance=provenance,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Running a job: shards, resume, assembly.
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _broadcast(value: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_or_store_args(shard_dir: str, args: dict[str, Any]) -> str | None:
+    """Stores ``args`` for a new run; for a resumed one returns what differs (or None)."""
+    path = os.path.join(shard_dir, ARGS_FILE)
+    args = json.loads(json.dumps(args))  # what a reader will see (tuples -> lists, ...)
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        keys = sorted(set(stored) | set(args))
+        diffs = [
+            f"{k}: {stored.get(k)!r} -> {args.get(k)!r}"
+            for k in keys
+            if stored.get(k) != args.get(k)
+        ]
+        return "; ".join(diffs) if diffs else None
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(args, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return None
+
+
+def finished_batches(shard_dir: str) -> set[int]:
+    """Indices of the shards already written (complete by construction: atomic renames)."""
+    found = set()
+    for path in glob.glob(os.path.join(shard_dir, "batch_*.npz")):
+        match = _SHARD_RE.search(path)
+        if match:
+            found.add(int(match.group(1)))
+    return found
+
+
+def samples_filename(num_samples: int, image_shape: Sequence[int]) -> str:
+    """The reference's name: ``samples_{N}x{H}x{W}x{C}.npz``."""
+    return "samples_" + "x".join(str(s) for s in (num_samples, *image_shape)) + ".npz"
+
+
+def run_job(
+    job: SamplingJob,
+    output_dir: str,
+    *,
+    num_samples: int,
+    classifier_scale: float = 0.0,
+    max_batches: int | None = None,
+    grid_images: int = 64,
+    progress: bool = True,
+) -> str | None:
+    """Samples ``num_samples`` images into ``output_dir``; returns the final ``.npz`` path.
+
+    ``max_batches`` stops after that many NEW batches (a preemption stand-in, also handy to
+    split a run over jobs); the return value is then None unless the run is complete.
+    """
+    if classifier_scale and not job.sampler.guided:
+        raise ValueError(
+            f"sample.classifier_scale={classifier_scale:g} needs sample.classifier_checkpoint"
+        )
+    if num_samples <= 0:
+        raise ValueError(f"sample.num_samples must be positive, got {num_samples}")
+    batch_size = job.batch_size
+    num_batches = math.ceil(num_samples / batch_size)
+    shard_dir = os.path.join(output_dir, "shards")
+    args = dict(job.provenance, classifier_scale=float(classifier_scale))
+
+    mismatch = None
+    if _is_main():
+        os.makedirs(shard_dir, exist_ok=True)
+        mismatch = _check_or_store_args(shard_dir, args)
+    done_mask = np.zeros(num_batches + 1, np.int32)  # last entry: argument mismatch flag
+    if _is_main():
+        for b in finished_batches(shard_dir):
+            if b < num_batches:
+                done_mask[b] = 1
+        done_mask[-1] = mismatch is not None
+    done_mask = _broadcast(done_mask)
+    if done_mask[-1]:
+        raise ValueError(
+            f"sample.output_dir: {output_dir} holds samples from other arguments "
+            f"({mismatch or 'see process 0'}); use another output_dir or delete {shard_dir}"
+        )
+    remaining = [b for b in range(num_batches) if not done_mask[b]]
+    todo = remaining if max_batches is None else remaining[:max_batches]
+    complete = len(todo) == len(remaining)
+    if done_mask[:-1].any() and _is_main():
+        logging.info(
+            "Resuming %s: %d of %d batches done", output_dir, done_mask[:-1].sum(), num_batches
+        )
+
+    start = time.time()
+    bar = None
+    if progress and _is_main():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=num_batches,
+            initial=int(done_mask[:-1].sum()),
+            unit="batch",
+            desc=f"sampling {num_samples} (scale {classifier_scale:g})",
+        )
+    for b in todo:
+        images, labels = job.sample_batch(b, classifier_scale)
+        if _is_main():
+            io.save_samples_npz(os.path.join(shard_dir, SHARD_PATTERN.format(b)), images, labels)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if todo and _is_main():
+        elapsed = time.time() - start
+        logging.info(
+            "Sampled %d batches of %d in %.1fs (%.2f samples/s)",
+            len(todo),
+            batch_size,
+            elapsed,
+            len(todo) * batch_size / max(elapsed, 1e-9),
+        )
+    if not complete:
+        _sync("adm_jax.sampling.partial")
+        return None
+
+    final = os.path.join(output_dir, samples_filename(num_samples, job.sampler.image_shape))
+    if _is_main():
+        assemble(shard_dir, final, num_samples, batch_size)
+        images, _ = io.load_samples_npz(os.path.join(shard_dir, SHARD_PATTERN.format(0)))
+        extra = []
+        for b in range(1, math.ceil(min(grid_images, num_samples) / batch_size)):
+            extra.append(io.load_samples_npz(os.path.join(shard_dir, SHARD_PATTERN.format(b)))[0])
+        grid = np.concatenate([images, *extra])[: min(grid_images, num_samples)]
+        io.save_image_grid(final[: -len(".npz")] + ".png", grid)
+        logging.info("Wrote %s", final)
+    _sync("adm_jax.sampling.done")
+    return final
+
+
+def assemble(shard_dir: str, out_path: str, num_samples: int, batch_size: int) -> str:
+    """Concatenates the shards into one reference-format ``.npz``, streaming from disk."""
+    num_batches = math.ceil(num_samples / batch_size)
+    paths = [os.path.join(shard_dir, SHARD_PATTERN.format(b)) for b in range(num_batches)]
+    with np.load(paths[0]) as first:
+        image_shape, has_labels = first[io.IMAGES_KEY].shape[1:], io.LABELS_KEY in first
+        label_dtype = first[io.LABELS_KEY].dtype if has_labels else None
+
+    def chunks(key):
+        remaining = num_samples
+        for path in paths:
+            with np.load(path) as data:
+                chunk = data[key][:remaining]
+            remaining -= len(chunk)
+            yield chunk
+
+    arrays = {io.IMAGES_KEY: ((num_samples, *image_shape), np.uint8, chunks(io.IMAGES_KEY))}
+    if has_labels:
+        arrays[io.LABELS_KEY] = ((num_samples,), label_dtype, chunks(io.LABELS_KEY))
+    return io.write_npz_streaming(out_path, arrays)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def output_dir_for(config: Any, workdir: str) -> str:
+    out = _cfg_get(config.sample, "output_dir", "") or ""
+    return out or os.path.join(workdir or ".", "samples")
+
+
+def sample(config: Any, workdir: str, *, max_batches: int | None = None) -> str | None:
+    """``--mode=sample``: samples ``config.sample.num_samples`` images; returns the ``.npz``.
+
+    The model comes from ``config.sample.checkpoint`` (an exported or converted checkpoint, or
+    a training workdir), or from ``workdir`` when that is empty. With an upsampler checkpoint
+    and ``config.sample.base_samples`` this is the second stage of two-stage sampling.
+    """
+    job = build_job(config, workdir)
+    num_samples = int(_cfg_get(config.sample, "num_samples", 0) or 0) or job.default_num_samples
+    return run_job(
+        job,
+        output_dir_for(config, workdir),
+        num_samples=num_samples,
+        classifier_scale=float(_cfg_get(config.sample, "classifier_scale", 0.0) or 0.0),
+        max_batches=max_batches,
+    )
