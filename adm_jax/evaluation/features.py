@@ -1,0 +1,107 @@
+"""Sharded, jitted feature extraction over a stream of uint8 NHWC image batches.
+
+Every batch is re-chunked to one fixed global batch size (the last one zero-padded and
+trimmed afterwards) so a single compilation serves the whole stream; the batch axis is
+sharded over the ``"data"`` axis of a ``jax.sharding.Mesh`` and the network weights are
+replicated. The next batch is dispatched before the previous result is fetched, so host
+reading overlaps device compute. Single-process (one host drives all its devices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from adm_jax.evaluation import inception
+
+# What the evaluator needs from the network: FID, sFID and Inception Score inputs.
+EVAL_OUTPUTS = ("pool3", "spatial_features_2023", "softmax_nobias")
+
+
+def inception_fn(resize: str = "tf", outputs=EVAL_OUTPUTS) -> Callable:
+    """``fn(variables, uint8 images) -> {name: (B, ...)}`` for the FID Inception network."""
+
+    def fn(variables, images):
+        out = inception.apply_inception(variables, inception.preprocess(images, resize))
+        return {k: out[k] for k in outputs}
+
+    return fn
+
+
+def _rechunk(batches: Iterable[np.ndarray], batch_size: int):
+    """Yields (batch of exactly batch_size rows, number of real rows)."""
+    buf, n = [], 0
+    for b in batches:
+        b = np.asarray(b)
+        while len(b):
+            take = min(batch_size - n, len(b))
+            buf.append(b[:take])
+            n += take
+            b = b[take:]
+            if n == batch_size:
+                yield np.concatenate(buf), n
+                buf, n = [], 0
+    if n:
+        block = np.concatenate(buf)
+        yield np.pad(block, [(0, batch_size - n)] + [(0, 0)] * (block.ndim - 1)), n
+
+
+class FeatureExtractor:
+    """Applies ``fn(variables, images)`` to image batches, sharded over a mesh's "data" axis.
+
+    fn defaults to the FID Inception network (``variables`` from
+    ``inception.load_inception_variables``) with the given ``resize`` path; any other
+    ``fn(variables, uint8 NHWC) -> dict of (B, ...)`` works too. ``batch_size`` is the global
+    batch, rounded up to a multiple of the number of devices on the data axis.
+    """
+
+    def __init__(
+        self,
+        variables,
+        *,
+        fn: Callable | None = None,
+        resize: str = "tf",
+        batch_size: int = 256,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        if mesh is None:
+            mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        self.mesh = mesh
+        n_data = mesh.shape["data"]
+        self.batch_size = -(-batch_size // n_data) * n_data
+        self._data = NamedSharding(mesh, P("data"))
+        replicated = NamedSharding(mesh, P())
+        self.variables = jax.device_put(variables, replicated)
+        self._fn = jax.jit(
+            fn if fn is not None else inception_fn(resize),
+            in_shardings=(replicated, self._data),
+            out_shardings=self._data,
+        )
+
+    def __call__(
+        self, batches: Iterable[np.ndarray], *, total: int | None = None, desc: str = "features"
+    ) -> dict[str, np.ndarray]:
+        """Features of all images in ``batches`` (uint8 NHWC), concatenated, padding dropped."""
+        results: dict[str, list] = {}
+        pending = None
+
+        def collect(item):
+            out, n = item
+            for k, v in jax.device_get(out).items():
+                results.setdefault(k, []).append(np.asarray(v)[:n])
+
+        with tqdm(total=total, desc=desc, unit="img", disable=total == 0) as bar:
+            for block, n in _rechunk(batches, self.batch_size):
+                out = self._fn(self.variables, jax.device_put(block, self._data))
+                if pending is not None:
+                    collect(pending)
+                pending = (out, n)
+                bar.update(n)
+            if pending is not None:
+                collect(pending)
+        return {k: np.concatenate(v, axis=0) for k, v in results.items()}

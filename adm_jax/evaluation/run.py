@@ -1,0 +1,182 @@
+"""End-to-end evaluation: sample .npz + reference batch -> FID, sFID, IS, precision, recall.
+
+``evaluate(config, workdir)`` serves ``python -m adm_jax.main --mode=evaluate``;
+``evaluate_npz`` is the same without a config; ``create_reference_batch`` writes new
+reference batches in the published ``VIRTUAL_*.npz`` format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+
+from adm_jax.evaluation import inception, metrics
+from adm_jax.evaluation import reference_batch as rb
+from adm_jax.evaluation.features import FeatureExtractor
+
+METRIC_NAMES = ("fid", "sfid", "inception_score", "precision", "recall")
+
+
+def _stats(features):
+    return metrics.compute_statistics(features)
+
+
+def create_reference_batch(
+    path,
+    image_batches: Iterable[np.ndarray],
+    *,
+    inception_params,
+    resize: str = "tf",
+    batch_size: int = 256,
+    store_images: bool = True,
+    total: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> rb.ReferenceBatch:
+    """Computes Inception statistics of uint8 NHWC image batches and writes a reference batch.
+
+    Keys: ``arr_0`` (the images, if store_images: needed for precision/recall), ``mu``,
+    ``sigma`` (pool3), ``mu_s``, ``sigma_s`` (sFID spatial features), as the published files,
+    plus ``inception_resize`` (which input path made the statistics; the reference evaluator
+    ignores it). Images are spooled to disk, never held in memory.
+    """
+    extractor = FeatureExtractor(inception_params, resize=resize, batch_size=batch_size, mesh=mesh)
+    with rb.ImageSpool(dir=pathlib.Path(path).parent) as spool:
+        source = spool.tee(image_batches) if store_images else image_batches
+        feats = extractor(source, total=total, desc="reference features")
+        if not feats:
+            raise ValueError("no images to build a reference batch from")
+        mu, sigma = _stats(feats["pool3"])
+        mu_s, sigma_s = _stats(feats["spatial_features_2023"])
+        rb.write_reference_batch(
+            path,
+            mu,
+            sigma,
+            mu_s,
+            sigma_s,
+            images=spool if store_images else None,
+            extra={rb.RESIZE_KEY: np.array(resize)},
+        )
+    return rb.load_reference_batch(path)
+
+
+def evaluate_npz(
+    sample_npz,
+    reference_npz,
+    *,
+    inception_params,
+    batch_size: int = 256,
+    resize: str = "tf",
+    distance: str = "float32",
+    split_size: int = metrics.SPLIT_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict:
+    """The reference evaluator's numbers for a sample batch against a reference batch.
+
+    Uses the reference batch's stored statistics when they were made with the same ``resize``
+    path (the published ones: "tf"), else recomputes them from its images. Precision/recall
+    need the reference images (``arr_0``); without them they are None.
+    Returns ``{fid, sfid, inception_score, precision, recall, num_samples, num_reference}``.
+    """
+    extractor = FeatureExtractor(inception_params, resize=resize, batch_size=batch_size, mesh=mesh)
+    ref = rb.load_reference_batch(reference_npz)
+    ref_feats = None
+    if ref.images is not None:
+        ref_feats = extractor(
+            ref.images.read_batches(extractor.batch_size),
+            total=len(ref.images),
+            desc="reference features",
+        )
+    if ref.has_stats and ref.resize == resize:
+        ref_stats = (ref.mu, ref.sigma)
+        ref_spatial_stats = (ref.mu_s, ref.sigma_s) if ref.mu_s is not None else None
+    elif ref_feats is not None:
+        ref_stats = _stats(ref_feats["pool3"])
+        ref_spatial_stats = _stats(ref_feats["spatial_features_2023"])
+    else:
+        raise ValueError(
+            f"{reference_npz}: statistics were computed with resize={ref.resize!r}, not "
+            f"{resize!r}, and there are no images (arr_0) to recompute them"
+        )
+    samples = rb.open_npz_array(sample_npz, "arr_0")
+    sample_feats = extractor(
+        samples.read_batches(extractor.batch_size), total=len(samples), desc="sample features"
+    )
+    if not sample_feats:
+        raise ValueError(f"{sample_npz}: no samples in arr_0")
+    out = metrics.metrics_from_features(
+        None if ref_feats is None else ref_feats["pool3"],
+        sample_feats["pool3"],
+        sample_spatial=sample_feats["spatial_features_2023"],
+        sample_probs=sample_feats["softmax_nobias"],
+        ref_stats=ref_stats,
+        ref_spatial_stats=ref_spatial_stats,
+        split_size=split_size,
+        distance=distance,
+        mesh=extractor.mesh,
+    )
+    out["num_samples"] = len(samples)
+    out["num_reference"] = None if ref.images is None else len(ref.images)
+    return out
+
+
+def format_table(results: dict) -> str:
+    rows = [(k, results.get(k)) for k in METRIC_NAMES]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ----------"]
+    for k, v in rows:
+        lines.append(f"{k:<{width}}  {'n/a' if v is None else f'{v:.4f}'}")
+    return "\n".join(lines)
+
+
+def _cfg_get(cfg, name, default=None):
+    value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+    return default if value in (None, "") else value
+
+
+def evaluate(config, workdir) -> dict:
+    """``--mode=evaluate``: reads ``config.evaluate`` and writes ``<workdir>/evaluation/*.json``.
+
+    Fields: sample_npz, reference_batch, inception_weights (path; empty = default locations,
+    see docs/evaluation.md), batch_size, resize ("tf" | "torch"), and optionally
+    inception_sha256 (expected SHA-256 of the source .pth; "none" skips the check) and
+    distance ("float32" | "float64").
+    """
+    ev = config.evaluate
+    sample_npz = _cfg_get(ev, "sample_npz")
+    reference = _cfg_get(ev, "reference_batch")
+    if not sample_npz or not reference:
+        raise ValueError(
+            "config.evaluate.sample_npz and config.evaluate.reference_batch are required"
+        )
+    sha = _cfg_get(ev, "inception_sha256", inception.WEIGHTS_SHA256)
+    variables = inception.load_inception_variables(
+        _cfg_get(ev, "inception_weights"), sha256=None if str(sha).lower() == "none" else sha
+    )
+    resize = _cfg_get(ev, "resize", "tf")
+    results = evaluate_npz(
+        sample_npz,
+        reference,
+        inception_params=variables,
+        batch_size=int(_cfg_get(ev, "batch_size", 256)),
+        resize=resize,
+        distance=_cfg_get(ev, "distance", "float32"),
+    )
+    record = {
+        **results,
+        "sample_npz": os.fspath(sample_npz),
+        "reference_batch": os.fspath(reference),
+        "resize": resize,
+    }
+    out_dir = pathlib.Path(workdir) / "evaluation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"{pathlib.Path(sample_npz).stem}.json"
+    out_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{sample_npz} vs {reference} (resize={resize}):")
+    print(format_table(results))
+    print(f"wrote {out_path}")
+    return record
