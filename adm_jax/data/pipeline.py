@@ -308,7 +308,7 @@ def _mp_prefetch(it: grain.IterDataset, num_workers: int) -> grain.IterDataset:
 
 def _read_options(num_workers: int) -> grain.ReadOptions:
     # Threads per process (or per worker): PIL decoding releases the GIL for much of its work.
-    return grain.ReadOptions(num_threads=16 if num_workers else 4, prefetch_buffer_size=256)
+    return grain.ReadOptions(num_threads=16 if num_workers else 4, prefetch_buffer_size=128)
 
 
 class _StateAdapter:
