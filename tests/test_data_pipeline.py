@@ -216,6 +216,7 @@ def test_missing_dataset_error_says_how_to_prepare(tmp_path, sharding, name, nee
         (lambda c: c.update(num_workers=-1), "num_workers"),
         (lambda c: c.update(random_flip="yes"), "random_flip"),
         (lambda c: c.update(batch_size=3), "batch_size"),
+        (lambda c: c.update(eval_split=None), "eval_split"),
     ],
 )
 def test_config_validation(change, field):
@@ -226,6 +227,12 @@ def test_config_validation(change, field):
     with pytest.raises(ValueError, match=f"'{field}'") as e:
         data.validate_data_config(ml_collections.ConfigDict(cfg))
     assert "\n" not in str(e.value)
+
+
+def test_config_optional_fields_and_default_data_dir():
+    cfg = data.validate_data_config(make_config("", "x"))
+    assert cfg["data_dir"] is None and cfg["eval_split"] == ""
+    assert data.validate_data_config(make_config("/d", "x", eval_split="test"))["eval_split"]
 
 
 def test_reading_does_not_import_tensorflow(folder_ds):

@@ -60,8 +60,8 @@ def _is_bool(v):
 _FIELDS = {
     "name": (lambda v: isinstance(v, str) and v != "", "a non-empty TFDS dataset name"),
     "data_dir": (
-        lambda v: v is None or (isinstance(v, str) and v != ""),
-        "a TFDS data_dir path (or None for the TFDS default)",
+        lambda v: v is None or isinstance(v, str),
+        "a TFDS data_dir path (None or '' for the TFDS default)",
     ),
     "image_size": (lambda v: _is_int(v) and v > 0, "a positive int"),
     "channels": (lambda v: _is_int(v) and v in (1, 3), "1 (grayscale) or 3 (RGB)"),
@@ -80,6 +80,14 @@ _FIELDS = {
     ),
 }
 DATA_CONFIG_FIELDS = tuple(_FIELDS)
+# Optional fields: field -> (check, requirement text, default).
+_OPTIONAL_FIELDS = {
+    "eval_split": (
+        lambda v: isinstance(v, str),
+        "a TFDS split name for create_eval_iterator ('' for none)",
+        "",
+    ),
+}
 
 
 def validate_data_config(data_config) -> dict[str, Any]:
@@ -89,13 +97,21 @@ def validate_data_config(data_config) -> dict[str, Any]:
     """
     cfg = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
     for key in cfg:
-        if key not in _FIELDS:
-            raise ValueError(f"unknown data config field {key!r}; expected {DATA_CONFIG_FIELDS}")
+        if key not in _FIELDS and key not in _OPTIONAL_FIELDS:
+            raise ValueError(
+                f"unknown data config field {key!r}; expected {DATA_CONFIG_FIELDS} "
+                f"(optional: {tuple(_OPTIONAL_FIELDS)})"
+            )
+    for key, (check, requirement, default) in _OPTIONAL_FIELDS.items():
+        cfg.setdefault(key, default)
+        if not check(cfg[key]):
+            raise ValueError(f"data config field {key!r} must be {requirement}, got {cfg[key]!r}")
     for key, (check, requirement) in _FIELDS.items():
         if key not in cfg:
             raise ValueError(f"data config field {key!r} is missing; it must be {requirement}")
         if not check(cfg[key]):
             raise ValueError(f"data config field {key!r} must be {requirement}, got {cfg[key]!r}")
+    cfg["data_dir"] = cfg["data_dir"] or None
     return cfg
 
 
@@ -454,6 +470,8 @@ def create_eval_iterator(
 ) -> Iterator[dict[str, jax.Array]]:
     """One ordered pass (center crop, no flip) for validation losses.
 
+    ``split`` defaults to ``data_config.eval_split``, else ``data_config.split``.
+
     Yields global ``{"image", "label", "mask"}``; ``mask`` (bool) is False for padding in the
     last batch and for corrupt records (kept as zero images rather than dropped so that every
     process yields the same number of batches). Each process reads
@@ -461,9 +479,8 @@ def create_eval_iterator(
     """
     cfg = validate_data_config(data_config)
     local_bs = _local_batch_size(global_batch_size)
-    ds, _ = _finite_dataset(
-        cfg, split or cfg["split"], shard=True, as_float=True, num_examples=num_examples
-    )
+    split = split or cfg["eval_split"] or cfg["split"]
+    ds, _ = _finite_dataset(cfg, split, shard=True, as_float=True, num_examples=num_examples)
     it = ds.to_iter_dataset(_read_options(cfg["num_workers"])).batch(local_bs)
     it = _mp_prefetch(it, cfg["num_workers"])
     batch_sharding = _batch_sharding(sharding)
