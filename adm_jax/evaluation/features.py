@@ -9,6 +9,7 @@ reading overlaps device compute. Single-process (one host drives all its devices
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import jax
@@ -23,7 +24,8 @@ from adm_jax.evaluation import inception
 EVAL_OUTPUTS = ("pool3", "spatial_features_2023", "softmax_nobias")
 
 
-def inception_fn(resize: str = "tf", outputs=EVAL_OUTPUTS) -> Callable:
+@functools.cache  # one function object per path: extractors share jit's compilation cache
+def inception_fn(resize: str = "tf", outputs: tuple = EVAL_OUTPUTS) -> Callable:
     """``fn(variables, uint8 images) -> {name: (B, ...)}`` for the FID Inception network."""
 
     def fn(variables, images):
