@@ -159,13 +159,12 @@ def test_reference_npz_format_resume_and_single_compile(ckpts, cond_job, tmp_pat
     with pytest.raises(ValueError, match=r"other arguments \(seed: 0 -> 1"):
         sampler.run_job(other, out, num_samples=20)
 
-    # The evaluator's reader takes the file as it is.
-    evaluation = pytest.importorskip("adm_jax.evaluation")
-    reader = getattr(evaluation, "read_npz_images", None) or getattr(
-        evaluation, "iter_npz_batches", None
-    )
-    if reader is None:
-        pytest.skip("adm_jax.evaluation has no npz reader yet")
+    # The evaluator's streaming reader (memory-maps stored members) takes the file as it is.
+    from adm_jax.evaluation import open_npz_array
+
+    array = open_npz_array(path, "arr_0")
+    assert (len(array), array.dtype) == (20, np.uint8)
+    np.testing.assert_array_equal(np.concatenate(list(array.read_batches(6))), images)
 
 
 def test_sharded_equals_one_device_and_explicit_labels(ckpts, cond_job, tmp_path):
@@ -202,11 +201,12 @@ def test_guided_differs_from_unguided(ckpts, tmp_path):
         (dict(class_labels="2,10"), r"\[10\] outside \[0, 10\)"),
         (dict(classifier_checkpoint="classifier16"), "classifier image_size 16 does not match"),
         (dict(checkpoint="uncond", class_labels="1"), "unconditional"),
-        (dict(batch_size=4), "multiple of the 8 devices"),
         (dict(checkpoint="classifier"), "sampling needs a diffusion model"),
         (dict(base_samples="x.npz"), "feed an upsampler"),
         (dict(checkpoint="superres"), "base_samples"),
         (dict(checkpoint="missing"), "does not exist"),
+        (dict(num_classes=11), "exceeds the model's 10 classes"),
+        (dict(num_classes=3, class_labels="3"), r"outside \[0, 3\), the range of sample.num"),
     ],
 )
 def test_clear_errors(ckpts, tmp_path, overrides, error):
@@ -217,10 +217,27 @@ def test_clear_errors(ckpts, tmp_path, overrides, error):
         sampler.build_job(_config(ckpts, tmp_path, **overrides), str(tmp_path))
 
 
+def test_batch_sharding_rules(ckpts, tmp_path):
+    # A batch that does not divide the 8 devices runs on the largest subset it divides.
+    job = sampler.build_job(_config(ckpts, tmp_path, batch_size=12), str(tmp_path))
+    assert job.sampler.mesh.size == 4
+    mesh8 = sampler.make_mesh()
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        sampler.BatchSampler(None, None, image_shape=(8, 8, 3), batch_size=4, mesh=mesh8)
+
+
+def test_random_labels(ckpts, tmp_path):
+    job = sampler.build_job(_config(ckpts, tmp_path, num_classes=3), str(tmp_path))
+    labels = np.concatenate([job.labels_for(b) for b in range(4)])
+    assert set(labels.tolist()) == {0, 1, 2}
+    np.testing.assert_array_equal(job.labels_for(2), job.labels_for(2))  # per-batch seeded
+    assert not np.array_equal(job.labels_for(0), job.labels_for(1))
+
+
 def test_checkpoint_config_mismatch(ckpts, tmp_path):
     config = _config(ckpts, tmp_path)
     flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1")
-    config.model = dict(flags, kind="unet", dtype="float32")
+    config.model = dict(flags, kind="unet")
     config.diffusion = dict(DIFFUSION, noise_schedule="cosine")
     with pytest.raises(ValueError, match="does not match the config") as info:
         sampler.check_matches_config(

@@ -46,11 +46,32 @@ _SHARD_RE = re.compile(r"batch_(\d{6})\.npz$")
 # Reference kwargs that do not change what a checkpoint computes at inference.
 _IGNORED_MODEL_KWARGS = frozenset({"dropout", "use_fp16", "use_checkpoint", "dims"})
 # create_diffusion kwargs that change sampling (use_kl / rescaling only change training).
-_SAMPLING_DIFFUSION_KWARGS = ("steps", "noise_schedule", "learn_sigma", "sigma_small")
+_SAMPLING_DIFFUSION_KWARGS = (
+    "steps",
+    "noise_schedule",
+    "learn_sigma",
+    "sigma_small",
+    "predict_xstart",
+)
 
 
-def make_mesh() -> Mesh:
-    """The ``("data", "fsdp")`` mesh over every device of every process (fsdp of size 1)."""
+def make_mesh(batch_size: int | None = None) -> Mesh:
+    """The ``("data", "fsdp")`` mesh (fsdp of size 1) the global batch is sharded over.
+
+    All devices of all processes, unless a single-process run's ``batch_size`` does not divide
+    the device count: then the largest device subset that it divides (batch 4 on 8 devices
+    uses 4), so small configs still run; the samples do not depend on the device count.
+    """
+    n = jax.device_count()
+    if batch_size is not None and batch_size % n:
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"sample.batch_size: the global batch ({batch_size}) must be a multiple of the "
+                f"{n} devices of a multi-process run"
+            )
+        used = math.gcd(batch_size, n)
+        logging.warning("sample.batch_size %d: sampling on %d of %d devices", batch_size, used, n)
+        return Mesh(np.asarray(jax.devices()[:used]).reshape(used, 1), BATCH_AXES)
     try:
         from adm_jax.train.sharding import create_mesh
     except ImportError:
@@ -107,7 +128,7 @@ class BatchSampler:
     ):
         if sample_fn is None:
             from adm_jax.diffusion import sample as sample_fn
-        self.mesh = mesh if mesh is not None else make_mesh()
+        self.mesh = mesh if mesh is not None else make_mesh(batch_size)
         num_shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES if a in self.mesh.shape)
         if batch_size % num_shards:
             raise ValueError(
@@ -216,7 +237,7 @@ def load_checkpoint(path: str, sharding: NamedSharding | None = None):
                 f"checkpoint: {path} is not an inference checkpoint and adm_jax.train "
                 "(which restores training workdirs) is unavailable"
             ) from e
-        ckpt = restore_inference(path)
+        ckpt = restore_inference(path, sharding=sharding)
     if sharding is not None:
         ckpt.params = replicate(ckpt.params, sharding)
     return ckpt
@@ -247,16 +268,11 @@ def check_matches_config(ckpt: Any, config: Any, path: str) -> None:
     diffs = []
     model_cfg = _cfg_get(config, "model")
     if model_cfg:
-        from adm_jax.models import reference_kwargs_from_flags
-        from adm_jax.models.factory import KNOWN_FLAGS
-
-        flags = _to_dict(model_cfg)
-        kind = flags.pop("kind", ckpt.kind)
-        flags = {k: v for k, v in flags.items() if k in KNOWN_FLAGS}  # drop dtype, remat, ...
+        kind = _cfg_get(model_cfg, "kind", ckpt.kind)
         if kind != ckpt.kind:
             diffs.append(f"kind={ckpt.kind!r} (checkpoint) vs {kind!r} (config)")
         else:
-            want = reference_kwargs_from_flags(kind, flags)
+            want = _config_model_kwargs(config)
             keys = sorted(set(ckpt.model_kwargs) - _IGNORED_MODEL_KWARGS)
             diffs += _differences(ckpt.model_kwargs, want, keys)
     diffusion_cfg = _cfg_get(config, "diffusion")
@@ -266,6 +282,18 @@ def check_matches_config(ckpt: Any, config: Any, path: str) -> None:
         )
     if diffs:
         raise ValueError(f"checkpoint {path} does not match the config: {'; '.join(diffs)}")
+
+
+def _config_model_kwargs(config: Any) -> dict[str, Any]:
+    """Reference constructor kwargs of ``config.model`` (as training builds the model)."""
+    try:
+        from adm_jax.train import model_kwargs
+    except ImportError:
+        from adm_jax.models import reference_kwargs_from_flags
+
+        flags = {k: v for k, v in _to_dict(config.model).items() if k != "kind"}
+        return reference_kwargs_from_flags(config.model.kind, flags)
+    return model_kwargs(config)
 
 
 def _cfg_get(config: Any, name: str, default: Any = None) -> Any:
@@ -356,7 +384,12 @@ class SamplingJob:
 
 
 def _module_overrides(config: Any) -> dict[str, Any]:
-    dtype = _cfg_get(_cfg_get(config, "model"), "dtype")
+    """Compute dtype for sampling: ``config.sample.dtype`` if set, else float32.
+
+    Not ``config.train.dtype``: sample quality (FID) is measured at full precision unless
+    asked otherwise.
+    """
+    dtype = _cfg_get(config.sample, "dtype")
     return {"dtype": jnp.dtype(dtype)} if dtype else {}
 
 
@@ -369,7 +402,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     from adm_jax.sampling import two_stage
 
     sc = config.sample
-    mesh = mesh if mesh is not None else make_mesh()
+    mesh = mesh if mesh is not None else make_mesh(int(sc.batch_size))
     replicated = NamedSharding(mesh, P())
 
     scale = float(_cfg_get(sc, "classifier_scale", 0.0) or 0.0)
@@ -424,12 +457,21 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
         )
     limits = [n for n in (model_classes, classifier_classes) if n is not None]
     num_classes = min(limits) if limits else None
+    source = "the model" if num_classes == model_classes else "the classifier"
+    # A narrower label range than the networks': the reference's classifiers always have 1000
+    # outputs, so one trained on 10 classes needs sample.num_classes=10 for random labels.
+    requested = int(_cfg_get(sc, "num_classes", 0) or 0)
+    if requested and needs_labels:
+        if requested > num_classes:
+            raise ValueError(
+                f"sample.num_classes={requested} exceeds {source}'s {num_classes} classes"
+            )
+        num_classes, source = requested, "sample.num_classes"
     if class_labels is not None:
         bad = [y for y in class_labels if not 0 <= y < num_classes]
         if bad:
             raise ValueError(
-                f"sample.class_labels: {bad} outside [0, {num_classes}), the range of the "
-                f"{'model' if num_classes == model_classes else 'classifier'}"
+                f"sample.class_labels: {bad} outside [0, {num_classes}), the range of {source}"
             )
 
     base_images = base_labels = None

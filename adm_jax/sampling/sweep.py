@@ -39,26 +39,25 @@ def parse_scales(spec: Any) -> list[float]:
 
 
 def inception_metrics_fn(config: Any) -> MetricsFn:
-    """Metrics against ``config.sample.reference_batch`` with ``adm_jax.evaluation``."""
+    """The evaluator's metrics against ``config.sample.reference_batch`` (``config.evaluate``
+    supplies the Inception weights, batch size, resize path and distance precision)."""
     from adm_jax import evaluation
 
+    ev = sampler_lib._cfg_get(config, "evaluate")
+    get = lambda name, default=None: sampler_lib._cfg_get(ev, name) or default
+    sha = get("inception_sha256", evaluation.WEIGHTS_SHA256)
+    variables = evaluation.load_inception_variables(
+        get("inception_weights"), sha256=None if str(sha).lower() == "none" else sha
+    )
     reference = config.sample.reference_batch
-    evaluate_config = sampler_lib._cfg_get(config, "evaluate")
-    load = getattr(evaluation, "load_inception_params", None)
-    if load is None:
-        raise ImportError("adm_jax.evaluation.load_inception_params is unavailable")
-    weights = sampler_lib._cfg_get(evaluate_config, "inception_weights", "") or None
-    inception_params = load(weights) if weights else load()
-    kwargs = {}
-    for name in ("batch_size", "resize"):
-        value = sampler_lib._cfg_get(evaluate_config, name)
-        if value:
-            kwargs[name] = value
+    kwargs = dict(
+        batch_size=int(get("batch_size", 256)),
+        resize=get("resize", "tf"),
+        distance=get("distance", "float32"),
+    )
 
     def metrics(npz_path: str) -> Mapping[str, float]:
-        return evaluation.evaluate_npz(
-            npz_path, reference, inception_params=inception_params, **kwargs
-        )
+        return evaluation.evaluate_npz(npz_path, reference, inception_params=variables, **kwargs)
 
     return metrics
 
@@ -100,7 +99,7 @@ def guidance_sweep(
         )
         row = {"scale": scale, "samples": npz}
         if metrics_fn is not None:
-            row.update({k: float(v) for k, v in metrics_fn(npz).items()})
+            row.update({k: _scalar(v) for k, v in metrics_fn(npz).items()})
         logging.info("guidance sweep: %s", row)
         rows.append(row)
     if job.sampler.trace_count > 1:
@@ -109,8 +108,13 @@ def guidance_sweep(
     return rows
 
 
+def _scalar(value: Any) -> Any:
+    return None if value is None else (int(value) if isinstance(value, int) else float(value))
+
+
 def _metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    names = [k for k in rows[0] if k not in ("scale", "samples")]
+    skip = ("scale", "samples", "num_samples", "num_reference")
+    names = [k for k in rows[0] if k not in skip]
     known = [k for k in _KNOWN_METRICS if k in names]
     return known + [k for k in names if k not in known]
 
@@ -130,7 +134,8 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
     header = ["Scale", *(_KNOWN_METRICS.get(c, (c, None))[0] for c in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [f"{row['scale']:g}", *(f"{row[c]:.4g}" if c in row else "" for c in columns)]
+        cells = [f"{row['scale']:g}"]
+        cells += [f"{row[c]:.4g}" if row.get(c) is not None else "n/a" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -146,7 +151,8 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
     )
     scales = [row["scale"] for row in rows]
     for ax, column in zip(axes[0], plotted, strict=False):
-        ax.plot(scales, [row.get(column, float("nan")) for row in rows], "o-")
+        values = [row.get(column) for row in rows]
+        ax.plot(scales, [float("nan") if v is None else v for v in values], "o-")
         ax.set_xlabel("classifier scale")
         ax.set_title(_KNOWN_METRICS.get(column, (column, None))[0])
         ax.grid(alpha=0.3)
