@@ -6,6 +6,7 @@ output) parameters saved with ``save_inference_checkpoint``; sampling uses 5 res
 
 import dataclasses
 import os
+import pathlib
 
 import jax
 import ml_collections
@@ -291,3 +292,27 @@ def test_guidance_sweep_unconditional_model(ckpts, tmp_path):
         assert os.path.exists(tmp_path / name), name
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert table[0] == "| Scale | FID | Precision |" and table[3].startswith("| 4 |")
+
+
+def test_real_config_matches_exported_checkpoint(tmp_path, monkeypatch):
+    """configs/tiny.py against a checkpoint written from it; then a mismatching config."""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1]))
+    from adm_jax.train import diffusion_kwargs, model_kwargs
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.sample.classifier_scale = 0.0
+    kwargs = model_kwargs(config)
+    config.sample.checkpoint = checkpoints.save_inference_checkpoint(
+        tmp_path / "tiny",
+        _random_params("unet", kwargs, 0),
+        kind="unet",
+        model_kwargs=kwargs,
+        diffusion_kwargs=diffusion_kwargs(config),
+    )
+    job = sampler.build_job(config, str(tmp_path))  # loads and checks; compiles nothing
+    assert job.sampler.image_shape == (16, 16, 3) and job.num_classes == 1000
+    assert job.sampler.mesh.size == 4  # tiny's batch of 4 on 8 devices
+    config.model.num_channels = 64
+    with pytest.raises(ValueError, match=r"model_channels=32 \(checkpoint\) vs 64 \(config\)"):
+        sampler.build_job(config, str(tmp_path))
