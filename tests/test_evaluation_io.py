@@ -101,6 +101,7 @@ def test_sharded_extraction_matches_single_device(inception_vars, images):
         np.testing.assert_allclose(f8[k], f1[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 def test_evaluate_end_to_end(tmp_path, inception_vars, images, monkeypatch):
     """create_reference_batch -> evaluate(config) on tiny batches with the golden random net.
 

@@ -19,6 +19,8 @@ from adm_jax.evaluation import inception
 
 
 def convert(pth, out, sha256: str | None = inception.WEIGHTS_SHA256) -> pathlib.Path:
+    if not pathlib.Path(pth).exists():
+        raise inception._missing_weights_error([pth])
     got = inception.file_sha256(pth)
     if sha256 is not None and got != sha256.lower():
         raise ValueError(f"{pth}: SHA-256 {got} != expected {sha256} ({inception.WEIGHTS_URL})")
