@@ -185,7 +185,11 @@ class BatchSampler:
     def needs_labels(self) -> bool:
         return self.class_cond or self.guided
 
-    def __call__(
+    def __call__(self, model_params: Any, **kwargs) -> np.ndarray:
+        """Returns the batch as uint8 NHWC numpy (identical on every process)."""
+        return np.asarray(self.dispatch(model_params, **kwargs))
+
+    def dispatch(
         self,
         model_params: Any,
         *,
@@ -195,8 +199,8 @@ class BatchSampler:
         classifier_params: Any = None,
         scale: float = 0.0,
         low_res: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Returns the batch as uint8 NHWC numpy (identical on every process)."""
+    ) -> jax.Array:
+        """Starts the batch and returns at once (a replicated uint8 array, still computing)."""
         if self.needs_labels != (labels is not None):
             raise ValueError("labels: required exactly for class-conditional or guided sampling")
         if self.superres != (low_res is not None):
@@ -205,7 +209,7 @@ class BatchSampler:
             labels = _global_array(np.asarray(labels, np.int32), self.batch_sharding)
         if low_res is not None:
             low_res = _global_array(np.asarray(low_res, np.float32), self.batch_sharding)
-        out = self._run(
+        return self._run(
             model_params,
             classifier_params,
             np.uint32(seed % 2**32),
@@ -214,7 +218,6 @@ class BatchSampler:
             np.float32(scale),
             low_res,
         )
-        return np.asarray(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,8 +373,14 @@ class SamplingJob:
         return self.base_images[rows % len(self.base_images)].astype(np.float32) / 127.5 - 1.0
 
     def sample_batch(self, batch_index: int, scale: float = 0.0) -> tuple[np.ndarray, Any]:
+        """``(uint8 images, labels or None)`` of batch ``batch_index``."""
+        images, labels = self.dispatch_batch(batch_index, scale)
+        return np.asarray(images), labels
+
+    def dispatch_batch(self, batch_index: int, scale: float = 0.0) -> tuple[jax.Array, Any]:
+        """Like ``sample_batch`` but returns before the device finishes."""
         labels = self.labels_for(batch_index)
-        images = self.sampler(
+        images = self.sampler.dispatch(
             self.model_params,
             seed=self.seed,
             batch_index=batch_index,
@@ -683,12 +692,23 @@ def run_job(
             unit="batch",
             desc=f"sampling {num_samples} (scale {classifier_scale:g})",
         )
-    for b in todo:
-        images, labels = job.sample_batch(b, classifier_scale)
+
+    def save(pending):
+        b, images, labels = pending
+        images = np.asarray(images)  # waits for the device
         if _is_main():
             io.save_samples_npz(os.path.join(shard_dir, SHARD_PATTERN.format(b)), images, labels)
         if bar is not None:
             bar.update(1)
+
+    pending = None
+    for b in todo:  # batch b runs on the devices while the host writes batch b - 1
+        images, labels = job.dispatch_batch(b, classifier_scale)
+        if pending is not None:
+            save(pending)
+        pending = (b, images, labels)
+    if pending is not None:
+        save(pending)
     if bar is not None:
         bar.close()
     if todo and _is_main():
