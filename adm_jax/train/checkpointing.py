@@ -1,0 +1,147 @@
+"""Orbax checkpoints of a training run: ``WORKDIR/checkpoints/<step>/{state,data,config}``.
+
+* ``state``: the whole TrainState (PyTree handler; restored straight into the target
+  shardings, so a run resumes on a different mesh or device count).
+* ``data_iter``: the input iterator's position (grain, one file per process; ``data`` as
+  JSON for iterators that only have get_state/set_state), so a resumed run sees the same
+  batches.
+* ``config``: the run's config (JSON), so ``restore_inference`` can rebuild the model.
+
+Saves are asynchronous (training continues while arrays are written). Orbax writes each step
+into a temporary directory and renames it when complete, and only finalized step directories
+count as checkpoints: a save interrupted by SIGKILL/preemption never hides the previous
+checkpoint, and its leftovers are removed at the next start (``cleanup_tmp_directories``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+DATA_ITER_ITEM = "data_iter"  # == adm_jax.data.DATA_ITER_ITEM (grain per-process files)
+JSON_DATA_ITEM = "data"  # iterators with only get_state()/set_state() (tests, custom input)
+ITEMS = ("state", "config", DATA_ITER_ITEM, JSON_DATA_ITEM)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+
+
+def _encode(data_state):
+    """Iterator state -> JSON (grain states are dicts or bytes)."""
+    if data_state is None:
+        return {"kind": "none"}
+    if isinstance(data_state, bytes):
+        return {"kind": "bytes", "value": base64.b64encode(data_state).decode("ascii")}
+    return {"kind": "json", "value": data_state}
+
+
+def _data_save_args(data_iter) -> dict:
+    if data_iter is None:
+        return {}
+    if hasattr(data_iter, "save_args"):
+        return {DATA_ITER_ITEM: data_iter.save_args()}
+    if hasattr(data_iter, "get_state"):
+        return {JSON_DATA_ITEM: ocp.args.JsonSave(_encode(data_iter.get_state()))}
+    return {}
+
+
+def _decode(payload):
+    if not payload or payload.get("kind") == "none":
+        return None
+    if payload["kind"] == "bytes":
+        return base64.b64decode(payload["value"])
+    return payload["value"]
+
+
+class Checkpointer:
+    """Thin wrapper over ``ocp.CheckpointManager`` for (state, data position, config)."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = checkpoint_dir(workdir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self):
+        return self.manager.all_steps()
+
+    def save(self, step: int, state, *, data_iter=None, config=None, force=False) -> bool:
+        """Starts an (async) save of ``state`` (+ the iterator position) at ``step``; returns
+        whether a save was started."""
+        items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config or {}))
+        items.update(_data_save_args(data_iter))
+        return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, abstract_state, step: int | None = None, *, data_iter=None):
+        """(state, config_dict) of ``step`` (default: latest) onto the shardings carried by
+        ``abstract_state`` (ShapeDtypeStructs with .sharding); ``data_iter`` (if given) is
+        moved to the saved position in place."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"checkpoint: no finalized checkpoint in {self.directory}")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        items = dict(
+            state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
+            config=ocp.args.JsonRestore(),
+        )
+        step_dir = os.path.join(self.directory, str(step))
+        has = lambda item: os.path.isdir(os.path.join(step_dir, item))  # noqa: E731
+        if data_iter is not None:
+            if hasattr(data_iter, "restore_args") and has(DATA_ITER_ITEM):
+                items[DATA_ITER_ITEM] = data_iter.restore_args()
+            elif hasattr(data_iter, "set_state") and has(JSON_DATA_ITEM):
+                items[JSON_DATA_ITEM] = ocp.args.JsonRestore()
+            else:
+                raise ValueError(
+                    f"checkpoint: {step_dir} holds no input position this iterator can restore"
+                )
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if JSON_DATA_ITEM in items:
+            data_iter.set_state(_decode(out[JSON_DATA_ITEM]))
+        return out["state"], out["config"]
+
+    def restore_config(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return out["config"]
+
+    def restore_subtree(self, abstract_subtree, step: int | None = None):
+        """Partial restore of the state item (e.g. only ``{"ema_params": ...}``)."""
+        step = self.latest_step() if step is None else step
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    abstract_subtree, restore_args=restore_args, partial_restore=True
+                )
+            ),
+        )
+        return out["state"]
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(int(step))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def tree_to_host(tree):
+    return jax.device_get(tree)

@@ -1,0 +1,222 @@
+"""Config checks and the objects a config describes (network, diffusion, optimiser sizes).
+
+``validate_config`` runs before anything is built or compiled, so a typo or an impossible
+value costs a one-line error naming the field instead of a TPU-hour: every name must exist in
+``configs/default.py`` (model fields: the README flags of the model kind), and values are
+checked against each other (batch vs device count, image sizes, learn_sigma, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+MODEL_KINDS = ("unet", "superres", "classifier")
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+NOISE_SCHEDULES = ("linear", "cosine")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "default.py"
+
+
+class ConfigError(ValueError):
+    """A config field is unknown or has an impossible value; the message names the field."""
+
+
+@functools.lru_cache(maxsize=1)
+def _default_module():
+    """configs/default.py of this checkout (configs/ is not part of the installed package)."""
+    spec = importlib.util.spec_from_file_location("adm_jax_configs_default", _DEFAULT_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _model_schema(kind: str) -> dict[str, Any]:
+    d = _default_module()
+    if kind == "unet":
+        return dict(d.unet_model())
+    if kind == "superres":
+        return dict(d.superres_model())
+    return dict(d.classifier_model())
+
+
+def ema_rates(config) -> tuple[float, ...]:
+    """config.train.ema_rate ("0.9999" or "0.9999,0.99" or "") as floats."""
+    text = str(config.train.ema_rate).strip()
+    return tuple(float(r) for r in text.split(",") if r.strip()) if text else ()
+
+
+def model_flags(config) -> dict[str, Any]:
+    """README flags of config.model (without ``kind``; empty tiny-only extras dropped)."""
+    flags = {k: v for k, v in config.model.items() if k != "kind"}
+    if config.model.kind == "classifier":
+        flags.pop("channel_mult", None)
+    return flags
+
+
+def model_kwargs(config) -> dict[str, Any]:
+    """Reference constructor kwargs (what inference checkpoints store) for config.model."""
+    from adm_jax.models import reference_kwargs_from_flags
+
+    kind = config.model.kind
+    kwargs = reference_kwargs_from_flags(kind, model_flags(config))
+    if kind == "classifier" and config.model.get("channel_mult"):
+        # Extension for tiny test configs: create_classifier only knows sizes 64..512.
+        kwargs["channel_mult"] = tuple(float(m) for m in config.model.channel_mult.split(","))
+        kwargs["channel_mult"] = tuple(int(m) if m == int(m) else m for m in kwargs["channel_mult"])
+    return kwargs
+
+
+def build_model(config, **overrides):
+    """The linen module for config.model with the training compute dtype and remat."""
+    from adm_jax.models import module_from_kwargs
+
+    options = dict(dtype=DTYPES[config.train.dtype], remat=bool(config.train.remat))
+    options.update(overrides)
+    return module_from_kwargs(config.model.kind, model_kwargs(config), **options)
+
+
+def diffusion_kwargs(config) -> dict[str, Any]:
+    return {k: v for k, v in config.diffusion.items()}
+
+
+def build_diffusion(config, **overrides):
+    from adm_jax.diffusion import create_diffusion
+
+    return create_diffusion(**{**diffusion_kwargs(config), **overrides})
+
+
+def model_image_size(config) -> int:
+    m = config.model
+    return int(m.large_size if m.kind == "superres" else m.image_size)
+
+
+def validate_config(config, *, num_devices: int | None = None, mode: str | None = None) -> None:
+    """Raises ConfigError("<field>: <problem>") for the first unknown or impossible field.
+
+    ``num_devices``: the global device count the run will use (checks batch and mesh sizes);
+    ``mode``: "train" / "train_classifier" (checks the model kind fits the mode).
+    """
+    default = _default_module().get_config()
+    _check_names(config, default)
+    m, d, data, t = config.model, config.diffusion, config.data, config.train
+
+    def fail(field, problem):
+        raise ConfigError(f"{field}: {problem}")
+
+    if mode == "train" and m.kind == "classifier":
+        fail("model.kind", "a classifier config needs --mode=train_classifier")
+    if mode == "train_classifier" and m.kind != "classifier":
+        fail("model.kind", f"--mode=train_classifier needs a classifier config, got {m.kind!r}")
+    if d.noise_schedule not in NOISE_SCHEDULES:
+        fail(
+            "diffusion.noise_schedule", f"unknown schedule {d.noise_schedule!r}; {NOISE_SCHEDULES}"
+        )
+    if d.steps <= 0:
+        fail("diffusion.steps", f"must be positive, got {d.steps}")
+    if m.kind != "classifier" and bool(m.learn_sigma) != bool(d.learn_sigma):
+        fail("diffusion.learn_sigma", f"{d.learn_sigma} but model.learn_sigma is {m.learn_sigma}")
+    if data.image_size != model_image_size(config):
+        field = "large_size" if m.kind == "superres" else "image_size"
+        fail(
+            "data.image_size", f"{data.image_size} but model.{field} is {model_image_size(config)}"
+        )
+    if m.kind == "superres" and m.large_size % m.small_size:
+        fail("model.small_size", f"{m.small_size} does not divide large_size {m.large_size}")
+    if m.kind != "classifier" and bool(m.class_cond) != bool(data.class_cond):
+        fail("data.class_cond", f"{data.class_cond} but model.class_cond is {m.class_cond}")
+    if m.kind == "classifier" and not data.class_cond:
+        fail("data.class_cond", "a classifier needs labels (set it True)")
+    from adm_jax.data import validate_data_config
+
+    try:
+        validate_data_config(data)
+    except ValueError as err:
+        fail("data", str(err))
+    if data.channels != 3:
+        fail("data.channels", f"the ADM networks take RGB input, got {data.channels}")
+
+    positive = ("num_steps", "batch_size", "grad_accum_steps", "lr", "max_to_keep")
+    for name in positive:
+        if not t[name] > 0:
+            fail(f"train.{name}", f"must be > 0, got {t[name]}")
+    non_negative = (
+        "weight_decay", "warmup_steps", "lr_anneal_steps", "grad_clip", "log_every",
+        "checkpoint_every", "eval_every", "eval_batches", "sample_every", "profile_steps",
+        "max_consecutive_nonfinite", "num_sample_images", "eps",
+    )  # fmt: skip
+    for name in non_negative:
+        if t[name] < 0:
+            fail(f"train.{name}", f"must be >= 0, got {t[name]}")
+    for name in ("b1", "b2"):
+        if not 0 <= t[name] < 1:
+            fail(f"train.{name}", f"must be in [0, 1), got {t[name]}")
+    try:
+        rates = ema_rates(config)
+    except ValueError:
+        fail("train.ema_rate", f"expected comma-separated floats, got {t.ema_rate!r}")
+    if any(not 0 < r < 1 for r in rates):
+        fail("train.ema_rate", f"every rate must be in (0, 1), got {t.ema_rate!r}")
+    if t.schedule_sampler not in SCHEDULE_SAMPLERS:
+        fail("train.schedule_sampler", f"unknown {t.schedule_sampler!r}; {SCHEDULE_SAMPLERS}")
+    if t.dtype not in DTYPES:
+        fail("train.dtype", f"unknown {t.dtype!r}; {tuple(DTYPES)}")
+    if t.lr_anneal_steps and t.warmup_steps >= t.lr_anneal_steps:
+        fail("train.warmup_steps", f"{t.warmup_steps} >= lr_anneal_steps {t.lr_anneal_steps}")
+    if t.batch_size % t.grad_accum_steps:
+        fail("train.batch_size", f"{t.batch_size} not divisible by grad_accum_steps")
+    if t.fsdp < 1:
+        fail("train.fsdp", f"must be >= 1, got {t.fsdp}")
+    if num_devices is not None:
+        if num_devices % t.fsdp:
+            fail("train.fsdp", f"{t.fsdp} does not divide the device count {num_devices}")
+        micro = t.batch_size // t.grad_accum_steps
+        if micro % num_devices:
+            fail(
+                "train.batch_size",
+                f"{t.batch_size} (/ grad_accum_steps {t.grad_accum_steps}) is not divisible by "
+                f"the {num_devices} devices",
+            )
+
+    # Build the network description now: unknown README flag values fail here, not in jit.
+    try:
+        model_kwargs(config)
+    except (ValueError, TypeError, AssertionError) as err:
+        fail("model", str(err))
+    if m.kind != "classifier" and t.sample_every:
+        try:
+            build_diffusion(config, timestep_respacing=t.sample_respacing)
+        except (ValueError, AssertionError) as err:
+            fail("train.sample_respacing", str(err))
+
+
+def _check_names(config, default) -> None:
+    for section in config:
+        if section not in default:
+            raise ConfigError(f"{section}: unknown config section; expected {sorted(default)}")
+    for section in default:
+        if section not in config:
+            raise ConfigError(f"{section}: missing config section")
+    kind = config.model.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model.kind: expected one of {MODEL_KINDS}, got {kind!r}")
+    schema = {"model": _model_schema(kind)}
+    for section in default:
+        allowed = schema.get(section, default[section])
+        given = config[section]
+        if not isinstance(given, (Mapping, ml_collections.ConfigDict)):
+            raise ConfigError(f"{section}: expected a ConfigDict, got {type(given).__name__}")
+        for name in given:
+            if name not in allowed:
+                raise ConfigError(f"{section}.{name}: unknown field for this config")
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    """JSON-able nested dict (stored next to every checkpoint)."""
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)

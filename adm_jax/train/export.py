@@ -1,0 +1,114 @@
+"""``--mode=export`` and ``restore_inference``: EMA parameters in the shared inference format.
+
+An inference checkpoint (``adm_jax.checkpoints``) holds only float32 EMA params plus the
+reference constructor kwargs and diffusion kwargs, so sampling needs neither the optimizer
+state nor this package's training config; plain Orbax restores its ``params/``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from adm_jax import checkpoints as inference_lib
+from adm_jax.train import checkpointing, config_lib
+
+
+def _ema_index(config, ema_rate: str | float | None) -> int | None:
+    rates = config_lib.ema_rates(config)
+    if not rates:
+        return None
+    if ema_rate is None or ema_rate == "":
+        return 0
+    return rates.index(float(ema_rate))
+
+
+def _restore_params(workdir: str, config, *, ema_rate=None, step=None, sharding=None):
+    """(params, step, rate) from a training workdir: the EMA for ``ema_rate`` (default: the
+    first configured rate), or the raw params when the run keeps no EMA (classifiers)."""
+    from adm_jax.models import abstract_params
+
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=None, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"checkpoint: no training checkpoint in {ckpt.directory}")
+    module = config_lib.build_model(config)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params_abs = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        abstract_params(module),
+    )
+    index = _ema_index(config, ema_rate)
+    if index is None:
+        tree = ckpt.restore_subtree({"params": params_abs}, step)
+        params, rate = tree["params"], None
+    else:
+        # The EMA tuple is stored as a list, which partial restore cannot thin out.
+        rates = config_lib.ema_rates(config)
+        tree = ckpt.restore_subtree({"ema_params": [params_abs] * len(rates)}, step)
+        params, rate = tree["ema_params"][index], rates[index]
+    ckpt.close()
+    return params, step, rate
+
+
+def load_run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config stored with a training checkpoint."""
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=None, async_save=False)
+    try:
+        return ml_collections.ConfigDict(ckpt.restore_config(step))
+    finally:
+        ckpt.close()
+
+
+def restore_inference(
+    path: str, *, ema_rate=None, step: int | None = None, sharding=None
+) -> inference_lib.InferenceCheckpoint:
+    """An InferenceCheckpoint from an inference checkpoint directory, or from a training
+    workdir (its latest checkpoint's EMA params, or params for EMA-less classifier runs)."""
+    path = os.path.abspath(os.fspath(path))
+    if inference_lib.is_inference_checkpoint(path):
+        return inference_lib.load_inference_checkpoint(path, sharding=sharding)
+    if os.path.basename(path) == checkpointing.CHECKPOINT_DIR:
+        path = os.path.dirname(path)
+    config = load_run_config(path, step)
+    params, step, rate = _restore_params(
+        path, config, ema_rate=ema_rate, step=step, sharding=sharding
+    )
+    return inference_lib.InferenceCheckpoint(
+        kind=config.model.kind,
+        model_kwargs=inference_lib._jsonable(config_lib.model_kwargs(config)),
+        diffusion_kwargs=config_lib.diffusion_kwargs(config),
+        params=params,
+        extra={"step": int(step), "ema_rate": rate, "source": path},
+    )
+
+
+def export(config, workdir: str, out: str | None = None, *, ema_rate=None) -> str:
+    """Writes the latest checkpoint's EMA params of ``workdir`` as an inference checkpoint
+    (default ``WORKDIR/export/step_<N>``) and returns its path. The model description comes
+    from the config stored with the checkpoint (``config`` is used only if none is stored)."""
+    workdir = os.path.abspath(os.fspath(workdir))
+    try:
+        run_config = load_run_config(workdir)
+    except Exception:  # noqa: BLE001 - fall back to the given config
+        run_config = config
+    restored = restore_inference(workdir, ema_rate=ema_rate)
+    step = restored.extra["step"]
+    out = out or os.path.join(workdir, "export", f"step_{step:08d}")
+    inference_lib.save_inference_checkpoint(
+        out,
+        restored.params,
+        kind=restored.kind,
+        model_kwargs=restored.model_kwargs,
+        diffusion_kwargs=config_lib.diffusion_kwargs(run_config),
+        extra=restored.extra,
+    )
+    logging.info("Exported step %d (EMA %s) to %s", step, restored.extra["ema_rate"], out)
+    return out
+
+
+__all__ = ["export", "load_run_config", "restore_inference"]

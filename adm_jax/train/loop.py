@@ -1,0 +1,307 @@
+"""Training loops: ``train_and_evaluate`` (diffusion model) and ``train_classifier``.
+
+Both are plain functions of (config, workdir) that a notebook can call. They validate the
+config, build the mesh, the network and the state (in its shards), resume from the latest
+finalized checkpoint in ``workdir`` if there is one (state + data iterator position), compile
+the step once, then loop: step, periodic logging (clu writers: TensorBoard, console,
+metrics.jsonl), evaluation, EMA sample grids, and async Orbax checkpoints. SIGTERM (or Orbax's
+multi-host preemption notice) triggers a final save and a clean return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from absl import logging
+
+from adm_jax.train import (
+    checkpointing,
+    config_lib,
+    sharding,
+    steps,
+)
+from adm_jax.train import (
+    metrics as metrics_lib,
+)
+from adm_jax.train import (
+    state as state_lib,
+)
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when config.train.max_consecutive_nonfinite steps in a row were non-finite."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a loop returns (handy in notebooks and tests)."""
+
+    state: Any
+    step: int
+    metrics: dict[str, float]
+    preempted: bool = False
+
+
+class _PreemptionFlag:
+    """SIGTERM -> flag the loop checks between steps (the handler itself does no I/O)."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _data_iterator(config, mesh, *, split: str, seed: int, for_classifier: bool):
+    from adm_jax import data as data_lib
+
+    return data_lib.create_train_iterator(
+        config.data,
+        global_batch_size=config.train.batch_size,
+        sharding=sharding.batch_sharding(mesh),
+        seed=seed,
+        split=split,
+        for_classifier=for_classifier,
+    )
+
+
+def train_and_evaluate(config, workdir: str, **kwargs) -> RunResult:
+    """Trains the diffusion model of ``config`` in ``workdir`` (resuming if possible)."""
+    return _run(config, workdir, classifier=False, **kwargs)
+
+
+def train_classifier(config, workdir: str, **kwargs) -> RunResult:
+    """Trains the noisy classifier of ``config`` (model.kind "classifier") in ``workdir``."""
+    return _run(config, workdir, classifier=True, **kwargs)
+
+
+def _run(
+    config,
+    workdir: str,
+    *,
+    classifier: bool,
+    train_iter: Iterator | None = None,
+    eval_iter_fn: Callable[[], Iterator] | None = None,
+    mesh=None,
+    stop_after: int | None = None,
+) -> RunResult:
+    """``train_iter`` / ``eval_iter_fn`` replace the TFDS input (tests, benchmarks);
+    ``stop_after`` ends this call after that many steps (the run stays resumable)."""
+    tc = config.train
+    mode = "train_classifier" if classifier else "train"
+    mesh = mesh or sharding.create_mesh(fsdp=tc.fsdp)
+    config_lib.validate_config(config, num_devices=mesh.size, mode=mode)
+    workdir = os.path.abspath(os.fspath(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    logging.info("workdir %s; mesh %s; %d devices", workdir, dict(mesh.shape), mesh.size)
+
+    module = config_lib.build_model(config)
+    diffusion = config_lib.build_diffusion(config)
+    tx = state_lib.make_optimizer(tc)
+    abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh)
+    ckpt = checkpointing.Checkpointer(
+        workdir, max_to_keep=tc.max_to_keep, async_save=tc.async_checkpointing
+    )
+    if train_iter is None:
+        train_iter = _data_iterator(
+            config, mesh, split=config.data.split, seed=tc.seed, for_classifier=classifier
+        )
+    if ckpt.latest_step() is not None:
+        with jax.set_mesh(mesh):
+            state, _ = ckpt.restore(abstract, data_iter=train_iter)
+        logging.info("Resumed from %s/%d", ckpt.directory, ckpt.latest_step())
+    else:
+        state, _ = state_lib.create_train_state(module, config, tx, mesh)
+    from adm_jax.models import count_params
+
+    logging.info("%s: %d parameters", config.model.kind, count_params(state.params))
+    if eval_iter_fn is None and tc.eval_every and config.data.eval_split:
+
+        def eval_iter_fn():
+            from adm_jax import data as data_lib
+
+            return data_lib.create_eval_iterator(
+                config.data,
+                global_batch_size=tc.batch_size,
+                sharding=sharding.batch_sharding(mesh),
+                split=config.data.eval_split,
+                num_examples=tc.eval_batches * tc.batch_size,
+            )
+
+    make_step = steps.make_classifier_train_step if classifier else steps.make_diffusion_train_step
+    batch_sh = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    train_step = jax.jit(
+        make_step(module, diffusion, tx, config),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, rep),
+        donate_argnums=(0,),
+    )
+    if classifier:
+        eval_step = steps.make_classifier_eval_step(module, diffusion, noised=tc.noised)
+    else:
+        eval_step = steps.make_diffusion_eval_step(module, diffusion, steps.low_res_size(config))
+    eval_step = jax.jit(eval_step, out_shardings=rep)
+
+    writer = metrics_lib.create_writer(workdir)
+    step = int(jax.device_get(state.step))
+    first_batch = next(train_iter)
+    with jax.set_mesh(mesh):
+        compiled = train_step.lower(state, first_batch).compile()
+    flops = metrics_lib.compiled_flops(compiled)
+    logging.info("Compiled the train step: %.3g FLOPs per device per step", flops)
+    if step == 0:
+        writer.write_hparams(
+            {k: v for k, v in config_lib.config_to_dict(config)["train"].items()
+             if isinstance(v, (int, float, str, bool))}
+        )  # fmt: skip
+
+    hooks = []
+    if jax.process_index() == 0:
+        hooks = metrics_lib.progress_hooks(
+            num_train_steps=tc.num_steps,
+            every_steps=tc.log_every,
+            writer=writer,
+            workdir=workdir,
+            profile_steps=tc.profile_steps,
+        )
+
+    def save(at_step, *, force=False):
+        started = ckpt.save(
+            at_step,
+            state,
+            data_iter=train_iter,
+            config=config_lib.config_to_dict(config),
+            force=force,
+        )
+        if started:
+            logging.info("Saving checkpoint at step %d", at_step)
+
+    acc = metrics_lib.MetricAccumulator()
+    last = {}
+    preempted = False
+    t_log, steps_since_log = time.perf_counter(), 0
+    end = tc.num_steps if stop_after is None else min(tc.num_steps, step + stop_after)
+    batch = first_batch
+    with _PreemptionFlag() as flag, jax.set_mesh(mesh):
+        while step < end:
+            if batch is None:
+                batch = next(train_iter)
+            state, step_metrics = compiled(state, batch)
+            last_batch, batch = batch, None
+            step += 1
+            steps_since_log += 1
+            acc.add(step_metrics)
+            for hook in hooks:
+                hook(step)
+            is_last = step == end
+            if tc.log_every and (step % tc.log_every == 0 or is_last):
+                scalars = acc.reduce(prefix="train/")
+                elapsed = time.perf_counter() - t_log
+                perf = metrics_lib.throughput(
+                    steps=steps_since_log, seconds=elapsed, batch_size=tc.batch_size,
+                    flops_per_device=flops,
+                )  # fmt: skip
+                scalars.update({f"perf/{k}": v for k, v in perf.items()})
+                writer.write_scalars(step, scalars)
+                last = scalars
+                t_log, steps_since_log = time.perf_counter(), 0
+                streak = scalars.get("train/max_nonfinite_streak", 0)
+                if tc.max_consecutive_nonfinite and streak >= tc.max_consecutive_nonfinite:
+                    ckpt.close()
+                    writer.flush()
+                    raise NonFiniteError(
+                        f"train.max_consecutive_nonfinite: {int(streak)} non-finite steps in a "
+                        f"row by step {step}; stopping (last good checkpoint: "
+                        f"{ckpt.latest_step()}). Lower train.lr or set train.grad_clip."
+                    )
+            t_side = time.perf_counter()  # periodic work below is excluded from img/s
+            if tc.eval_every and eval_iter_fn is not None and step % tc.eval_every == 0:
+                ev = _evaluate(eval_step, state, eval_iter_fn, tc, classifier, step)
+                writer.write_scalars(step, ev)
+                last.update(ev)
+            if not classifier and tc.sample_every and step % tc.sample_every == 0:
+                _write_samples(config, module, state, mesh, writer, workdir, step, last_batch)
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not is_last:
+                save(step)
+            t_log += time.perf_counter() - t_side
+            if flag.set or ckpt.reached_preemption(step):
+                preempted = True
+                break
+        save(step, force=True)
+        ckpt.close()
+    writer.flush()
+    if preempted:
+        logging.warning("Stopped at step %d after a preemption signal (checkpoint saved).", step)
+    return RunResult(state=state, step=step, metrics=last, preempted=preempted)
+
+
+def _evaluate(eval_step, state, eval_iter_fn, tc, classifier: bool, step: int) -> dict:
+    """Mean validation terms over ``eval_batches`` batches (EMA params for the diffusion
+    model, the ones we sample with; raw params for the classifier, which keeps no EMA)."""
+    params = state.ema_params[0] if (state.ema_params and not classifier) else state.params
+    it = eval_iter_fn()
+    results = []
+    for i in range(tc.eval_batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        results.append(eval_step(params, batch, jax.random.PRNGKey(i)))
+    if hasattr(it, "close"):
+        it.close()
+    if not results:
+        return {}
+    results = jax.device_get(results)
+    count = sum(float(r["count"]) for r in results)
+    names = [k for k in results[0] if k != "count"]
+    return {f"val/{k}": sum(float(r[k]) for r in results) / max(count, 1.0) for k in names}
+
+
+def _write_samples(config, module, state, mesh, writer, workdir, step, last_batch) -> None:
+    """A grid of EMA samples (respaced per train.sample_respacing) -> PNG + image summary."""
+    tc = config.train
+    n = tc.num_sample_images
+    sample_diffusion = config_lib.build_diffusion(config, timestep_respacing=tc.sample_respacing)
+    key = jax.random.fold_in(jax.random.PRNGKey(tc.seed + 17), step)
+    cond = {}
+    if getattr(module, "num_classes", None) is not None:
+        cond["y"] = jax.random.randint(jax.random.fold_in(key, 1), (n,), 0, module.num_classes)
+    if type(module).__name__ == "SuperResUNet":
+        # Upsample the (area-downsampled) images of the last training batch, with their labels.
+        images = last_batch["image"][:n]
+        cond["low_res"] = steps.area_downsample(images, config.model.small_size)
+        if "y" in cond:
+            cond["y"] = last_batch["label"][:n]
+    fn = steps.make_sample_fn(
+        module, sample_diffusion, num_images=n, image_size=config_lib.model_image_size(config)
+    )
+    params = state.ema_params[0] if state.ema_params else state.params
+    images = jax.jit(fn, out_shardings=sharding.replicated(mesh))(params, key, cond)
+    images = metrics_lib.to_uint8(jax.device_get(images))
+    grid = metrics_lib.image_grid(images)
+    writer.write_images(step, {"samples": grid[None]})
+    if jax.process_index() == 0:
+        from PIL import Image
+
+        out_dir = os.path.join(workdir, "samples")
+        os.makedirs(out_dir, exist_ok=True)
+        Image.fromarray(grid).save(os.path.join(out_dir, f"step_{step:08d}.png"))

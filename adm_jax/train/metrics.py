@@ -1,0 +1,296 @@
+"""Host-side metric aggregation, throughput/MFU, and the metric writers.
+
+Steps return small dicts of device scalars; ``MetricAccumulator`` keeps them unfetched until a
+log step (no per-step host sync) and then reduces them the way the reference logger does:
+means over the interval, and per-timestep-quartile means (``loss_q0`` .. ``loss_q3``) from the
+per-quartile sums and counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+try:  # clu's writers import TensorBoard's summary ops (the `tensorboard` package).
+    from clu import metric_writers, periodic_actions
+except ImportError as _err:  # pragma: no cover - depends on the environment
+    metric_writers = periodic_actions = None
+    CLU_IMPORT_ERROR: ImportError | None = _err
+else:
+    CLU_IMPORT_ERROR = None
+
+_WriterBase = metric_writers.MetricWriter if metric_writers is not None else object
+
+# Peak dense bf16 FLOP/s per JAX device, by device_kind prefix (vendor datasheets). TPU v2/v3
+# expose one device per core, v4 and later one per chip.
+PEAK_FLOPS = {
+    "TPU v2": 22.5e12,
+    "TPU v3": 61.5e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA V100": 125e12,
+    "NVIDIA L4": 121e12,
+}
+
+
+def peak_flops_per_device(device=None) -> float:
+    """Peak FLOP/s of one device, NaN when unknown (CPU)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(prefix):
+            return PEAK_FLOPS[prefix]
+    return float("nan")
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one execution of a compiled (per-device, SPMD-partitioned) program, from XLA's
+    cost analysis; NaN if the backend does not report it."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends raise NotImplementedError
+        return float("nan")
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops", float("nan"))
+    return float(flops) if flops and flops > 0 else float("nan")
+
+
+def throughput(*, steps: int, seconds: float, batch_size: int, flops_per_device: float) -> dict:
+    """img/s, TFLOP/s per device and MFU over ``steps`` steps lasting ``seconds``."""
+    if seconds <= 0 or steps <= 0:
+        return {}
+    step_time = seconds / steps
+    tflops = flops_per_device / step_time / 1e12
+    return {
+        "img_per_sec": batch_size / step_time,
+        "step_time": step_time,
+        "tflops_per_device": tflops,
+        "mfu": flops_per_device / step_time / peak_flops_per_device(),
+    }
+
+
+class MetricAccumulator:
+    """Collects per-step metric dicts (device arrays) and reduces them at log time."""
+
+    def __init__(self):
+        self._items: list[dict] = []
+
+    def add(self, metrics: dict) -> None:
+        self._items.append(metrics)
+
+    def __len__(self):
+        return len(self._items)
+
+    def reduce(self, prefix: str = "") -> dict[str, float]:
+        if not self._items:
+            return {}
+        items = jax.device_get(self._items)
+        self._items = []
+        out = {}
+        keys = items[0].keys()
+        counts = np.sum([np.asarray(m["q_count"]) for m in items if "q_count" in m], axis=0)
+        for key in keys:
+            values = [np.asarray(m[key]) for m in items]
+            if key == "q_count":
+                continue
+            if key.startswith("q_sum/"):
+                name = key[len("q_sum/") :]
+                total = np.sum(values, axis=0)
+                for q in range(4):
+                    if counts[q] > 0:
+                        out[f"{prefix}{name}_q{q}"] = float(total[q] / counts[q])
+            elif key in ("skipped",):
+                out[prefix + key] = float(values[-1])
+            elif key == "nonfinite_streak":
+                out[prefix + "max_nonfinite_streak"] = float(np.max(values))
+            else:
+                out[prefix + key] = float(np.mean(values))
+        return out
+
+
+class JsonlWriter(_WriterBase):
+    """Appends scalars as JSON lines to ``workdir/metrics.jsonl`` (easy to diff and plot
+    without TensorBoard; the resume tests read it)."""
+
+    def __init__(self, path: str):
+        self._path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def write_scalars(self, step: int, scalars) -> None:
+        row = {"step": int(step)}
+        for k, v in scalars.items():
+            v = float(np.asarray(v))
+            row[k] = v if math.isfinite(v) else str(v)
+        with open(self._path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams) -> None:
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class LoggingWriter(_WriterBase):
+    """Console writer used when clu cannot be imported (no `tensorboard` package)."""
+
+    def write_scalars(self, step: int, scalars) -> None:
+        text = ", ".join(f"{k}={float(np.asarray(v)):.6g}" for k, v in sorted(scalars.items()))
+        logging.info("[%d] %s", step, text)
+
+    def write_images(self, step, images):
+        logging.info("[%d] images %s", step, {k: np.shape(v) for k, v in images.items()})
+
+    def write_hparams(self, hparams) -> None:
+        logging.info("hparams %s", hparams)
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Multi:
+    """Fan-out to several writers (clu's MultiWriter when clu is unavailable)."""
+
+    def __init__(self, writers):
+        self._writers = writers
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            for w in self._writers:
+                getattr(w, name)(*args, **kwargs)
+
+        return call
+
+
+def create_writer(workdir: str):
+    """TensorBoard (workdir/) + console + metrics.jsonl on process 0; console-only elsewhere.
+
+    Without the `tensorboard` package clu's writers cannot be imported; then the run logs to
+    the console and metrics.jsonl only (and says so once)."""
+    jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    if metric_writers is None:
+        logging.warning("No TensorBoard summaries (clu import failed: %s)", CLU_IMPORT_ERROR)
+        return _Multi([LoggingWriter()] + ([jsonl] if jax.process_index() == 0 else []))
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    )
+    if jax.process_index() > 0:
+        return writer
+    return metric_writers.MultiWriter([writer, jsonl])
+
+
+class ProgressLogger:
+    """Steps/s and ETA every ``every_steps`` (clu ReportProgress stand-in)."""
+
+    def __init__(self, *, num_train_steps: int, every_steps: int):
+        self._total, self._every = num_train_steps, max(1, every_steps or 1)
+        self._t, self._step = None, None
+
+    def __call__(self, step: int) -> None:
+        now = time.perf_counter()
+        if self._t is None:
+            self._t, self._step = now, step
+            return
+        if step % self._every == 0 and step > self._step:
+            rate = (step - self._step) / (now - self._t)
+            eta = (self._total - step) / rate if rate > 0 else float("nan")
+            logging.info("Step %d: %.3g steps/s, ETA %.1f min", step, rate, eta / 60)
+            self._t, self._step = now, step
+
+
+def progress_hooks(*, num_train_steps: int, every_steps: int, writer, workdir, profile_steps):
+    """clu ReportProgress (+ Profile) when clu is importable, else ProgressLogger."""
+    if periodic_actions is None:
+        return [ProgressLogger(num_train_steps=num_train_steps, every_steps=every_steps)]
+    hooks = [
+        periodic_actions.ReportProgress(
+            num_train_steps=num_train_steps, writer=writer, every_steps=every_steps or None
+        )
+    ]
+    if profile_steps:
+        hooks.append(
+            periodic_actions.Profile(
+                num_profile_steps=profile_steps, logdir=workdir, first_profile=10
+            )
+        )
+    return hooks
+
+
+def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl as {step: merged row}; a later row for a step (after a resume) wins."""
+    out: dict[int, dict[str, Any]] = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+def image_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*H, ncol*W, C) grid."""
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    grid = np.zeros((nrow * h, ncol * w, c), np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
+    return grid
+
+
+def to_uint8(x) -> np.ndarray:
+    """[-1, 1] floats -> uint8 as the reference sampler ((x + 1) * 127.5, clipped)."""
+    return np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)

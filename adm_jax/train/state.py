@@ -1,0 +1,134 @@
+"""Train state and optimiser.
+
+Everything that determines the next step lives in ``TrainState`` (a pytree of arrays), so
+a checkpoint of it plus the data iterator position resumes a run bit-for-bit: parameters,
+AdamW state (float32), one EMA per configured rate, the step, the base RNG key (per-step keys
+are ``fold_in(rng, step)``), the importance sampler's loss history, and the non-finite-step
+counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from adm_jax.train import config_lib, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: steps taken (skipped non-finite steps included)
+    params: Any
+    opt_state: Any
+    ema_params: tuple  # one params pytree per config.train.ema_rate entry, same order
+    rng: jax.Array  # uint32[2] base key
+    sampler_state: Any  # LossSecondMomentState for "loss-second-moment", else None
+    skipped: jax.Array  # int32: total non-finite steps skipped
+    nonfinite_streak: jax.Array  # int32: non-finite steps in a row ending at this step
+
+
+def lr_schedule(tc) -> optax.Schedule:
+    """Linear warmup (optional) then constant, or linear decay to 0 at ``lr_anneal_steps``
+    (the reference's ``lr * (1 - step / lr_anneal_steps)``)."""
+    lr = float(tc.lr)
+    if tc.lr_anneal_steps:
+        main = optax.linear_schedule(lr, 0.0, tc.lr_anneal_steps - tc.warmup_steps)
+    else:
+        main = optax.constant_schedule(lr)
+    if not tc.warmup_steps:
+        return main
+    warm = optax.linear_schedule(0.0, lr, tc.warmup_steps)
+    return optax.join_schedules([warm, main], [tc.warmup_steps])
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay on every parameter (torch.optim.AdamW, as the
+    reference), optional global-norm clipping; the learning rate is an injected
+    hyperparameter so the logged value is the one applied."""
+
+    def build(learning_rate):
+        parts = []
+        if tc.grad_clip:
+            parts.append(optax.clip_by_global_norm(tc.grad_clip))
+        parts.append(
+            optax.adamw(learning_rate, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay)
+        )
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(build)(learning_rate=lr_schedule(tc))
+
+
+def current_lr(opt_state) -> jax.Array:
+    return opt_state.hyperparams["learning_rate"]
+
+
+def init_inputs(module, batch_size: int = 1):
+    """Zero inputs for ``module.init`` (x, t) and kwargs (y, low_res)."""
+    from adm_jax.models import example_inputs
+
+    return example_inputs(module, batch_size)
+
+
+def make_init_fn(module, config, tx):
+    """rng -> TrainState (pure; jit it with out_shardings to build it in place)."""
+    rates = config_lib.ema_rates(config)
+    use_sampler = config.train.schedule_sampler == "loss-second-moment"
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        args, kwargs = init_inputs(module)
+        params = module.init(init_rng, *args, **kwargs)["params"]
+        params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        sampler_state = None
+        if use_sampler:
+            from adm_jax.diffusion import loss_second_moment_init
+
+            sampler_state = loss_second_moment_init(config.diffusion.steps)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema_params=tuple(params for _ in rates),
+            rng=state_rng,
+            sampler_state=sampler_state,
+            skipped=jnp.zeros((), jnp.int32),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+        )
+
+    return init
+
+
+def create_train_state(module, config, tx, mesh):
+    """Builds the state directly into its shards: ``jax.jit(init, out_shardings=...)``, so no
+    host or device ever holds a full unsharded copy of a large model.
+
+    Returns (state, state_shardings).
+    """
+    init = make_init_fn(module, config, tx)
+    rng = jax.random.PRNGKey(config.train.seed)
+    abstract = jax.eval_shape(init, rng)
+    shardings = state_shardings(abstract, mesh, config)
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def state_shardings(abstract_state, mesh, config):
+    return sharding.tree_shardings(abstract_state, mesh, min_size=config.train.fsdp_min_size)
+
+
+def abstract_train_state(module, config, tx, mesh):
+    """(ShapeDtypeStructs with shardings, shardings) of the state, without allocating."""
+    init = make_init_fn(module, config, tx)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = state_shardings(abstract, mesh, config)
+    return (
+        jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        ),
+        shardings,
+    )

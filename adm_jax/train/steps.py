@@ -1,0 +1,340 @@
+"""The jitted train/eval steps for the diffusion model and the noisy classifier.
+
+One step = one optimizer update on one global batch (sharded over ("data", "fsdp")); with
+``grad_accum_steps`` > 1 the batch is split into strided microbatches that a ``lax.scan``
+walks inside the same compiled program (the reference's --microbatch). Gradients are the
+mean over the whole batch (the reference sums microbatch gradients for the diffusion model;
+identical when there is one microbatch, which is how every published model was trained).
+
+A non-finite loss or gradient norm leaves params, EMA, optimizer and sampler state exactly as
+they were (``jnp.where`` on one ``ok`` flag); the step counter still advances (the batch is
+consumed) and ``skipped`` / ``nonfinite_streak`` count the event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from adm_jax.train import sharding as sharding_lib
+from adm_jax.train.state import TrainState, current_lr
+
+# Number of times each step function was traced (tests assert a step traces once).
+TRACE_COUNTS: dict[str, int] = {}
+
+
+def _count_trace(name: str) -> None:
+    TRACE_COUNTS[name] = TRACE_COUNTS.get(name, 0) + 1
+
+
+def step_keys(state: TrainState):
+    """(t_key, noise_key, dropout_key) for this step, independent of the device layout."""
+    return jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+
+
+def area_downsample(x, size: int):
+    """F.interpolate(mode="area") for integer factors: the upsampler's low_res input
+    (reference super_res_train.py)."""
+    b, h, w, c = x.shape
+    f = h // size
+    return x.reshape(b, size, f, size, f, c).mean(axis=(2, 4))
+
+
+def low_res_size(config) -> int | None:
+    """Size of the upsampler's low-resolution input (None for other models)."""
+    return int(config.model.small_size) if config.model.kind == "superres" else None
+
+
+def model_kwargs_from_batch(module, batch, low_res: int | None = None) -> dict:
+    """Conditioning inputs of the network for a batch: y (class_cond), low_res (superres:
+    the batch area-downsampled to ``low_res`` pixels)."""
+    kwargs = {}
+    if getattr(module, "num_classes", None) is not None:
+        kwargs["y"] = batch["label"]
+    if low_res is not None:
+        kwargs["low_res"] = area_downsample(batch["image"], low_res)
+    return kwargs
+
+
+def quartile_sums(values: dict, t, num_timesteps: int) -> dict:
+    """Per-quartile sums and counts of per-example values (reference ``log_loss_dict``:
+    quartile = int(4 * t / T)), to be averaged on the host over a logging interval."""
+    q = jnp.clip((4 * t) // num_timesteps, 0, 3)
+    onehot = jax.nn.one_hot(q, 4, dtype=jnp.float32)  # (B, 4)
+    out = {"q_count": onehot.sum(0)}
+    for name, v in values.items():
+        out[f"q_sum/{name}"] = (onehot * v.astype(jnp.float32)[:, None]).sum(0)
+    return out
+
+
+def _split_microbatches(tree, k: int):
+    """(B, ...) -> (k, B/k, ...) with microbatch j = rows j, j+k, ...: every microbatch stays
+    spread over all devices (a contiguous split would put each on a subset of devices)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        return jax.lax.with_sharding_constraint(x, P(None, sharding_lib.BATCH_AXES))
+
+    return jax.tree.map(split, tree)
+
+
+def _merge_microbatches(tree):
+    def merge(x):
+        x = jnp.swapaxes(x, 0, 1)
+        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+    return jax.tree.map(merge, tree)
+
+
+def _accumulate_grads(loss_and_aux: Callable, params, inputs, k: int):
+    """Mean gradient over k microbatches of ``inputs`` (a dict of (B, ...) arrays) with one
+    ``lax.scan``; returns (mean loss, grads, per-example aux merged back to (B, ...))."""
+    grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
+    if k == 1:
+        (loss, aux), grads = grad_fn(params, inputs, 0)
+        return loss, grads, aux
+    micro = _split_microbatches(inputs, k)
+
+    def body(carry, xs):
+        i, mb = xs
+        (loss, aux), grads = grad_fn(params, mb, i)
+        acc_loss, acc_grads = carry
+        return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads)), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), aux = jax.lax.scan(body, (jnp.zeros(()), zeros), (jnp.arange(k), micro))
+    grads = jax.tree.map(lambda g: g / k, grads)
+    return loss / k, grads, _merge_microbatches(aux)
+
+
+def _apply_update(state: TrainState, tx, grads, ok, ema_rates, sampler_state):
+    """AdamW update + EMA, all kept unchanged when ``ok`` is False."""
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_ema = tuple(
+        jax.tree.map(lambda e, p, r=r: r * e + (1.0 - r) * p, ema, new_params)
+        for r, ema in zip(ema_rates, state.ema_params, strict=True)
+    )
+
+    def keep(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
+    return state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        ema_params=keep(new_ema, state.ema_params),
+        sampler_state=keep(sampler_state, state.sampler_state),
+        skipped=state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32),
+        nonfinite_streak=streak.astype(jnp.int32),
+    )
+
+
+def make_diffusion_train_step(module, diffusion, tx, config):
+    """(state, batch) -> (state, metrics): hybrid loss (adm_jax.diffusion.training_losses)
+    at t from the configured timestep sampler, weighted by its importance weights; class
+    labels go to class-conditional models (as the reference's image_train.py)."""
+    from adm_jax import diffusion as dlib
+
+    tc = config.train
+    rates = tuple(float(r) for r in str(tc.ema_rate).split(",") if r.strip())
+    importance = tc.schedule_sampler == "loss-second-moment"
+    k = int(tc.grad_accum_steps)
+    T = diffusion.num_timesteps
+    small = low_res_size(config)
+
+    def train_step(state: TrainState, batch):
+        _count_trace("diffusion_train")
+        x = batch["image"].astype(jnp.float32)
+        bsz = x.shape[0]
+        t_key, noise_key, dropout_key = step_keys(state)
+        if importance:
+            weights = dlib.loss_second_moment_weights(state.sampler_state)
+            t, w = dlib.importance_sample_timesteps(t_key, weights, bsz)
+        else:
+            t, w = dlib.uniform_sample_timesteps(t_key, T, bsz)
+        noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+        inputs = {"x": x, "t": t, "w": w, "noise": noise, **batch}
+        inputs.pop("image")
+
+        def loss_fn(params, mb, i):
+            cond = model_kwargs_from_batch(module, {"image": mb["x"], **mb}, small)
+            rng = jax.random.fold_in(dropout_key, i)
+
+            def model_fn(x_t, ts):
+                return module.apply(
+                    {"params": params}, x_t, ts, **cond, train=True, rngs={"dropout": rng}
+                )
+
+            terms = dlib.training_losses(diffusion, model_fn, mb["x"], mb["t"], mb["noise"])
+            loss = jnp.mean(terms["loss"] * mb["w"])
+            return loss, {name: v * mb["w"] for name, v in terms.items()}
+
+        loss, grads, terms = _accumulate_grads(loss_fn, state.params, inputs, k)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        sampler_state = state.sampler_state
+        if importance:
+            # The reference updates with the unweighted per-example losses of the batch.
+            raw = terms["loss"] / w
+            sampler_state = dlib.loss_second_moment_update(sampler_state, t, raw)
+        new_state = _apply_update(state, tx, grads, ok, rates, sampler_state)
+        metrics = {
+            "loss": loss,
+            **{name: jnp.mean(v) for name, v in terms.items() if name != "loss"},
+            "grad_norm": grad_norm,
+            "lr": current_lr(state.opt_state),
+            "finite": ok.astype(jnp.float32),
+            "skipped": new_state.skipped,
+            "nonfinite_streak": new_state.nonfinite_streak,
+            **quartile_sums(terms, t, T),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_classifier_train_step(module, diffusion, tx, config):
+    """(state, batch) -> (state, metrics) for the noisy classifier (reference
+    classifier_train.py): x_t = q_sample(x_0, t) at uniformly random t (if train.noised),
+    cross-entropy, acc@1 / acc@5, per-quartile logging."""
+    from adm_jax import diffusion as dlib
+
+    tc = config.train
+    rates = tuple(float(r) for r in str(tc.ema_rate).split(",") if r.strip())
+    k = int(tc.grad_accum_steps)
+    T = diffusion.num_timesteps
+
+    def train_step(state: TrainState, batch):
+        _count_trace("classifier_train")
+        x = batch["image"].astype(jnp.float32)
+        t_key, noise_key, dropout_key = step_keys(state)
+        t, x_t = noised_inputs(diffusion, x, t_key, noise_key, noised=tc.noised)
+        inputs = {"x": x_t, "t": t, "label": batch["label"]}
+
+        def loss_fn(params, mb, i):
+            logits = module.apply(
+                {"params": params},
+                mb["x"],
+                dlib.model_timesteps(diffusion, mb["t"]),
+                train=True,
+                rngs={"dropout": jax.random.fold_in(dropout_key, i)},
+            )
+            terms = classification_terms(logits, mb["label"])
+            return jnp.mean(terms["loss"]), terms
+
+        loss, grads, terms = _accumulate_grads(loss_fn, state.params, inputs, k)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = _apply_update(state, tx, grads, ok, rates, state.sampler_state)
+        metrics = {
+            "loss": loss,
+            "acc@1": jnp.mean(terms["acc@1"]),
+            "acc@5": jnp.mean(terms["acc@5"]),
+            "grad_norm": grad_norm,
+            "lr": current_lr(state.opt_state),
+            "finite": ok.astype(jnp.float32),
+            "skipped": new_state.skipped,
+            "nonfinite_streak": new_state.nonfinite_streak,
+            **quartile_sums(terms, t, T),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def noised_inputs(diffusion, x, t_key, noise_key, *, noised: bool = True):
+    """(t, x_t) for classifier training: t ~ U{0..T-1}; x_t = x_0 (t = 0) when not noised."""
+    from adm_jax import diffusion as dlib
+
+    bsz = x.shape[0]
+    if not noised:
+        return jnp.zeros((bsz,), jnp.int32), x
+    t, _ = dlib.uniform_sample_timesteps(t_key, diffusion.num_timesteps, bsz)
+    noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+    return t, dlib.q_sample(diffusion, x, t, noise)
+
+
+def classification_terms(logits, labels) -> dict:
+    """Per-example cross-entropy, acc@1, acc@5 (reference compute_top_k)."""
+    logits = logits.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hit = top5 == labels[:, None]
+    return {
+        "loss": loss,
+        "acc@1": hit[:, 0].astype(jnp.float32),
+        "acc@5": hit.any(-1).astype(jnp.float32),
+    }
+
+
+def _masked_sums(terms: dict, batch) -> dict:
+    """Sums over real examples (eval batches pad with mask=False) plus their count."""
+    mask = batch.get("mask")
+    n = terms["loss"].shape[0]
+    mask = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    out = {name: jnp.sum(v * mask) for name, v in terms.items()}
+    out["count"] = jnp.sum(mask)
+    return out
+
+
+def make_diffusion_eval_step(module, diffusion, low_res: int | None = None):
+    """(params, batch, key) -> summed validation terms + "count" (no dropout, uniform t)."""
+    from adm_jax import diffusion as dlib
+
+    def eval_step(params, batch, key):
+        _count_trace("diffusion_eval")
+        x = batch["image"].astype(jnp.float32)
+        t_key, noise_key = jax.random.split(key)
+        t, _ = dlib.uniform_sample_timesteps(t_key, diffusion.num_timesteps, x.shape[0])
+        noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+        cond = model_kwargs_from_batch(module, batch, low_res)
+
+        def model_fn(x_t, ts):
+            return module.apply({"params": params}, x_t, ts, **cond, train=False)
+
+        terms = dlib.training_losses(diffusion, model_fn, x, t, noise)
+        return _masked_sums(terms, batch)
+
+    return eval_step
+
+
+def make_classifier_eval_step(module, diffusion, *, noised: bool = True):
+    from adm_jax import diffusion as dlib
+
+    def eval_step(params, batch, key):
+        _count_trace("classifier_eval")
+        x = batch["image"].astype(jnp.float32)
+        t_key, noise_key = jax.random.split(key)
+        t, x_t = noised_inputs(diffusion, x, t_key, noise_key, noised=noised)
+        logits = module.apply(
+            {"params": params}, x_t, dlib.model_timesteps(diffusion, t), train=False
+        )
+        return {
+            name: jnp.mean(v) for name, v in classification_terms(logits, batch["label"]).items()
+        }
+
+    return eval_step
+
+
+def make_sample_fn(module, sample_diffusion, *, num_images: int, image_size: int, channels=3):
+    """(params, key, cond) -> images in [-1, 1]: the EMA sample grid logged during training
+    (adm_jax.diffusion.sample on the respaced process; original timesteps go to the net)."""
+    from adm_jax import diffusion as dlib
+
+    def sample_fn(params, key, cond):
+        _count_trace("sample")
+
+        def model_fn(x, t):
+            return module.apply({"params": params}, x, t, **cond, train=False)
+
+        shape = (num_images, image_size, image_size, channels)
+        return dlib.sample(sample_diffusion, model_fn, key, shape, clip_denoised=True)
+
+    return sample_fn

@@ -1,0 +1,21 @@
+"""Noisy ImageNet 256x256 classifier for guidance (released ``256x256_classifier.pt``,
+54,096,360 parameters; flags: classifier_defaults(); paired with imagenet256 (scale 1.0) and
+imagenet256_uncond (scale 10.0)).
+
+Trained on x_t = q_sample(x_0, t) at uniformly random t of the linear schedule with
+cross-entropy (reference classifier_train.py --noised True). Recipe: paper App. I and the
+README classifier TRAIN_FLAGS: AdamW lr 3e-4, weight decay 0.05, batch 256, linear anneal
+to 0, 500K steps (the paper trains classifiers 300K-500K steps).
+
+    python -m adm_jax.main --mode=train_classifier --config=configs/classifier256.py \
+        --workdir=$WORKDIR --config.data.data_dir=$TFDS_DIR
+
+Hardware / time: TPU v4-32 -> ~0.4 days (estimate from the published forward FLOPs at 35%
+MFU, not measured).
+"""
+
+from configs import default
+
+
+def get_config():
+    return default.classifier_config(256, num_steps=500_000, noise_schedule="linear")

@@ -1,0 +1,203 @@
+"""Base config: every field any mode reads, with the reference's defaults.
+
+Not a published model by itself: the variants (imagenet64.py, classifier256.py, tiny.py, ...)
+import this file and override a handful of fields, so a field that exists here exists
+everywhere and ``adm_jax.train.validate_config`` can reject any name that is not here.
+
+Sources: architecture and diffusion defaults are guided-diffusion's ``script_util``
+defaults; optimiser defaults are the paper's App. I recipe (AdamW b1 0.9, b2 0.999,
+EMA 0.9999); the sampling/evaluation defaults are the reference scripts' defaults.
+"""
+
+import ml_collections
+
+# README flags understood by adm_jax.models.reference_kwargs_from_flags, by model kind.
+UNET_FLAGS = dict(
+    image_size=64,
+    num_channels=128,
+    num_res_blocks=2,
+    channel_mult="",
+    learn_sigma=True,
+    class_cond=False,
+    attention_resolutions="16,8",
+    num_heads=4,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=True,
+    dropout=0.0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+)
+CLASSIFIER_FLAGS = dict(
+    image_size=64,
+    classifier_width=128,
+    classifier_depth=2,
+    classifier_attention_resolutions="32,16,8",
+    classifier_use_scale_shift_norm=True,
+    classifier_resblock_updown=True,
+    classifier_pool="attention",
+    classifier_use_fp16=False,
+    # Not a reference classifier flag (create_classifier derives it from image_size); only
+    # tiny test configs set it, for sizes the reference table lacks.
+    channel_mult="",
+)
+
+
+def unet_model(**overrides) -> ml_collections.ConfigDict:
+    """config.model for a diffusion UNet ("unet", or "superres" with large/small_size)."""
+    return ml_collections.ConfigDict({"kind": "unet", **UNET_FLAGS, **overrides})
+
+
+def superres_model(**overrides) -> ml_collections.ConfigDict:
+    flags = {k: v for k, v in UNET_FLAGS.items() if k not in ("image_size", "channel_mult")}
+    flags.pop("use_new_attention_order")  # sr_create_model ignores it
+    return ml_collections.ConfigDict(
+        {"kind": "superres", **flags, "large_size": 256, "small_size": 64, **overrides}
+    )
+
+
+def classifier_model(**overrides) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"kind": "classifier", **CLASSIFIER_FLAGS, **overrides})
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # README flags (script_util names) + kind; the module is built with
+    # adm_jax.models.module_from_kwargs(kind, reference_kwargs_from_flags(kind, flags)).
+    config.model = unet_model()
+
+    # adm_jax.diffusion.create_diffusion kwargs (training process: no respacing).
+    config.diffusion = ml_collections.ConfigDict(
+        dict(
+            steps=1000,
+            noise_schedule="linear",
+            learn_sigma=True,
+            sigma_small=False,
+            use_kl=False,
+            predict_xstart=False,
+            rescale_learned_sigmas=False,
+            timestep_respacing="",
+        )
+    )
+
+    # adm_jax.data.create_train_iterator's data_config.
+    config.data = ml_collections.ConfigDict(
+        dict(
+            name="imagenet2012",
+            data_dir="",
+            image_size=64,
+            channels=3,
+            class_cond=False,
+            random_flip=True,
+            random_crop=False,
+            num_workers=16,
+            shuffle_buffer=10_000,
+            split="train",
+            eval_split="validation",
+            max_skipped_fraction=0.001,
+        )
+    )
+
+    config.train = ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            num_steps=500_000,
+            batch_size=256,  # global, over all devices
+            grad_accum_steps=1,  # microbatches scanned inside one step (reference --microbatch)
+            # AdamW (paper App. I).
+            lr=1e-4,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            warmup_steps=0,
+            # Linear decay to 0 at this step, as the reference's --lr_anneal_steps (0: constant;
+            # classifier_train.py's --anneal_lr is lr_anneal_steps = num_steps).
+            lr_anneal_steps=0,
+            grad_clip=0.0,  # global-norm clip; 0 disables (the reference does not clip)
+            ema_rate="0.9999",  # comma-separated; "" for none (the classifier keeps none)
+            schedule_sampler="uniform",  # or "loss-second-moment" (importance sampling of t)
+            noised=True,  # classifier: train on x_t at uniformly random t
+            # Precision: compute dtype of the network; master weights, EMA and Adam in float32.
+            dtype="bfloat16",
+            remat=False,
+            # Sharding: mesh (data, fsdp); arrays with >= fsdp_min_size elements are split over
+            # "fsdp" along their largest divisible dimension.
+            fsdp=1,
+            fsdp_min_size=2**18,
+            # Non-finite loss/gradient: the update is skipped; this many in a row stop the run.
+            max_consecutive_nonfinite=20,
+            # Periodic work (steps; 0 disables).
+            log_every=100,
+            checkpoint_every=5_000,
+            max_to_keep=3,
+            async_checkpointing=True,
+            eval_every=5_000,
+            eval_batches=4,
+            sample_every=20_000,
+            num_sample_images=16,
+            sample_respacing="ddim50",
+            profile_steps=0,  # >0: capture a profile of this many steps after the first log
+        )
+    )
+
+    # --mode=sample (adm_jax.sampling.sample); defaults are the reference scripts'.
+    config.sample = ml_collections.ConfigDict(
+        dict(
+            checkpoint="",  # training workdir or inference checkpoint; "" = --workdir
+            classifier_checkpoint="",
+            classifier_scale=1.0,
+            num_samples=10_000,
+            batch_size=16,
+            use_ddim=False,
+            eta=0.0,
+            timestep_respacing="250",
+            clip_denoised=True,
+            class_labels="random",
+            seed=0,
+            output_dir="",
+            base_samples="",
+            sweep_scales="",
+            reference_batch="",
+            num_classes=0,  # >0: draw random labels below this (e.g. a 10-class toy set)
+            dtype="",  # compute dtype for sampling; "" = float32
+        )
+    )
+
+    # --mode=evaluate (adm_jax.evaluation.evaluate).
+    config.evaluate = ml_collections.ConfigDict(
+        dict(
+            sample_npz="",
+            reference_batch="",
+            inception_weights="",
+            batch_size=64,
+            resize="tf",
+        )
+    )
+    return config
+
+
+def classifier_config(
+    image_size: int, *, num_steps: int, noise_schedule: str = "linear", **model_overrides
+) -> ml_collections.ConfigDict:
+    """A noisy-classifier config: README classifier TRAIN_FLAGS ("--iterations 300000
+    --anneal_lr True --batch_size 256 --lr 3e-4 --save_interval 10000 --weight_decay 0.05"),
+    paper App. I (AdamW lr 3e-4, weight decay 0.05, batch 256, x_t at uniformly random t),
+    random crops as in classifier_train.py, and no EMA (the reference keeps none)."""
+    config = get_config()
+    config.model = classifier_model(image_size=image_size, **model_overrides)
+    config.diffusion.noise_schedule = noise_schedule
+    config.data.image_size = image_size
+    config.data.class_cond = True
+    config.data.random_crop = True
+    config.train.lr = 3e-4
+    config.train.weight_decay = 0.05
+    config.train.batch_size = 256
+    config.train.num_steps = num_steps
+    config.train.lr_anneal_steps = num_steps
+    config.train.ema_rate = ""
+    config.train.checkpoint_every = 10_000
+    config.train.sample_every = 0
+    return config
