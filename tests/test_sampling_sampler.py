@@ -283,7 +283,8 @@ def test_guidance_sweep_unconditional_model(ckpts, tmp_path):
     def metrics(npz_path):  # stand-in for Inception metrics
         images, labels = io.load_samples_npz(npz_path)
         assert labels is not None and labels.shape == (8,)  # guided: labels saved
-        return {"fid": float(images.mean()), "precision": float(images.std() / 100)}
+        # evaluate_npz's keys; recall is None without reference images.
+        return {"fid": float(images.mean()), "precision": 0.5, "recall": None, "num_samples": 8}
 
     rows = sweep.guidance_sweep(config, str(tmp_path), metrics_fn=metrics)
     assert [r["scale"] for r in rows] == [0.0, 4.0]
@@ -291,7 +292,8 @@ def test_guidance_sweep_unconditional_model(ckpts, tmp_path):
     for name in ("sweep.json", "sweep.md", "sweep.png", "scale_0", "scale_4"):
         assert os.path.exists(tmp_path / name), name
     table = (tmp_path / "sweep.md").read_text().splitlines()
-    assert table[0] == "| Scale | FID | Precision |" and table[3].startswith("| 4 |")
+    assert table[0] == "| Scale | FID | Precision | Recall |"
+    assert table[3].startswith("| 4 |") and table[3].endswith("| 0.5 | n/a |")
 
 
 def test_real_config_matches_exported_checkpoint(tmp_path, monkeypatch):
