@@ -1,0 +1,102 @@
+r"""Benchmarks: train-step throughput and MFU, sampling speed and guidance overhead, max batch.
+
+    python -m adm_jax.bench --config=configs/imagenet128.py \
+        [--what=train,sample,maxbatch,flops] [--batch=N] [--steps=N] [--json=out.json] \
+        [--preset=cpu] [--classifier_config=configs/classifier128.py]
+
+``--batch`` is per device (default: config.train.batch_size / devices, or the preset's);
+``--what=flops`` compiles the train step without running it (FLOPs per image from XLA's cost
+analysis next to the analytic and published counts: works on a CPU for any config).
+``--preset=cpu`` makes a run fit a small CPU in minutes (use it with configs/tiny.py):
+batch 1 per device, 3 timed steps, zero-filled parameters, one timed sampling run each.
+Any config field can be overridden (``--config.train.dtype=float32``). See
+docs/benchmarks.md for measured figures and the accelerator commands.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from adm_jax import bench_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Diffusion (or classifier) config.")
+_CLASSIFIER = flags.DEFINE_string(
+    "classifier_config",
+    None,
+    "Classifier config for guided sampling (default: the config's pair, e.g. "
+    "configs/classifier128.py for configs/imagenet128.py, configs/tiny.py:classifier for tiny; "
+    "'none' to skip guidance).",
+)
+_WHAT = flags.DEFINE_list("what", ["train", "sample"], "Any of train, sample, maxbatch, flops.")
+_PRESET = flags.DEFINE_enum("preset", "", list(bench_lib.PRESETS), "Sizes preset ('' or cpu).")
+_BATCH = flags.DEFINE_integer("batch", None, "Per-device train batch.")
+_STEPS = flags.DEFINE_integer("steps", None, "Timed train steps (after warm-up).")
+_JSON = flags.DEFINE_string("json", None, "Write the results here as JSON.")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", None, "Per-device sampling batch.")
+_RESPACINGS = flags.DEFINE_list(
+    "sample_respacings", None, "Samplers to time (default 250,ddim25: DDPM-250 and DDIM-25)."
+)
+_SCALE = flags.DEFINE_float("classifier_scale", None, "Guidance scale (default: config's).")
+_SAMPLE_DTYPE = flags.DEFINE_enum(
+    "sample_dtype", None, ["float32", "bfloat16", "float16"], "Sampling compute dtype "
+    "(default: config.train.dtype)."
+)  # fmt: skip
+_MEMORY = flags.DEFINE_float(
+    "device_memory_gb", None, "Device memory for --what=maxbatch (default: the device's limit)."
+)
+_DEVICES = flags.DEFINE_integer("num_devices", None, "Use the first N devices (default: all).")
+_INIT = flags.DEFINE_enum("init", None, ["real", "zeros"], "Parameter init (default: preset's).")
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required")
+    what = tuple(_WHAT.value)
+    unknown = set(what) - {"train", "sample", "maxbatch", "flops"}
+    if unknown:
+        raise app.UsageError(f"--what: unknown {sorted(unknown)}")
+    classifier_config = None
+    spec = _CLASSIFIER.value
+    if spec is None and "sample" in what:
+        config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+        spec = bench_lib.default_classifier_spec(config_file)
+    if spec and spec.lower() != "none" and "sample" in what:
+        classifier_config = bench_lib.load_config(spec)
+        logging.info("guidance classifier: %s", spec)
+    result = bench_lib.run(
+        config,
+        what=what,
+        preset=_PRESET.value,
+        batch_per_device=_BATCH.value,
+        num_steps=_STEPS.value,
+        classifier_config=classifier_config,
+        sample_respacings=_RESPACINGS.value,
+        sample_batch_per_device=_SAMPLE_BATCH.value,
+        classifier_scale=_SCALE.value,
+        sample_dtype=_SAMPLE_DTYPE.value,
+        device_memory_bytes=int(_MEMORY.value * 2**30) if _MEMORY.value else None,
+        num_devices=_DEVICES.value,
+        init=_INIT.value,
+        log=lambda s: logging.info("%s", s),
+    )
+    result["command"] = {
+        "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+        "classifier_config": spec,
+        "what": list(what),
+        "preset": _PRESET.value,
+    }
+    print(bench_lib.format_table(result))
+    if _JSON.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+        with open(_JSON.value, "w") as f:
+            f.write(bench_lib.to_json(result))
+        print(f"\nwrote {_JSON.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
