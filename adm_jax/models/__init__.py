@@ -1,1 +1,35 @@
-"""adm_jax.models."""
+"""ADM networks in Flax linen (NHWC), mirroring openai/guided-diffusion's unet.py.
+
+``UNet`` (UNetModel), ``SuperResUNet`` (SuperResModel) and ``EncoderUNet`` (EncoderUNetModel,
+the noisy classifier) take the reference constructor kwargs as fields, plus the compute
+``dtype`` and ``remat``. ``module_from_kwargs`` / ``reference_kwargs_from_flags`` reproduce
+script_util's builders; ``adm_jax.convert`` loads released PyTorch checkpoints into them.
+"""
+
+from adm_jax.models.classifier import POOLS, EncoderUNet
+from adm_jax.models.factory import (
+    KINDS,
+    abstract_params,
+    count_params,
+    example_inputs,
+    module_from_kwargs,
+    parse_flags,
+    reference_kwargs_from_flags,
+)
+from adm_jax.models.layers import timestep_embedding
+from adm_jax.models.unet import SuperResUNet, UNet
+
+__all__ = [
+    "KINDS",
+    "POOLS",
+    "EncoderUNet",
+    "SuperResUNet",
+    "UNet",
+    "abstract_params",
+    "count_params",
+    "example_inputs",
+    "module_from_kwargs",
+    "parse_flags",
+    "reference_kwargs_from_flags",
+    "timestep_embedding",
+]

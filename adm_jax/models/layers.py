@@ -1,0 +1,271 @@
+"""Building blocks of the ADM networks (NHWC), mirroring guided_diffusion/unet.py and nn.py.
+
+Reference classes: ``GroupNorm32`` and ``timestep_embedding`` (nn.py), ``ResBlock``,
+``AttentionBlock``, ``QKVAttentionLegacy``, ``QKVAttention``, ``Upsample``, ``Downsample`` and
+``AttentionPool2d`` (unet.py).
+
+Submodule names follow the reference's torch module paths with ``.`` before a Sequential index
+written as ``_`` (``in_layers.2`` -> ``in_layers_2``), so that ``adm_jax.convert`` can map
+state_dict keys to parameters by a purely mechanical rule.
+
+Precision policy (as the reference's fp16 mode, with bfloat16 in mind): parameters are float32;
+convolutions and matmuls run in the module's compute ``dtype``; GroupNorm statistics and the
+attention softmax are always float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+GROUPS = 32
+GROUP_NORM_EPS = 1e-5
+
+# torch's default Conv/Linear init draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance
+# 1/(3 fan_in); keeping it makes from-scratch training behave like the reference.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+zeros_init = nn.initializers.zeros_init()
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding ``[cos(t f), sin(t f)]`` (cos first), float32, as the reference."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None]
+    embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
+    return embedding
+
+
+class GroupNorm32(nn.Module):
+    """GroupNorm with 32 groups, eps 1e-5, computed in float32 whatever the input dtype.
+
+    Written out (two-pass variance) rather than ``nn.GroupNorm`` so the statistics match the
+    reference to float32 round-off; the result is cast back to the input dtype.
+    """
+
+    num_groups: int = GROUPS
+    epsilon: float = GROUP_NORM_EPS
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (channels,), jnp.float32)
+        bias = self.param("bias", zeros_init, (channels,), jnp.float32)
+        h = x.astype(jnp.float32)
+        grouped = h.reshape(*h.shape[:-1], self.num_groups, channels // self.num_groups)
+        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+        grouped = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon)
+        h = grouped.reshape(h.shape) * scale + bias
+        return h.astype(x.dtype)
+
+
+def conv3x3(features: int, dtype: Dtype, name: str, *, stride: int = 1, zero: bool = False):
+    """3x3 conv with torch's symmetric padding 1 ("SAME" pads asymmetrically at stride 2)."""
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=(stride, stride),
+        padding=((1, 1), (1, 1)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=zeros_init if zero else torch_default_kernel_init,
+        name=name,
+    )
+
+
+def conv1x1(features: int, dtype: Dtype, name: str, *, zero: bool = False):
+    return nn.Conv(
+        features,
+        (1, 1),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=zeros_init if zero else torch_default_kernel_init,
+        name=name,
+    )
+
+
+def dense(features: int, dtype: Dtype, name: str, *, zero: bool = False):
+    """Linear layer; also the reference's 1-D kernel-size-1 convs over tokens."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=zeros_init if zero else torch_default_kernel_init,
+        name=name,
+    )
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """``F.interpolate(scale_factor=2, mode="nearest")`` on NHWC."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+    """``AvgPool2d(kernel_size=2, stride=2)`` on NHWC."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling with an optional 3x3 conv (reference ``Upsample``)."""
+
+    channels: int
+    use_conv: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = upsample_nearest(x)
+        if self.use_conv:
+            x = conv3x3(self.channels, self.dtype, "conv")(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv, or 2x2 average pooling without it (reference ``Downsample``)."""
+
+    channels: int
+    use_conv: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return conv3x3(self.channels, self.dtype, "op", stride=2)(x)
+        return avg_pool2(x)
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the embedding (reference ``ResBlock``).
+
+    ``use_scale_shift_norm`` is AdaGN: ``norm(h) * (1 + scale) + shift``; otherwise the
+    projected embedding is added before the second norm. ``up``/``down`` make it the BigGAN-style
+    resampling block (nearest / average-pool resampling of both paths after the first norm).
+    """
+
+    out_channels: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    up: bool = False
+    down: bool = False
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        h = nn.silu(GroupNorm32(name="in_layers_0")(x))
+        if self.up:
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        elif self.down:
+            h, x = avg_pool2(h), avg_pool2(x)
+        h = conv3x3(self.out_channels, self.dtype, "in_layers_2")(h)
+
+        emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+        emb_out = dense(emb_width, self.dtype, "emb_layers_1")(nn.silu(emb)).astype(h.dtype)
+        emb_out = emb_out[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = GroupNorm32(name="out_layers_0")(h) * (1 + scale) + shift
+        else:
+            h = GroupNorm32(name="out_layers_0")(h + emb_out)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+        h = conv3x3(self.out_channels, self.dtype, "out_layers_3", zero=True)(h)
+
+        if self.out_channels != channels:
+            x = conv1x1(self.out_channels, self.dtype, "skip_connection")(x)
+        return x + h
+
+
+def qkv_attention(qkv: jax.Array, num_heads: int, *, legacy: bool) -> jax.Array:
+    """Multi-head attention on packed ``qkv`` of shape (B, T, 3 * H * C) -> (B, T, H * C).
+
+    ``legacy`` (QKVAttentionLegacy) packs channels as [head][q|k|v][c]; the new order
+    (QKVAttention, also AttentionPool2d) as [q|k|v][head][c]. q and k are each scaled by
+    ch**-0.25 before the product (as the reference, for low-precision stability) and the softmax
+    is taken in float32.
+    """
+    batch, length, width = qkv.shape
+    ch = width // (3 * num_heads)
+    if legacy:
+        qkv = qkv.reshape(batch, length, num_heads, 3, ch)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    else:
+        qkv = qkv.reshape(batch, length, 3, num_heads, ch)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scale = 1.0 / math.sqrt(math.sqrt(ch))
+    weight = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
+    weight = jax.nn.softmax(weight.astype(jnp.float32), axis=-1).astype(qkv.dtype)
+    out = jnp.einsum("bhts,bshc->bthc", weight, v)
+    return out.reshape(batch, length, num_heads * ch)
+
+
+def attention_heads(channels: int, num_heads: int, num_head_channels: int, field: str) -> int:
+    """Head count as AttentionBlock derives it; raises a ValueError naming the bad field."""
+    if num_head_channels == -1:
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(
+                f"{field}: {num_heads} heads do not divide the {channels} channels of an "
+                "attention layer"
+            )
+        return num_heads
+    if num_head_channels < 1 or channels % num_head_channels:
+        raise ValueError(
+            f"num_head_channels: {num_head_channels} does not divide the {channels} channels "
+            "of an attention layer"
+        )
+    return channels // num_head_channels
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all spatial positions with a residual (reference AttentionBlock)."""
+
+    num_heads: int
+    use_new_attention_order: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        tokens = x.reshape(b, h * w, c)
+        qkv = dense(3 * c, self.dtype, "qkv")(GroupNorm32(name="norm")(tokens))
+        out = qkv_attention(qkv, self.num_heads, legacy=not self.use_new_attention_order)
+        out = dense(c, self.dtype, "proj_out", zero=True)(out)
+        return (tokens + out).reshape(b, h, w, c)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP-style attention pooling (reference AttentionPool2d): the mean token plus a learned
+    positional embedding attends over all positions; the mean token's output is returned."""
+
+    num_head_channels: int
+    output_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        tokens = x.reshape(b, h * w, c)
+        tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)
+        positional_embedding = self.param(
+            "positional_embedding",
+            nn.initializers.normal(stddev=c**-0.5),
+            (h * w + 1, c),
+            jnp.float32,
+        )
+        tokens = tokens + positional_embedding.astype(tokens.dtype)
+        qkv = dense(3 * c, self.dtype, "qkv_proj")(tokens)
+        out = qkv_attention(qkv, c // self.num_head_channels, legacy=False)
+        out = dense(self.output_dim, self.dtype, "c_proj")(out)
+        return out[:, 0]
