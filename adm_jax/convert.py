@@ -121,11 +121,13 @@ def state_dict_spec(kind: str, kwargs: Mapping[str, Any]) -> dict[str, TorchPara
     """The reference state_dict keys (and shapes) the architecture has, without allocating."""
     module = module_from_kwargs(kind, kwargs)
     flat = traverse_util.flatten_dict(abstract_params(module))
-    spec = {}
-    for path, leaf in flat.items():
-        key, param = _describe(path, tuple(leaf.shape))
-        spec[key] = param
-    return spec
+    spec = dict(_describe(path, tuple(leaf.shape)) for path, leaf in flat.items())
+    return {key: spec[key] for key in sorted(spec, key=_natural_order)}
+
+
+def _natural_order(key: str):
+    """``input_blocks.2`` before ``input_blocks.10``, as the reference lists them."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
 
 
 def check_state_dict(
@@ -207,7 +209,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 "enough); alternatively save the state_dict as .npz or .safetensors elsewhere"
             ) from None
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state and len(state) <= 4:
+        if isinstance(state.get("state_dict"), Mapping):  # a training checkpoint wrapper
             state = state["state_dict"]
         return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
     if suffix == ".npz":
