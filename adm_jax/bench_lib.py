@@ -29,6 +29,7 @@ Two FLOP counts appear everywhere:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -37,6 +38,7 @@ import math
 import os
 import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -99,6 +101,9 @@ PRESETS = {
 def load_config(spec: str):
     """``path/to/config.py[:arg]`` -> ``get_config(arg)`` (ml_collections config_file style)."""
     path, _, arg = spec.partition(":")
+    root = str(pathlib.Path(path).resolve().parents[1])
+    if pathlib.Path(path).resolve().parent.name == "configs" and root not in sys.path:
+        sys.path.insert(0, root)  # config files import their siblings as `configs.default`
     module_spec = importlib.util.spec_from_file_location(f"bench_cfg_{abs(hash(spec))}", path)
     if module_spec is None:
         raise FileNotFoundError(f"config file not found: {path}")
@@ -118,6 +123,20 @@ def default_classifier_spec(config_spec: str) -> str | None:
         candidate = path.with_name(f"classifier{stem[len('imagenet') :]}.py")
         return str(candidate) if candidate.exists() else None
     return None
+
+
+def split_config(config):
+    """(run config, embedded classifier config or None): configs/demo.py carries its
+    classifier run as ``config.classifier`` and extra sections the train checks reject."""
+    config = copy.deepcopy(config)
+    classifier = None
+    with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+        if "classifier" in config:
+            classifier = config.classifier
+            del config["classifier"]
+        if "demo" in config:
+            del config["demo"]
+    return config, classifier
 
 
 def _with_batch(config, global_batch: int):
@@ -795,11 +814,11 @@ def run(
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Runs the requested parts and returns one JSON-able dict."""
+    config, embedded_classifier = split_config(config)
+    classifier_config = classifier_config or embedded_classifier
     p = PRESETS[preset]
     mesh = make_mesh(config, num_devices)
     n = mesh.size
-    if batch_per_device is None:
-        batch_per_device = p.batch_per_device or max(1, int(config.train.batch_size) // n)
     init = init or p.init
     out = {
         "environment": environment(),
@@ -810,6 +829,18 @@ def run(
             "train_dtype": config.train.dtype,
         },
     }
+    if "maxbatch" in what:
+        log("maxbatch: compile-only doubling + bisection")
+        out["maxbatch"] = max_batch(
+            config, mesh, device_memory_bytes=device_memory_bytes, limit=p.max_batch_limit
+        )
+    if batch_per_device is None:
+        batch_per_device = p.batch_per_device or max(1, int(config.train.batch_size) // n)
+        found = out.get("maxbatch", {}).get("max_batch_per_device")
+        if isinstance(found, int) and found > 0 and found < batch_per_device:
+            # The config's batch does not fit one device: time the largest batch that does.
+            log(f"train: per-device batch {batch_per_device} does not fit; using {found}")
+            batch_per_device = found
     if "train" in what:
         log(f"train: per-device batch {batch_per_device} on {n} device(s)")
         out["train"] = train_benchmark(
@@ -843,11 +874,6 @@ def run(
                 dtype=sample_dtype,
                 init=init,
             )
-    if "maxbatch" in what:
-        log("maxbatch: compile-only doubling + bisection")
-        out["maxbatch"] = max_batch(
-            config, mesh, device_memory_bytes=device_memory_bytes, limit=p.max_batch_limit
-        )
     out["environment"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
