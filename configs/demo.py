@@ -61,7 +61,7 @@ def classifier_config() -> ml_collections.ConfigDict:
     """The noisy classifier p_phi(y | x_t, t) that guides sampling (paper Sec. 4)."""
     config = default.classifier_config(
         IMAGE_SIZE,
-        num_steps=400,
+        num_steps=300,
         noise_schedule="cosine",
         classifier_width=32,
         classifier_depth=1,
@@ -70,32 +70,33 @@ def classifier_config() -> ml_collections.ConfigDict:
     )
     _data(config)
     config.data.class_cond = True
-    _train(config, num_steps=400, lr=1e-3, batch_size=64)
+    _train(config, num_steps=300, lr=1e-3, batch_size=64)
     config.train.weight_decay = 0.05
-    config.train.lr_anneal_steps = 400
+    config.train.lr_anneal_steps = 300
     config.train.ema_rate = ""
     return config
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
+    config.mode = "demo"  # adm_jax.main dispatches to adm_jax.demo.run
     config.model = default.unet_model(
         image_size=IMAGE_SIZE,
         num_channels=32,
         num_res_blocks=1,
-        channel_mult="1,2,2",
+        channel_mult="1,1,2",
         attention_resolutions="8",
         num_heads=2,
         learn_sigma=True,  # learned Sigma + hybrid loss (Improved DDPM), as ADM
         class_cond=False,
         dropout=0.0,
-        resblock_updown=True,
+        resblock_updown=False,
         use_scale_shift_norm=True,
     )
     config.diffusion.noise_schedule = "cosine"
     config.diffusion.learn_sigma = True
     _data(config)
-    _train(config, num_steps=1500, lr=1e-3, batch_size=64)
+    _train(config, num_steps=800, lr=1e-3, batch_size=64)
     # A short run needs a short EMA (0.9999 averages over ~10K steps).
     config.train.ema_rate = "0.995"
 
@@ -112,10 +113,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.demo = ml_collections.ConfigDict(
         dict(
             # Independent clean-digit CNN: features for FID/precision/recall, judge of accuracy.
-            judge_steps=600,
-            judge_batch_size=128,
+            judge_steps=400,
+            judge_batch_size=64,
             judge_lr=2e-3,
-            judge_width=32,
+            judge_width=16,
             judge_features=128,
             nhood_size=3,  # k of the k-NN manifolds (paper: 3)
             num_classes=10,

@@ -1,0 +1,102 @@
+"""The demo end to end on a drastically reduced config, and its independent digit classifier."""
+
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/
+
+from adm_jax import demo  # noqa: E402
+
+
+def _tiny_demo_config():
+    from configs import demo as demo_config
+
+    config = demo_config.get_config()
+    # 8x8 digits (the pipeline resizes the 32x32 records), the smallest UNet GroupNorm(32)
+    # allows, a few steps of everything, two guidance scales.
+    for run in (config, config.classifier):
+        run.data.image_size = 8
+        run.train.num_steps = 3
+        run.train.batch_size = 8
+        run.train.warmup_steps = 0
+        run.train.lr_anneal_steps = 0
+        run.train.log_every = 1
+    config.model.image_size = 8
+    config.model.channel_mult = "1,2"
+    config.model.attention_resolutions = "4"
+    config.classifier.model.image_size = 8
+    config.classifier.model.channel_mult = "1,2"
+    config.classifier.model.classifier_attention_resolutions = "4"
+    config.sample.num_samples = 16
+    config.sample.batch_size = 8
+    config.sample.timestep_respacing = "ddim2"
+    config.sample.sweep_scales = "0,10"
+    config.demo.judge_steps = 3
+    config.demo.judge_width = 4
+    config.demo.judge_features = 8
+    return config
+
+
+def test_demo_runs_every_stage_and_reruns_nothing(tmp_path, monkeypatch):
+    config = _tiny_demo_config()
+    workdir = tmp_path / "demo"
+    rows = demo.run(config, str(workdir))
+
+    assert [r["scale"] for r in rows] == [0.0, 10.0]
+    for row in rows:
+        for name in ("fid", "precision", "recall", "accuracy"):
+            assert np.isfinite(row[name]), (row, name)
+        assert (workdir / row["grid"]).exists()
+    for name in ("metrics.md", "metrics.json", "loss.png", "real_digits.png", "timings.json"):
+        assert (workdir / name).exists(), name
+    assert "NOT on Inception" in (workdir / "metrics.md").read_text()
+    with open(workdir / "metrics.json") as f:
+        assert len(json.load(f)["rows"]) == 2
+    shards = sorted((workdir / "samples").glob("scale_*/shards/batch_*.npz"))
+    assert len(shards) == 4  # 2 scales x 16 samples / batch 8
+    mtimes = [os.path.getmtime(p) for p in shards]
+
+    # A rerun finds every stage's outputs: no training, no judge, no sampling.
+    from adm_jax import train
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(train, "train_and_evaluate", fail)
+    monkeypatch.setattr(train, "train_classifier", fail)
+    monkeypatch.setattr(demo, "train_judge", fail)
+    rerun = demo.run(config, str(workdir))
+    assert [os.path.getmtime(p) for p in shards] == mtimes
+    for a, b in zip(rows, rerun, strict=True):
+        assert a == pytest.approx(b)
+
+
+def test_judge_features_and_accuracy():
+    rng = np.random.default_rng(0)
+    # Two trivially separable "digits": a bright square on the left or on the right.
+    labels = rng.integers(0, 2, 64).astype(np.int32)
+    images = np.zeros((64, 16, 16, 1), np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 4:12, slice(1, 7) if y == 0 else slice(9, 15)] = 255
+    module, params = demo.train_judge(
+        images, labels, steps=40, batch_size=32, lr=3e-3, width=4, features=8, num_classes=2,
+        log_every=0,
+    )  # fmt: skip
+    out = demo.classify_digits(module, params, images, batch_size=24)
+    assert out["features"].shape == (64, 8)
+    assert out["probs"].shape == (64, 2)
+    np.testing.assert_allclose(out["probs"].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(out["pred"], out["probs"].argmax(-1))
+    assert demo.target_accuracy(out["pred"], labels) == 1.0
+    assert demo.target_accuracy(1 - out["pred"], labels) == 0.0
+
+    # Grey digits stored as RGB (three equal channels) are the same digits.
+    rgb = demo.classify_digits(module, params, np.repeat(images, 3, axis=-1))
+    np.testing.assert_allclose(rgb["features"], out["features"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        demo.target_accuracy(out["pred"], labels[:3])
