@@ -1,9 +1,10 @@
 """adm_jax entry point: ``python -m adm_jax.main --config=configs/X.py --workdir=DIR [--mode=]``.
 
 Modes: train (diffusion model), train_classifier (noisy classifier), sample, evaluate,
-export (EMA params -> inference checkpoint). Any config field can be overridden, e.g.
-``--config.train.batch_size=64``. All logic lives in importable functions
-(``adm_jax.train.train_and_evaluate`` ...), so a notebook runs the same code.
+export (EMA params -> inference checkpoint), demo (``adm_jax.demo.run``; chosen by
+``config.mode = "demo"`` in configs/demo.py, so no --mode is needed there). Any config
+field can be overridden, e.g. ``--config.train.batch_size=64``. All logic lives in importable
+functions (``adm_jax.train.train_and_evaluate`` ...), so a notebook runs the same code.
 """
 
 import os
@@ -20,7 +21,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("train", "train_classifier", "sample", "evaluate", "export")
+MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
@@ -59,6 +60,11 @@ def main(argv):
         jax.local_devices(),
     )
     config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
+    if mode == "demo" or config.get("mode") == "demo":
+        from adm_jax import demo
+
+        demo.run(config, workdir)
+        return
     if mode in ("train", "train_classifier"):
         from adm_jax import train
 
