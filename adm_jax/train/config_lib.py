@@ -65,12 +65,19 @@ def model_kwargs(config) -> dict[str, Any]:
     from adm_jax.models import reference_kwargs_from_flags
 
     kind = config.model.kind
-    kwargs = reference_kwargs_from_flags(kind, model_flags(config))
+    flags = model_flags(config)
     if kind == "classifier" and config.model.get("channel_mult"):
-        # Extension for tiny test configs: create_classifier only knows sizes 64..512.
-        kwargs["channel_mult"] = tuple(float(m) for m in config.model.channel_mult.split(","))
-        kwargs["channel_mult"] = tuple(int(m) if m == int(m) else m for m in kwargs["channel_mult"])
-    return kwargs
+        # Extension for tiny test configs: create_classifier only knows sizes 64..512, so
+        # resolve the flags at 64 and substitute the size, channel_mult and attention ds.
+        size = int(flags["image_size"])
+        kwargs = reference_kwargs_from_flags(kind, {**flags, "image_size": 64})
+        mult = tuple(float(m) for m in config.model.channel_mult.split(","))
+        kwargs["channel_mult"] = tuple(int(m) if m == int(m) else m for m in mult)
+        kwargs["image_size"] = size
+        resolutions = str(flags["classifier_attention_resolutions"]).split(",")
+        kwargs["attention_resolutions"] = tuple(size // int(r) for r in resolutions)
+        return kwargs
+    return reference_kwargs_from_flags(kind, flags)
 
 
 def build_model(config, **overrides):

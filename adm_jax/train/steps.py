@@ -316,9 +316,7 @@ def make_classifier_eval_step(module, diffusion, *, noised: bool = True):
         logits = module.apply(
             {"params": params}, x_t, dlib.model_timesteps(diffusion, t), train=False
         )
-        return {
-            name: jnp.mean(v) for name, v in classification_terms(logits, batch["label"]).items()
-        }
+        return _masked_sums(classification_terms(logits, batch["label"]), batch)
 
     return eval_step
 

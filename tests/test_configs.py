@@ -1,0 +1,155 @@
+"""Every config: loads, validates, matches the released model's README flags, constructor
+arguments and exact parameter count (golden/published_models.json); bad values fail with a
+one-line error naming the field."""
+
+import importlib
+import pathlib
+import sys
+
+import jax
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from adm_jax import models, train  # noqa: E402
+from adm_jax.train import config_lib  # noqa: E402
+
+PUBLISHED = {
+    "imagenet64": "64x64_diffusion",
+    "imagenet128": "128x128_diffusion",
+    "imagenet256": "256x256_diffusion",
+    "imagenet256_uncond": "256x256_diffusion_uncond",
+    "imagenet512": "512x512_diffusion",
+    "upsample64_256": "64_256_upsampler",
+    "upsample128_512": "128_512_upsampler",
+    "classifier64": "64x64_classifier",
+    "classifier128": "128x128_classifier",
+    "classifier256": "256x256_classifier",
+    "classifier512": "512x512_classifier",
+    "lsun_bedroom": "lsun_bedroom",
+    "lsun_cat": "lsun_cat",
+    "lsun_horse": "lsun_horse",
+}
+DIFFUSION_FLAGS = {"diffusion_steps": "steps", "noise_schedule": "noise_schedule"}
+
+
+def load(name, arg=None):
+    module = importlib.import_module(f"configs.{name}")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.fixture(scope="module")
+def published(golden):
+    meta, _ = golden("published_models")
+    return {m["name"]: m for m in meta["models"]}
+
+
+def test_every_config_file_is_covered():
+    files = {p.stem for p in (REPO / "configs").glob("*.py")} - {"__init__", "default", "demo"}
+    assert files == set(PUBLISHED) | {"tiny"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_config_matches_released_model(name, published):
+    config = load(name)
+    ref = published[PUBLISHED[name]]
+    # Validation with a device count the config's batch fits (a v4-128-like 64 devices).
+    mode = "train_classifier" if config.model.kind == "classifier" else "train"
+    train.validate_config(config, num_devices=8 * config.train.fsdp, mode=mode)
+
+    flags = ref.get("readme_model_flags") or ref.get("extra_flags") or ""
+    for flag, value in models.parse_flags(flags).items():
+        if flag in DIFFUSION_FLAGS:
+            assert config.diffusion[DIFFUSION_FLAGS[flag]] == value, (name, flag)
+        elif flag == "learn_sigma":
+            assert config.model.learn_sigma == value == config.diffusion.learn_sigma, name
+        else:
+            assert config.model[flag] == value, (name, flag, config.model[flag], value)
+
+    kwargs = config_lib.model_kwargs(config)
+    expected = ref.get("unet_constructor_args") or ref["encoder_constructor_args"]
+    for key, value in expected.items():
+        got = kwargs[key]
+        got = list(got) if isinstance(got, tuple) else got
+        if key == "num_heads_upsample" and got == -1:  # the classes resolve -1 to num_heads
+            got = kwargs["num_heads"]
+        if key == "in_channels" and config.model.kind == "superres":  # SuperResModel doubles it
+            got = 2 * got
+        assert got == value, (name, key, got, value)
+
+    module = config_lib.build_model(config)
+    assert models.count_params(models.abstract_params(module)) == ref["total_params"], name
+
+
+def test_paper_recipes():
+    """Paper App. I: AdamW (0.9, 0.999), lr 3e-4 / batch 2048 at 64, else 1e-4 / 256, EMA
+    0.9999; classifiers lr 3e-4, weight decay 0.05, batch 256, annealed, 300K-500K steps."""
+    for name in PUBLISHED:
+        c = load(name)
+        assert (c.train.b1, c.train.b2) == (0.9, 0.999), name
+        if c.model.kind == "classifier":
+            assert (c.train.lr, c.train.weight_decay, c.train.batch_size) == (3e-4, 0.05, 256)
+            assert c.train.lr_anneal_steps == c.train.num_steps
+            assert 300_000 <= c.train.num_steps <= 500_000
+            assert c.data.random_crop and c.train.noised
+        else:
+            assert c.train.ema_rate == "0.9999", name
+            lr, bs = (3e-4, 2048) if name == "imagenet64" else (1e-4, 256)
+            assert (c.train.lr, c.train.batch_size) == (lr, bs), name
+        doc = importlib.import_module(f"configs.{name}").__doc__
+        assert "python -m adm_jax.main" in doc and "Hardware / time" in doc, name
+
+
+@pytest.mark.parametrize("variant", ["unet", "classifier"])
+def test_tiny_config_builds(variant):
+    config = load("tiny", variant)
+    mode = "train_classifier" if variant == "classifier" else "train"
+    train.validate_config(config, num_devices=8, mode=mode)
+    params = models.abstract_params(config_lib.build_model(config))
+    assert models.count_params(params) < 2_000_000
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("train.batch_size", 12, "train.batch_size: 12"),
+        ("train.lr", 0.0, "train.lr: must be > 0"),
+        ("diffusion.noise_schedule", "cosin", "diffusion.noise_schedule: unknown schedule"),
+        ("train.schedule_sampler", "foo", "train.schedule_sampler: unknown"),
+        ("train.ema_rate", "0.9999,1.5", "train.ema_rate:"),
+        ("train.fsdp", 3, "train.fsdp: 3 does not divide"),
+        ("data.image_size", 32, "data.image_size: 32 but model.image_size is 16"),
+        ("train.dtype", "bf16", "train.dtype: unknown"),
+    ],
+)
+def test_invalid_values_name_the_field(field, value, message):
+    config = load("tiny")
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(train.ConfigError) as err:
+        train.validate_config(config, num_devices=8, mode="train")
+    text = str(err.value)
+    assert text.startswith(message) and "\n" not in text, text
+
+
+def test_unknown_fields_and_wrong_mode():
+    config = load("tiny")
+    with config.unlocked():
+        config.train.batchsize = 3
+    with pytest.raises(train.ConfigError, match=r"^train\.batchsize: unknown field"):
+        train.validate_config(config)
+    config = load("tiny")
+    with config.unlocked():
+        config.model.num_chanels = 3
+    with pytest.raises(train.ConfigError, match=r"^model\.num_chanels: unknown field"):
+        train.validate_config(config)
+    with pytest.raises(train.ConfigError, match=r"^model\.kind: a classifier config"):
+        train.validate_config(load("tiny", "classifier"), mode="train")
+
+
+def test_abstract_shapes_without_allocation():
+    """eval_shape of the largest config is cheap: no parameters are materialised."""
+    config = load("imagenet512")
+    shapes = models.abstract_params(config_lib.build_model(config))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))

@@ -1,0 +1,151 @@
+"""The real entry point in subprocesses on a tiny TFDS dataset built here: train + export,
+train_classifier + export, exact resume after SIGKILL, and fail-fast config errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ENV = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    PYTHONPATH=str(REPO),
+)
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """tiny_images: 32 train / 8 validation random 16x16 RGB PNGs in 4 class folders."""
+    from PIL import Image
+
+    from adm_jax.data import build_image_folder_dataset
+
+    root = tmp_path_factory.mktemp("tiny_images")
+    rng = np.random.default_rng(0)
+    dirs = {}
+    for split, n in (("train", 32), ("validation", 8)):
+        for i in range(n):
+            d = root / "png" / split / f"class_{i % 4}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"{i}.png")
+        dirs[split] = str(root / "png" / split)
+    build_image_folder_dataset(dirs, str(root / "tfds"), "tiny_images")
+    return str(root / "tfds")
+
+
+def main_cmd(workdir, *flags, config="configs/tiny.py", mode="train"):
+    return [
+        sys.executable, "-m", "adm_jax.main", f"--config={config}", f"--workdir={workdir}",
+        f"--mode={mode}", *flags,
+    ]  # fmt: skip
+
+
+def run_main(*args, **kwargs):
+    proc = subprocess.run(
+        main_cmd(*args, **kwargs), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def read_metrics(workdir):
+    from adm_jax.train.metrics import read_metrics
+
+    return read_metrics(str(workdir))
+
+
+def test_invalid_override_fails_before_compiling(tmp_path):
+    proc = subprocess.run(
+        main_cmd(tmp_path, "--config.train.batch_size=12"),
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "train.batch_size: 12" in proc.stderr and "divisible by the 8 devices" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_export_then_classifier(tmp_path, tfds_dir):
+    from adm_jax.checkpoints import load_inference_checkpoint
+
+    wd = tmp_path / "diffusion"
+    data = f"--config.data.data_dir={tfds_dir}"
+    run_main(
+        wd, data, "--config.train.num_steps=4", "--config.train.log_every=2",
+        "--config.train.checkpoint_every=2", "--config.train.eval_every=4",
+        "--config.train.sample_every=4",
+    )  # fmt: skip
+    m = read_metrics(wd)
+    assert np.isfinite(m[4]["train/loss"]) and np.isfinite(m[4]["val/loss"])
+    assert {"train/loss_q0", "train/vb", "train/grad_norm", "perf/img_per_sec"} <= set(m[2])
+    assert (wd / "samples" / "step_00000004.png").exists()
+    out = run_main(wd, mode="export").stdout.strip().splitlines()[-1]
+    ckpt = load_inference_checkpoint(out)
+    assert ckpt.kind == "unet" and ckpt.extra["step"] == 4 and ckpt.extra["ema_rate"] == 0.9999
+    assert ckpt.model_kwargs["num_classes"] == 1000 and ckpt.diffusion_kwargs["learn_sigma"]
+
+    wd = tmp_path / "classifier"
+    run_main(
+        wd, data, "--config.train.num_steps=2", "--config.train.log_every=1",
+        "--config.train.eval_every=2", config="configs/tiny.py:classifier",
+        mode="train_classifier",
+    )  # fmt: skip
+    m = read_metrics(wd)
+    assert 0 <= m[2]["train/acc@1"] <= 1 and "val/acc@5" in m[2]
+    out = run_main(wd, config="configs/tiny.py:classifier", mode="export").stdout.split()[-1]
+    ckpt = load_inference_checkpoint(out)
+    assert ckpt.kind == "classifier" and ckpt.extra["ema_rate"] is None  # no EMA: raw params
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path, tfds_dir):
+    """N steps straight == (run, SIGKILL after a checkpoint, resume): identical losses for
+    every step after the restored checkpoint and identical final EMA params (bitwise: same
+    program, same devices, state and data position restored)."""
+    from adm_jax.train import restore_inference
+
+    flags = [
+        f"--config.data.data_dir={tfds_dir}", "--config.train.num_steps=24",
+        "--config.train.log_every=1", "--config.train.checkpoint_every=4",
+        "--config.train.eval_every=0", "--config.train.sample_every=0",
+        "--config.train.max_to_keep=10",
+    ]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_main(straight, *flags)
+
+    proc = subprocess.Popen(
+        main_cmd(killed, *flags), cwd=REPO, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ckdir = killed / "checkpoints"
+    deadline = time.time() + 500
+    while time.time() < deadline and proc.poll() is None:
+        if (ckdir / "4").is_dir():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    finalized = sorted(int(p) for p in os.listdir(ckdir) if p.isdigit())
+    assert finalized and max(finalized) < 24, finalized
+    resumed_from = max(finalized)
+
+    run_main(killed, *flags)
+    a, b = read_metrics(straight), read_metrics(killed)
+    for step in range(resumed_from + 1, 25):
+        assert a[step]["train/loss"] == b[step]["train/loss"], step
+    pa, pb = restore_inference(str(straight)).params, restore_inference(str(killed)).params
+    import jax
+
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    with open(straight / "metrics.jsonl") as f:
+        assert len([json.loads(line) for line in f]) == 24
