@@ -1,0 +1,77 @@
+"""The loop with an in-memory iterator: NaN batches never reach params, EMA or a checkpoint,
+and max_consecutive_nonfinite stops the run with a clear error."""
+
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from adm_jax import train  # noqa: E402
+from adm_jax.train import checkpointing, sharding  # noqa: E402
+from adm_jax.train import state as state_lib  # noqa: E402
+from configs import tiny  # noqa: E402
+
+
+class ListIterator:
+    """Batches from a list, with get_state/set_state (checkpointed as JSON)."""
+
+    def __init__(self, batches, mesh):
+        self._batches, self._i = batches, 0
+        self._sharding = sharding.batch_sharding(mesh)
+
+    def __next__(self):
+        batch = self._batches[self._i]
+        self._i += 1
+        return jax.device_put(batch, self._sharding)
+
+    def get_state(self):
+        return {"i": self._i}
+
+    def set_state(self, state):
+        self._i = state["i"]
+
+
+@pytest.mark.slow
+def test_nan_never_reaches_a_checkpoint_and_streak_stops_the_run(tmp_path):
+    config = tiny.get_config()
+    config.model.image_size = config.data.image_size = 8
+    config.model.channel_mult = "1"
+    config.model.resblock_updown = False
+    c = config.train
+    c.num_steps, c.log_every, c.checkpoint_every, c.max_to_keep = 10, 1, 1, 10
+    c.eval_every = c.sample_every = 0
+    c.max_consecutive_nonfinite = 2
+    c.async_checkpointing = False
+    rng = np.random.default_rng(0)
+
+    def batch(nan):
+        image = rng.uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)
+        if nan:
+            image[0, 0, 0, 0] = np.nan
+        return {"image": image, "label": np.arange(8, dtype=np.int32)}
+
+    mesh = sharding.create_mesh(fsdp=2)
+    batches = [batch(False), batch(True), batch(True), batch(True)]
+    with pytest.raises(train.NonFiniteError, match="train.max_consecutive_nonfinite: 2"):
+        train.train_and_evaluate(config, str(tmp_path), train_iter=ListIterator(batches, mesh))
+
+    module = train.build_model(config)
+    tx = state_lib.make_optimizer(config.train)
+    abstract, _ = state_lib.abstract_train_state(module, config, tx, mesh)
+    ckpt = checkpointing.Checkpointer(str(tmp_path))
+    assert ckpt.all_steps() == [1, 2]  # the streak stops the run before step 3 is saved
+    with jax.set_mesh(mesh):
+        s1, _ = ckpt.restore(abstract, 1)
+        s2, _ = ckpt.restore(abstract, 2)
+    ckpt.close()
+    s1, s2 = jax.device_get((s1, s2))
+    assert (int(s2.skipped), int(s2.nonfinite_streak)) == (1, 1)
+    for tree in (s2.params, s2.ema_params, s2.opt_state):
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree))
+    jax.tree.map(
+        np.testing.assert_array_equal, (s1.params, s1.ema_params), (s2.params, s2.ema_params)
+    )
