@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 from adm_jax.diffusion import gaussian
 from adm_jax.diffusion.schedules import Diffusion
@@ -37,7 +38,67 @@ def classifier_guidance_grad(classifier_fn, x, t, y, classifier_scale):
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         return jnp.sum(jnp.take_along_axis(log_probs, y[:, None], axis=-1))
 
-    return jax.grad(selected_log_prob)(x) * classifier_scale
+    grad_fn = jax.grad(selected_log_prob)
+    # On CPU only, the input gradient's convolutions get their kernels transposed explicitly
+    # (see `_with_canonical_conv_kernels`); other backends compile the plain gradient.
+    grad = jax.lax.platform_dependent(x, cpu=_with_canonical_conv_kernels(grad_fn), default=grad_fn)
+    return grad * classifier_scale
+
+
+def _with_canonical_conv_kernels(fn):
+    """fn (one array in, one out) with every convolution whose kernel is not laid out
+    spatial..., in, out (HWIO) given an explicitly transposed HWIO kernel instead.
+
+    JAX's transpose of a convolution (the input gradient of each classifier conv) reverses the
+    kernel and swaps its in/out dimension numbers (HWOI). XLA:CPU runs only HWIO convolutions
+    with its fast (Eigen, multi-threaded) kernel and its pass that canonicalises the others
+    (`ConvCanonicalization`) visits only the entry computation, so inside the sampling
+    `lax.scan` (a while-loop body) those convolutions fall back to a naive loop: ~6x slower
+    guided steps on CPU (docs/benchmarks.md, "Guidance overhead on CPU"). Transposing the
+    kernel here is what that pass does outside a loop, so results equal a standalone step's.
+    """
+
+    def canonical(x):
+        closed = jax.make_jaxpr(fn)(x)
+        (out,) = _eval_canonical_convs(closed.jaxpr, closed.consts, x)
+        return out
+
+    return canonical
+
+
+def _eval_canonical_convs(jaxpr, consts, *args):
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax_core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        params = eqn.primitive.get_bind_params(eqn.params)
+        if eqn.primitive is jax.lax.conv_general_dilated_p:
+            invals, params = _canonical_conv_args(*invals, params)
+        with eqn.ctx.manager:
+            out = eqn.primitive.bind(*invals, **params)
+        outs = out if eqn.primitive.multiple_results else [out]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _canonical_conv_args(lhs, rhs, params):
+    dn = params["dimension_numbers"]
+    n = len(dn.rhs_spec)
+    hwio = (n - 1, n - 2, *range(n - 2))  # (out, in, spatial...) positions of an HWIO kernel
+    if (
+        dn.rhs_spec == hwio
+        or params["feature_group_count"] != 1
+        or params["batch_group_count"] != 1
+    ):
+        return (lhs, rhs), params
+    rhs = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
+    dn = jax.lax.ConvDimensionNumbers(dn.lhs_spec, hwio, dn.out_spec)
+    return (lhs, rhs), {**params, "dimension_numbers": dn}
 
 
 def _nonzero_mask(t, x):
