@@ -47,3 +47,35 @@ def golden():
         return cache[name]
 
     return _load
+
+
+# The demo (configs/demo.py) shrunk to seconds: 8x8 digits, the smallest networks GroupNorm(32)
+# and 64-channel classifier heads allow, a few steps of everything, two guidance scales.
+# Shared by the demo's smoke test and the Colab notebook test.
+DEMO_SMOKE_OVERRIDES = {
+    **{
+        f"{prefix}{field}": value
+        for prefix in ("", "classifier.")
+        for field, value in {
+            "data.image_size": 8,
+            "train.num_steps": 3,
+            "train.batch_size": 8,
+            "train.warmup_steps": 0,
+            "train.lr_anneal_steps": 0,
+            "train.log_every": 1,
+        }.items()
+    },
+    "model.image_size": 8,
+    "model.channel_mult": "1",
+    "model.attention_resolutions": "8",
+    "classifier.model.image_size": 8,
+    "classifier.model.channel_mult": "1,2",
+    "classifier.model.classifier_attention_resolutions": "4",
+    "sample.num_samples": 16,
+    "sample.batch_size": 8,
+    "sample.timestep_respacing": "ddim2",
+    "sample.sweep_scales": "0,10",
+    "demo.judge_steps": 3,
+    "demo.judge_width": 4,
+    "demo.judge_features": 8,
+}

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 from absl import logging
 
+from adm_jax.sampling import io as sample_io
+from adm_jax.sampling.sampler import to_uint8
 from adm_jax.train import (
     checkpointing,
     config_lib,
@@ -296,12 +298,9 @@ def _write_samples(config, module, state, mesh, writer, workdir, step, last_batc
     )
     params = state.ema_params[0] if state.ema_params else state.params
     images = jax.jit(fn, out_shardings=sharding.replicated(mesh))(params, key, cond)
-    images = metrics_lib.to_uint8(jax.device_get(images))
-    grid = metrics_lib.image_grid(images)
-    writer.write_images(step, {"samples": grid[None]})
+    images = jax.device_get(to_uint8(images))
+    writer.write_images(step, {"samples": sample_io.image_grid(images)[None]})
     if jax.process_index() == 0:
-        from PIL import Image
-
         out_dir = os.path.join(workdir, "samples")
         os.makedirs(out_dir, exist_ok=True)
-        Image.fromarray(grid).save(os.path.join(out_dir, f"step_{step:08d}.png"))
+        sample_io.save_image_grid(os.path.join(out_dir, f"step_{step:08d}.png"), images)

@@ -11,22 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
-
-try:  # clu's writers import TensorBoard's summary ops (the `tensorboard` package).
-    from clu import metric_writers, periodic_actions
-except ImportError as _err:  # pragma: no cover - depends on the environment
-    metric_writers = periodic_actions = None
-    CLU_IMPORT_ERROR: ImportError | None = _err
-else:
-    CLU_IMPORT_ERROR = None
-
-_WriterBase = metric_writers.MetricWriter if metric_writers is not None else object
+from clu import metric_writers, periodic_actions
 
 # Peak dense bf16 FLOP/s per JAX device, by device_kind prefix (vendor datasheets). TPU v2/v3
 # expose one device per core, v4 and later one per chip.
@@ -124,7 +113,7 @@ class MetricAccumulator:
         return out
 
 
-class JsonlWriter(_WriterBase):
+class JsonlWriter(metric_writers.MetricWriter):
     """Appends scalars as JSON lines to ``workdir/metrics.jsonl`` (easy to diff and plot
     without TensorBoard; the resume tests read it)."""
 
@@ -140,6 +129,9 @@ class JsonlWriter(_WriterBase):
         with open(self._path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
     def write_images(self, step, images):
         pass
 
@@ -163,94 +155,21 @@ class JsonlWriter(_WriterBase):
 
     def close(self):
         pass
-
-
-class LoggingWriter(_WriterBase):
-    """Console writer used when clu cannot be imported (no `tensorboard` package)."""
-
-    def write_scalars(self, step: int, scalars) -> None:
-        text = ", ".join(f"{k}={float(np.asarray(v)):.6g}" for k, v in sorted(scalars.items()))
-        logging.info("[%d] %s", step, text)
-
-    def write_images(self, step, images):
-        logging.info("[%d] images %s", step, {k: np.shape(v) for k, v in images.items()})
-
-    def write_hparams(self, hparams) -> None:
-        logging.info("hparams %s", hparams)
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-class _Multi:
-    """Fan-out to several writers (clu's MultiWriter when clu is unavailable)."""
-
-    def __init__(self, writers):
-        self._writers = writers
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            for w in self._writers:
-                getattr(w, name)(*args, **kwargs)
-
-        return call
 
 
 def create_writer(workdir: str):
-    """TensorBoard (workdir/) + console + metrics.jsonl on process 0; console-only elsewhere.
-
-    Without the `tensorboard` package clu's writers cannot be imported; then the run logs to
-    the console and metrics.jsonl only (and says so once)."""
-    jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-    if metric_writers is None:
-        logging.warning("No TensorBoard summaries (clu import failed: %s)", CLU_IMPORT_ERROR)
-        return _Multi([LoggingWriter()] + ([jsonl] if jax.process_index() == 0 else []))
+    """TensorBoard (workdir/) + console + metrics.jsonl on process 0; console-only elsewhere."""
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True
     )
     if jax.process_index() > 0:
         return writer
+    jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     return metric_writers.MultiWriter([writer, jsonl])
 
 
-class ProgressLogger:
-    """Steps/s and ETA every ``every_steps`` (clu ReportProgress stand-in)."""
-
-    def __init__(self, *, num_train_steps: int, every_steps: int):
-        self._total, self._every = num_train_steps, max(1, every_steps or 1)
-        self._t, self._step = None, None
-
-    def __call__(self, step: int) -> None:
-        now = time.perf_counter()
-        if self._t is None:
-            self._t, self._step = now, step
-            return
-        if step % self._every == 0 and step > self._step:
-            rate = (step - self._step) / (now - self._t)
-            eta = (self._total - step) / rate if rate > 0 else float("nan")
-            logging.info("Step %d: %.3g steps/s, ETA %.1f min", step, rate, eta / 60)
-            self._t, self._step = now, step
-
-
 def progress_hooks(*, num_train_steps: int, every_steps: int, writer, workdir, profile_steps):
-    """clu ReportProgress (+ Profile) when clu is importable, else ProgressLogger."""
-    if periodic_actions is None:
-        return [ProgressLogger(num_train_steps=num_train_steps, every_steps=every_steps)]
+    """clu ReportProgress (steps/s, ETA) and, when asked, a Profile of a few steps."""
     hooks = [
         periodic_actions.ReportProgress(
             num_train_steps=num_train_steps, writer=writer, every_steps=every_steps or None
@@ -277,20 +196,3 @@ def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
                 row = json.loads(line)
                 out.setdefault(row["step"], {}).update(row)
     return out
-
-
-def image_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*H, ncol*W, C) grid."""
-    n, h, w, c = images.shape
-    ncol = ncol or int(math.ceil(math.sqrt(n)))
-    nrow = int(math.ceil(n / ncol))
-    grid = np.zeros((nrow * h, ncol * w, c), np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, ncol)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
-    return grid
-
-
-def to_uint8(x) -> np.ndarray:
-    """[-1, 1] floats -> uint8 as the reference sampler ((x + 1) * 127.5, clipped)."""
-    return np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
