@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -85,5 +86,9 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
     ckpt.close()
     np.testing.assert_array_equal(restored["w"], np.ones(4))
     assert cfg == {"step": 1}
-    # The interrupted save's temporary directory is cleaned up at the next start.
+    # The interrupted save's temporary directory is cleaned up at the next start (Orbax does it
+    # in a background future, so give it a moment).
+    deadline = time.monotonic() + 30
+    while [p for p in os.listdir(ckdir) if "tmp" in p] and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not [p for p in os.listdir(ckdir) if "tmp" in p]
