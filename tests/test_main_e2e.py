@@ -114,8 +114,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, tfds_dir):
     from adm_jax.train import restore_inference
 
     flags = [
-        f"--config.data.data_dir={tfds_dir}", "--config.train.num_steps=24",
-        "--config.train.log_every=1", "--config.train.checkpoint_every=4",
+        f"--config.data.data_dir={tfds_dir}", "--config.train.num_steps=12",
+        "--config.train.log_every=1", "--config.train.checkpoint_every=3",
         "--config.train.eval_every=0", "--config.train.sample_every=0",
         "--config.train.max_to_keep=10",
     ]  # fmt: skip
@@ -129,19 +129,19 @@ def test_resume_after_sigkill_is_exact(tmp_path, tfds_dir):
     ckdir = killed / "checkpoints"
     deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None:
-        if (ckdir / "4").is_dir():
+        if (ckdir / "3").is_dir():
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     finalized = sorted(int(p) for p in os.listdir(ckdir) if p.isdigit())
-    assert finalized and max(finalized) < 24, finalized
+    assert finalized and max(finalized) < 12, finalized
     resumed_from = max(finalized)
 
     run_main(killed, *flags)
     a, b = read_metrics(straight), read_metrics(killed)
-    for step in range(resumed_from + 1, 25):
+    for step in range(resumed_from + 1, 13):
         assert a[step]["train/loss"] == b[step]["train/loss"], step
     pa, pb = restore_inference(str(straight)).params, restore_inference(str(killed)).params
     import jax
@@ -149,4 +149,4 @@ def test_resume_after_sigkill_is_exact(tmp_path, tfds_dir):
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
     with open(straight / "metrics.jsonl") as f:
         loss_rows = [row for row in map(json.loads, f) if "train/loss" in row]
-    assert len(loss_rows) == 24
+    assert len(loss_rows) == 12
