@@ -342,7 +342,12 @@ def _sample_config(config, workdir: str, dirs: Mapping[str, str]) -> ml_collecti
 
 
 def _digit_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10):
-    """One row per target digit (its first ``per_row`` samples), blank where there are none."""
+    """One row per target digit (its first ``per_row`` samples), blank where there are none.
+
+    Shows the channel mean, the grey digit the judge sees (the networks model the grey digits
+    as three equal channels; the raw RGB samples are in the sampler's ``samples_*.png``).
+    """
+    images = np.round(np.mean(images, axis=-1, keepdims=True)).astype(np.uint8)
     _, h, w, c = images.shape
     grid = np.full((num_classes * h, per_row * w, c), 255, np.uint8)
     for digit in range(num_classes):
@@ -392,11 +397,11 @@ def _plot_losses(dirs: Mapping[str, str], path: str) -> None:
     from adm_jax.train.metrics import read_metrics
 
     panels = [
-        ("diffusion model (hybrid loss)", dirs["diffusion"], ("loss", "mse", "vb")),
-        ("noisy classifier", dirs["classifier"], ("loss", "accuracy", "acc")),
+        ("diffusion model: loss = mse + vb", dirs["diffusion"], ("loss", "mse", "vb"), "log"),
+        ("noisy classifier (x_t at random t)", dirs["classifier"], ("loss", "acc@1"), "linear"),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, (title, run_dir, names) in zip(axes, panels, strict=True):
+    for ax, (title, run_dir, names, yscale) in zip(axes, panels, strict=True):
         rows = read_metrics(run_dir)
         steps = sorted(rows)
         for name in names:
@@ -404,7 +409,7 @@ def _plot_losses(dirs: Mapping[str, str], path: str) -> None:
             pts = [(s, rows[s][key]) for s in steps if isinstance(rows[s].get(key), float)]
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=name)
-        ax.set_yscale("log")
+        ax.set_yscale(yscale)
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)

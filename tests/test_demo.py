@@ -17,8 +17,8 @@ def _tiny_demo_config():
     from configs import demo as demo_config
 
     config = demo_config.get_config()
-    # 8x8 digits (the pipeline resizes the 32x32 records), the smallest UNet GroupNorm(32)
-    # allows, a few steps of everything, two guidance scales.
+    # 8x8 digits (the pipeline resizes the 32x32 records), the smallest networks GroupNorm(32)
+    # and 64-channel classifier heads allow, a few steps of everything, two guidance scales.
     for run in (config, config.classifier):
         run.data.image_size = 8
         run.train.num_steps = 3
@@ -27,8 +27,8 @@ def _tiny_demo_config():
         run.train.lr_anneal_steps = 0
         run.train.log_every = 1
     config.model.image_size = 8
-    config.model.channel_mult = "1,2"
-    config.model.attention_resolutions = "4"
+    config.model.channel_mult = "1"  # one level: the least to compile
+    config.model.attention_resolutions = "8"
     config.classifier.model.image_size = 8
     config.classifier.model.channel_mult = "1,2"
     config.classifier.model.classifier_attention_resolutions = "4"
