@@ -10,6 +10,8 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/
 
+from conftest import DEMO_SMOKE_OVERRIDES  # noqa: E402
+
 from adm_jax import demo  # noqa: E402
 
 
@@ -17,28 +19,7 @@ def _tiny_demo_config():
     from configs import demo as demo_config
 
     config = demo_config.get_config()
-    # 8x8 digits (the pipeline resizes the 32x32 records), the smallest networks GroupNorm(32)
-    # and 64-channel classifier heads allow, a few steps of everything, two guidance scales.
-    for run in (config, config.classifier):
-        run.data.image_size = 8
-        run.train.num_steps = 3
-        run.train.batch_size = 8
-        run.train.warmup_steps = 0
-        run.train.lr_anneal_steps = 0
-        run.train.log_every = 1
-    config.model.image_size = 8
-    config.model.channel_mult = "1"  # one level: the least to compile
-    config.model.attention_resolutions = "8"
-    config.classifier.model.image_size = 8
-    config.classifier.model.channel_mult = "1,2"
-    config.classifier.model.classifier_attention_resolutions = "4"
-    config.sample.num_samples = 16
-    config.sample.batch_size = 8
-    config.sample.timestep_respacing = "ddim2"
-    config.sample.sweep_scales = "0,10"
-    config.demo.judge_steps = 3
-    config.demo.judge_width = 4
-    config.demo.judge_features = 8
+    config.update_from_flattened_dict(DEMO_SMOKE_OVERRIDES)
     return config
 
 
