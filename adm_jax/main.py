@@ -75,18 +75,24 @@ def main(argv):
             raise app.UsageError(f"--config: {err}") from None
         run = train.train_and_evaluate if mode == "train" else train.train_classifier
         run(config, workdir)
-    elif mode == "export":
-        from adm_jax import train
+        return
+    # export / sample / evaluate report bad configs and mismatched checkpoints as one-line
+    # ValueErrors naming the field: show that line, not a traceback.
+    try:
+        if mode == "export":
+            from adm_jax import train
 
-        print(train.export(config, workdir))
-    elif mode == "sample":
-        from adm_jax import sampling
+            print(train.export(config, workdir))
+        elif mode == "sample":
+            from adm_jax import sampling
 
-        sampling.sample(config, workdir)
-    elif mode == "evaluate":
-        from adm_jax import evaluation
+            sampling.sample(config, workdir)
+        elif mode == "evaluate":
+            from adm_jax import evaluation
 
-        evaluation.evaluate(config, workdir)
+            evaluation.evaluate(config, workdir)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
 
 
 if __name__ == "__main__":
