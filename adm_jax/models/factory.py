@@ -180,6 +180,30 @@ _UNET_MULTS = {
 _SR_MULTS = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
 
 
+def _unet_kwargs(a: Mapping[str, Any], size: int, channel_mult, new_attention_order: bool):
+    """UNetModel / SuperResModel kwargs as create_model and sr_create_model pass them."""
+    return dict(
+        image_size=size,
+        in_channels=3,
+        model_channels=a["num_channels"],
+        out_channels=6 if a.get("learn_sigma", False) else 3,
+        num_res_blocks=a["num_res_blocks"],
+        attention_resolutions=_attention_ds(a["attention_resolutions"], size),
+        dropout=a["dropout"],
+        channel_mult=channel_mult,
+        conv_resample=True,
+        num_classes=NUM_CLASSES if a["class_cond"] else None,
+        use_checkpoint=a["use_checkpoint"],
+        use_fp16=a["use_fp16"],
+        num_heads=a["num_heads"],
+        num_head_channels=a["num_head_channels"],
+        num_heads_upsample=a["num_heads_upsample"],
+        use_scale_shift_norm=a["use_scale_shift_norm"],
+        resblock_updown=a["resblock_updown"],
+        use_new_attention_order=new_attention_order,
+    )
+
+
 def reference_kwargs_from_flags(kind: str, flags: str | Mapping[str, Any]) -> dict[str, Any]:
     """Constructor kwargs that script_util's create_model / sr_create_model / create_classifier
     would pass for these README flags (missing flags take the reference defaults)."""
@@ -191,50 +215,13 @@ def reference_kwargs_from_flags(kind: str, flags: str | Mapping[str, Any]) -> di
             channel_mult = _default_channel_mult(size, _UNET_MULTS, "image_size")
         else:
             channel_mult = tuple(int(m) for m in a["channel_mult"].split(","))
-        return dict(
-            image_size=size,
-            in_channels=3,
-            model_channels=a["num_channels"],
-            out_channels=6 if a.get("learn_sigma", False) else 3,
-            num_res_blocks=a["num_res_blocks"],
-            attention_resolutions=_attention_ds(a["attention_resolutions"], size),
-            dropout=a["dropout"],
-            channel_mult=channel_mult,
-            conv_resample=True,
-            num_classes=NUM_CLASSES if a["class_cond"] else None,
-            use_checkpoint=a["use_checkpoint"],
-            use_fp16=a["use_fp16"],
-            num_heads=a["num_heads"],
-            num_head_channels=a["num_head_channels"],
-            num_heads_upsample=a["num_heads_upsample"],
-            use_scale_shift_norm=a["use_scale_shift_norm"],
-            resblock_updown=a["resblock_updown"],
-            use_new_attention_order=a["use_new_attention_order"],
-        )
+        return _unet_kwargs(a, size, channel_mult, a["use_new_attention_order"])
     if kind == "superres":
         a = {**MODEL_DEFAULTS, **SR_DEFAULTS, **args}
         size = a["large_size"]
-        return dict(
-            image_size=size,
-            in_channels=3,
-            model_channels=a["num_channels"],
-            out_channels=6 if a.get("learn_sigma", False) else 3,
-            num_res_blocks=a["num_res_blocks"],
-            attention_resolutions=_attention_ds(a["attention_resolutions"], size),
-            dropout=a["dropout"],
-            channel_mult=_default_channel_mult(size, _SR_MULTS, "large_size"),
-            conv_resample=True,
-            num_classes=NUM_CLASSES if a["class_cond"] else None,
-            use_checkpoint=a["use_checkpoint"],
-            use_fp16=a["use_fp16"],
-            num_heads=a["num_heads"],
-            num_head_channels=a["num_head_channels"],
-            num_heads_upsample=a["num_heads_upsample"],
-            use_scale_shift_norm=a["use_scale_shift_norm"],
-            resblock_updown=a["resblock_updown"],
-            # sr_create_model does not pass it: always the legacy order.
-            use_new_attention_order=False,
-        )
+        channel_mult = _default_channel_mult(size, _SR_MULTS, "large_size")
+        # sr_create_model does not pass use_new_attention_order: always the legacy order.
+        return _unet_kwargs(a, size, channel_mult, False)
     if kind == "classifier":
         a = {**CLASSIFIER_DEFAULTS, **args}
         size = a["image_size"]
