@@ -185,19 +185,24 @@ def make_diffusion_train_step(module, diffusion, tx, config):
             raw = terms["loss"] / w
             sampler_state = dlib.loss_second_moment_update(sampler_state, t, raw)
         new_state = _apply_update(state, tx, grads, ok, rates, sampler_state)
-        metrics = {
-            "loss": loss,
-            **{name: jnp.mean(v) for name, v in terms.items() if name != "loss"},
-            "grad_norm": grad_norm,
-            "lr": current_lr(state.opt_state),
-            "finite": ok.astype(jnp.float32),
-            "skipped": new_state.skipped,
-            "nonfinite_streak": new_state.nonfinite_streak,
-            **quartile_sums(terms, t, T),
-        }
-        return new_state, metrics
+        return new_state, _step_metrics(state, new_state, loss, terms, grad_norm, ok, t, T)
 
     return train_step
+
+
+def _step_metrics(state, new_state, loss, terms, grad_norm, ok, t, T):
+    """Per-step scalars both train steps log: loss, the batch means of the other terms (mse, vb
+    or acc@1/@5), optimisation health, and the per-timestep-quartile sums."""
+    return {
+        "loss": loss,
+        **{name: jnp.mean(v) for name, v in terms.items() if name != "loss"},
+        "grad_norm": grad_norm,
+        "lr": current_lr(state.opt_state),
+        "finite": ok.astype(jnp.float32),
+        "skipped": new_state.skipped,
+        "nonfinite_streak": new_state.nonfinite_streak,
+        **quartile_sums(terms, t, T),
+    }
 
 
 def make_classifier_train_step(module, diffusion, tx, config):
@@ -233,18 +238,7 @@ def make_classifier_train_step(module, diffusion, tx, config):
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = _apply_update(state, tx, grads, ok, rates, state.sampler_state)
-        metrics = {
-            "loss": loss,
-            "acc@1": jnp.mean(terms["acc@1"]),
-            "acc@5": jnp.mean(terms["acc@5"]),
-            "grad_norm": grad_norm,
-            "lr": current_lr(state.opt_state),
-            "finite": ok.astype(jnp.float32),
-            "skipped": new_state.skipped,
-            "nonfinite_streak": new_state.nonfinite_streak,
-            **quartile_sums(terms, t, T),
-        }
-        return new_state, metrics
+        return new_state, _step_metrics(state, new_state, loss, terms, grad_norm, ok, t, T)
 
     return train_step
 
