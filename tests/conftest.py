@@ -85,3 +85,18 @@ DEMO_SMOKE_OVERRIDES = {
     "demo.judge_width": 4,
     "demo.judge_features": 8,
 }
+
+
+def assert_close(actual, expected, *, case, quantity, rtol, atol):
+    """Golden comparison whose failure names the case, the quantity and the error."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (
+        f"{case}: {quantity}: shape {actual.shape} != {expected.shape}"
+    )
+    err = np.abs(actual - expected)
+    ok = err <= atol + rtol * np.abs(expected)
+    assert ok.all(), (
+        f"{case}: {quantity}: max abs err {err.max():.3e}, "
+        f"max rel err {np.max(err / np.maximum(np.abs(expected), 1e-30)):.3e} "
+        f"(rtol={rtol}, atol={atol})"
+    )

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from adm_jax import diffusion as dm
 
@@ -15,20 +16,6 @@ STEP_CASES = {
     "diffusion_sampling_steps": ("linear", "250"),
     "diffusion_sampling_steps_base": ("cosine", None),
 }
-
-
-def assert_close(actual, expected, *, case, quantity, rtol, atol):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (
-        f"{case}: {quantity}: shape {actual.shape} != {expected.shape}"
-    )
-    err = np.abs(actual - expected)
-    ok = err <= atol + rtol * np.abs(expected)
-    assert ok.all(), (
-        f"{case}: {quantity}: max abs err {err.max():.3e}, "
-        f"max rel err {np.max(err / np.maximum(np.abs(expected), 1e-30)):.3e} "
-        f"(rtol={rtol}, atol={atol})"
-    )
 
 
 class Recorder:

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import assert_close as golden_assert_close
 
 from adm_jax.diffusion import (
     COEFFICIENT_NAMES,
@@ -17,18 +18,7 @@ CASE = "diffusion_schedules"
 
 
 def assert_close(actual, expected, *, quantity, rtol, atol=0.0, case=CASE):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (
-        f"{case}: {quantity}: shape {actual.shape} != {expected.shape}"
-    )
-    err = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-    bound = atol + rtol * np.abs(expected.astype(np.float64))
-    worst = np.max(err - bound) if err.size else 0.0
-    assert worst <= 0, (
-        f"{case}: {quantity}: max abs err {err.max():.3e} "
-        f"(max rel {np.max(err / np.maximum(np.abs(expected), 1e-300)):.3e}), "
-        f"rtol={rtol} atol={atol}"
-    )
+    golden_assert_close(actual, expected, case=case, quantity=quantity, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close as golden_assert_close
 
 from adm_jax.evaluation import inception
 
@@ -29,14 +30,7 @@ OUTPUTS = ("pool3", "logits", "logits_nobias", "softmax_nobias", "spatial_featur
 
 def assert_close(case, quantity, got, want, tol_key):
     atol, rtol = TOL[tol_key]
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{case}/{quantity}: shape {got.shape} != {want.shape}"
-    err = np.abs(got - want)
-    bad = err > atol + rtol * np.abs(want)
-    assert not bad.any(), (
-        f"{case}/{quantity}: max abs error {err.max():.3g} (atol {atol}, rtol {rtol}), "
-        f"{bad.sum()} of {bad.size} values out of tolerance"
-    )
+    golden_assert_close(got, want, case=case, quantity=quantity, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")
