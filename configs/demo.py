@@ -86,7 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.mode = "demo"  # adm_jax.main dispatches to adm_jax.demo.run
     config.model = default.unet_model(
         image_size=IMAGE_SIZE,
-        num_channels=32,
+        # 64, not 32: GroupNorm has 32 groups, and with one channel per group the network
+        # cannot carry an image's mean level through its norms (every sample then gets a flat
+        # grey background); two channels per group can. See docs/demo.md.
+        num_channels=64,
         num_res_blocks=1,
         channel_mult="1,1,2",
         attention_resolutions="8",
@@ -100,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.noise_schedule = "cosine"
     config.diffusion.learn_sigma = True
     _data(config)
-    _train(config, num_steps=2000, lr=1e-3, batch_size=64)
+    _train(config, num_steps=2000, lr=1e-3, batch_size=32)
     # A short run needs a short EMA (0.9999 averages over ~10K steps).
     config.train.ema_rate = "0.995"
 
@@ -109,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.use_ddim = False
     config.sample.timestep_respacing = "25"
     config.sample.batch_size = 100
-    config.sample.num_samples = 200
+    config.sample.num_samples = 500  # as many as the held-out real digits
     config.sample.class_labels = "random"  # The demo draws random digits 0..9 itself.
     config.sample.sweep_scales = "0,1,3,10"
     config.sample.seed = 0
@@ -119,10 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.demo = ml_collections.ConfigDict(
         dict(
             # Independent clean-digit CNN: features for FID/precision/recall, judge of accuracy.
-            judge_steps=400,
+            judge_steps=1500,
             judge_batch_size=64,
             judge_lr=2e-3,
-            judge_width=16,
+            judge_width=32,
             judge_features=128,
             nhood_size=3,  # k of the k-NN manifolds (paper: 3)
             num_classes=10,

@@ -72,6 +72,7 @@ DEMO_SMOKE_OVERRIDES = {
         }.items()
     },
     "model.image_size": 8,
+    "model.num_channels": 32,
     "model.channel_mult": "1",
     "model.attention_resolutions": "8",
     "classifier.model.image_size": 8,
