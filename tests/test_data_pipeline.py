@@ -103,6 +103,27 @@ def test_deterministic_for_seed(folder_ds, sharding):
     assert not all(np.array_equal(x["image"], z["image"]) for x, z in zip(a, c, strict=True))
 
 
+def test_classifier_crops_follow_random_crop(folder_ds, sharding):
+    """Classifier batches are random-cropped exactly when ``random_crop`` says so (the
+    classifier configs set it, as the reference's classifier_train.py crops)."""
+
+    def first_batch(for_classifier, random_crop):
+        it = data.create_train_iterator(
+            make_config(*folder_ds, random_flip=False, random_crop=random_crop),
+            global_batch_size=GLOBAL_BATCH,
+            sharding=sharding,
+            seed=5,
+            for_classifier=for_classifier,
+        )
+        return _np(next(it))
+
+    centred = first_batch(False, False)
+    np.testing.assert_array_equal(first_batch(True, False)["image"], centred["image"])
+    cropped = first_batch(True, True)
+    np.testing.assert_array_equal(cropped["label"], centred["label"])
+    assert not np.array_equal(cropped["image"], centred["image"])
+
+
 def test_exact_resume_through_orbax(folder_ds, sharding, tmp_path):
     it = _train_iter(folder_ds, sharding, seed=1)
     for _ in range(3):  # N batches (crosses no epoch yet), ...

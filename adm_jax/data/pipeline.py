@@ -414,8 +414,9 @@ def create_train_iterator(
         e.g. ``NamedSharding(mesh, P(("data", "fsdp")))``.
       seed: shuffling and augmentation seed (same seed, same batches).
       split: TFDS split; defaults to ``data_config.split``.
-      for_classifier: classifier training (reference ``classifier_train.py``): random crops
-        (``random_crop_arr``) regardless of ``random_crop``, and labels are required.
+      for_classifier: classifier training: labels are required. (The reference's
+        ``classifier_train.py`` always random-crops; the classifier configs say so with
+        ``data.random_crop=True``, which a data set of centred digits may turn off.)
     """
     cfg = validate_data_config(data_config)
     local_bs = _local_batch_size(global_batch_size)
@@ -436,7 +437,7 @@ def create_train_iterator(
     transform = DecodeAndPreprocess(
         image_size=cfg["image_size"],
         channels=cfg["channels"],
-        random_crop=cfg["random_crop"] or for_classifier,
+        random_crop=cfg["random_crop"],
         random_flip=cfg["random_flip"],
     )
     ds = ds.random_map(transform, seed=seed)
