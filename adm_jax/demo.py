@@ -15,7 +15,8 @@ ImageNet configs (TFDS ArrayRecord + grain input, ``train_and_evaluate``, ``trai
      shows its target digit. It is not the guidance classifier, so guidance cannot "fool" it;
   5. classifier-guided sampling at every ``sample.sweep_scales`` with random target digits
      (``WORKDIR/samples/scale_S``: samples .npz, ``grid.png`` with one row per target digit);
-  6. metrics per scale -> ``WORKDIR/metrics.{md,json}``, ``WORKDIR/loss.png``, the printed table.
+  6. metrics per scale, plus the same metrics for real training digits (the ceiling at this
+     sample size) -> ``WORKDIR/metrics.{md,json}``, ``WORKDIR/loss.png``, the printed table.
 
 These FID / precision / recall numbers use the judge's 128-d features, NOT Inception features:
 they show the paper's trends (Table 4) and are not comparable with any published FID.
@@ -47,6 +48,12 @@ NOT_INCEPTION = (
     "These FID / precision / recall values are computed on the features of a small digit "
     "classifier trained for this demo, NOT on Inception features: they are not comparable "
     "with the paper's (or any published) FID numbers, only across the rows of this table."
+)
+
+REAL_ROW_NOTE = (
+    "'real digits': as many real training digits as samples per scale, scored like the "
+    "samples against the held-out digits; the ceiling of precision/recall and the floor of "
+    "FID at this sample size."
 )
 
 
@@ -419,15 +426,37 @@ def _plot_losses(dirs: Mapping[str, str], path: str) -> None:
     plt.close(fig)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The Table 4-style markdown table of the sweep."""
+def real_reference_row(
+    judge_module, judge_params, real_features, images, labels, *, num, nhood_size, seed=0
+) -> dict[str, Any]:
+    """The metrics of ``num`` real training digits against the held-out ones: the best a
+    model can score in this feature space with this many samples (P/R below 1, FID above 0)."""
+    from adm_jax.evaluation.metrics import metrics_from_features
+
+    idx = np.random.default_rng(seed).choice(len(images), min(num, len(images)), replace=False)
+    out = classify_digits(judge_module, judge_params, images[idx])
+    m = metrics_from_features(real_features, out["features"], nhood_size=nhood_size)
+    return {
+        "scale": "real digits",
+        "fid": float(m["fid"]),
+        "precision": float(m["precision"]),
+        "recall": float(m["recall"]),
+        "accuracy": target_accuracy(out["pred"], labels[idx]),
+    }
+
+
+def format_table(
+    rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None
+) -> str:
+    """The Table 4-style markdown table of the sweep (``reference``: a last row, real digits)."""
     lines = [
         "| Scale | FID (judge features) | Precision | Recall | Target accuracy |",
         "|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for r in [*rows, *([reference] if reference else [])]:
+        scale = f"{r['scale']:g}" if isinstance(r["scale"], (int, float)) else r["scale"]
         lines.append(
-            f"| {r['scale']:g} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} "
+            f"| {scale} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} "
             f"| {r['accuracy']:.3f} |"
         )
     return "\n".join(lines)
@@ -519,7 +548,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             r["grid"] = os.path.relpath(
                 os.path.join(dirs["samples"], f"scale_{r['scale']:g}", "grid.png"), workdir
             )
+        train_images, train_labels = _load_images(diff_cfg.data, "train")
+        real_row = real_reference_row(
+            judge_module,
+            judge_params,
+            real["features"],
+            train_images,
+            train_labels,
+            num=int(sample_cfg.sample.num_samples),
+            nhood_size=int(dc.nhood_size),
+        )
         reference = {
+            "real_digits_row": real_row,
             "num_reference_digits": len(test_images),
             "judge_test_accuracy": judge_meta["test_accuracy"],
             "num_samples_per_scale": int(sample_cfg.sample.num_samples),
@@ -528,13 +568,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                 f"{sample_cfg.sample.timestep_respacing}"
             ),
         }
-        table = format_table(rows)
+        table = format_table(rows, real_row)
         _write_json(
             os.path.join(workdir, "metrics.json"),
             {"rows": rows, **reference, "note": NOT_INCEPTION},
         )
         with open(os.path.join(workdir, "metrics.md"), "w") as f:
-            f.write(table + "\n\n" + NOT_INCEPTION + "\n")
+            f.write(table + "\n\n" + REAL_ROW_NOTE + "\n\n" + NOT_INCEPTION + "\n")
         real_grid = _digit_grid(test_images, test_labels, int(dc.num_classes))
         _save_png(os.path.join(workdir, "real_digits.png"), real_grid)
         _plot_losses(dirs, os.path.join(workdir, "loss.png"))

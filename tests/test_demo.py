@@ -36,8 +36,14 @@ def test_demo_runs_every_stage_and_reruns_nothing(tmp_path, monkeypatch):
     for name in ("metrics.md", "metrics.json", "loss.png", "real_digits.png", "timings.json"):
         assert (workdir / name).exists(), name
     assert "NOT on Inception" in (workdir / "metrics.md").read_text()
+    assert "| real digits |" in (workdir / "metrics.md").read_text()
     with open(workdir / "metrics.json") as f:
-        assert len(json.load(f)["rows"]) == 2
+        metrics = json.load(f)
+    assert len(metrics["rows"]) == 2
+    # Real training digits against the held-out ones: the ceiling row of the table.
+    real_row = metrics["real_digits_row"]
+    assert 0.0 < real_row["precision"] <= 1.0 and 0.0 < real_row["recall"] <= 1.0, real_row
+    assert np.isfinite(real_row["fid"]) and 0.0 <= real_row["accuracy"] <= 1.0
     shards = sorted((workdir / "samples").glob("scale_*/shards/batch_*.npz"))
     assert len(shards) == 4  # 2 scales x 16 samples / batch 8
     mtimes = [os.path.getmtime(p) for p in shards]
