@@ -128,14 +128,16 @@ def default_classifier_spec(config_spec: str) -> str | None:
 def split_config(config):
     """(run config, embedded classifier config or None): configs/demo.py carries its
     classifier run as ``config.classifier`` and extra sections the train checks reject."""
+    from adm_jax.demo import DEMO_SECTIONS
+
     config = copy.deepcopy(config)
     classifier = None
     with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
         if "classifier" in config:
             classifier = config.classifier
-            del config["classifier"]
-        if "demo" in config:
-            del config["demo"]
+        for name in DEMO_SECTIONS:
+            if name in config:
+                del config[name]
     return config, classifier
 
 

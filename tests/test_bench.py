@@ -14,6 +14,16 @@ from adm_jax import bench_lib
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
+def test_demo_config_splits_into_valid_run_configs():
+    """configs/demo.py (extra sections: classifier, demo, mode) benchmarks as a diffusion run
+    plus its embedded classifier run, both passing the train checks."""
+    from adm_jax.train import config_lib
+
+    run_config, classifier = bench_lib.split_config(bench_lib.load_config(str(CONFIGS / "demo.py")))
+    config_lib.validate_config(run_config, num_devices=1, mode="train")
+    config_lib.validate_config(classifier, num_devices=1, mode="train_classifier")
+
+
 @pytest.fixture(scope="module")
 def tiny_result():
     config = bench_lib.load_config(str(CONFIGS / "tiny.py"))
