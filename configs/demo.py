@@ -12,13 +12,13 @@ classifier's features, NOT Inception) and target-class accuracy per scale.
 
 The top-level sections are those of configs/default.py (they describe the diffusion run) plus
 ``classifier`` (a complete classifier-run config) and ``demo`` (everything else); any field can
-be overridden, e.g. ``--config.sample.sweep_scales=0,1,3,10`` or ``--config.train.num_steps=600``.
+be overridden, e.g. ``--config.sample.sweep_scales=0,1,10`` or ``--config.train.num_steps=600``.
 
-Hardware / time: 2-core AMD EPYC VM, CPU only: 9.5 minutes for the whole demo at 16x16
-(diffusion 2000 steps ~7 min at ~5 steps/s, noisy classifier 800 steps ~1.3 min, judge and
-sampling 4 x 200 ~1 min); a rerun with everything done takes seconds. The digits are
-downsampled to 16x16 by the pipeline's ADM center crop (BOX + BICUBIC): at 32x32 the same recipe
-needs ~40 minutes here. Measured table and pictures: docs/demo.md.
+Hardware / time: 2-core AMD EPYC VM, CPU only: 13.9 minutes for the whole demo at 16x16
+(diffusion 2000 steps ~8.7 min at 3.8 steps/s, noisy classifier 800 steps ~1.4 min, judge
+1500 steps ~0.6 min, sampling 6 x 500 + metrics ~3.3 min); a rerun with everything done takes
+seconds. The digits are downsampled to 16x16 by the pipeline's ADM center crop (BOX +
+BICUBIC). Measured table and pictures: docs/demo.md.
 """
 
 import ml_collections
@@ -118,7 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.batch_size = 100
     config.sample.num_samples = 500  # as many as the held-out real digits
     config.sample.class_labels = "random"  # The demo draws random digits 0..9 itself.
-    config.sample.sweep_scales = "0,1,3,10"
+    config.sample.sweep_scales = "0,1,3,10,30,100"
     config.sample.seed = 0
 
     config.classifier = classifier_config()
