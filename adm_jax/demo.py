@@ -310,17 +310,49 @@ def _record_timings(path: str, stages: _Stages) -> None:
     _write_json(path, timings)
 
 
-def _training_done(run_dir: str, num_steps: int) -> bool:
+def _check_reusable(path: str, recorded: Mapping[str, Any] | None, wanted: Mapping[str, Any]):
+    """A finished stage is reused only for the config that made it: a changed field is a
+    one-line error (naming it) rather than a silent reuse or a failure stages later."""
+    if recorded is None:
+        raise ValueError(
+            f"{path} was written by an older demo that did not record its config; delete "
+            "it or choose another --workdir"
+        )
+    diffs = [
+        f"{k}={recorded.get(k)!r} (workdir) vs {v!r} (config)"
+        for k, v in wanted.items()
+        if recorded.get(k) != v
+    ]
+    if diffs:
+        raise ValueError(
+            f"{path} was made with another config: {'; '.join(diffs)}; delete it or choose "
+            "another --workdir"
+        )
+
+
+def _training_signature(run_config) -> dict[str, Any]:
+    """The fields that define a trained checkpoint (not its length, logging or sampling)."""
+    signature = {
+        f"{section}.{k}": v
+        for section in ("model", "diffusion")
+        for k, v in run_config[section].to_dict().items()
+    }
+    return json.loads(json.dumps(signature))  # as done.json gives it back
+
+
+def _training_done(run_dir: str, run_config) -> bool:
     path = os.path.join(run_dir, "done.json")
     if not os.path.exists(path):
         return False
     with open(path) as f:
-        return json.load(f).get("step", -1) >= num_steps
+        done = json.load(f)
+    _check_reusable(path, done.get("config"), _training_signature(run_config))
+    return done.get("step", -1) >= int(run_config.train.num_steps)
 
 
 def _train_stage(stage, fn, run_config, run_dir: str) -> None:
     num_steps = int(run_config.train.num_steps)
-    if _training_done(run_dir, num_steps):
+    if _training_done(run_dir, run_config):
         stage.skip(f"{run_dir} already holds the step-{num_steps} checkpoint")
         return
     with stage:
@@ -329,7 +361,11 @@ def _train_stage(stage, fn, run_config, run_dir: str) -> None:
             raise SystemExit(f"stopped by a preemption signal at step {result.step}; rerun")
         _write_json(
             os.path.join(run_dir, "done.json"),
-            {"step": int(result.step), "metrics": result.metrics},
+            {
+                "step": int(result.step),
+                "metrics": result.metrics,
+                "config": _training_signature(run_config),
+            },
         )
 
 
@@ -504,7 +540,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     dc = config.demo
     stage = stages(4, f"train the independent digit classifier ({dc.judge_steps} steps)")
     test_images, test_labels = _load_images(diff_cfg.data, "test")
-    if os.path.exists(os.path.join(dirs["judge"], "judge.json")):
+    judge_config = {
+        k: dc[k]
+        for k in (
+            "judge_steps",
+            "judge_batch_size",
+            "judge_lr",
+            "judge_width",
+            "judge_features",
+            "num_classes",
+        )
+    }
+    judge_config["seed"] = int(diff_cfg.train.seed)
+    judge_json = os.path.join(dirs["judge"], "judge.json")
+    if os.path.exists(judge_json):
+        with open(judge_json) as f:
+            _check_reusable(judge_json, json.load(f).get("config"), judge_config)
         stage.skip("reusing " + dirs["judge"])
     else:
         with stage:
@@ -527,6 +578,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                 features=module.features,
                 num_classes=module.num_classes,
                 test_accuracy=acc,
+                config=judge_config,
             )
             _save_judge(dirs["judge"], params, meta)
     judge_module, judge_params, judge_meta = _load_judge(dirs["judge"])

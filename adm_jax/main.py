@@ -63,7 +63,10 @@ def main(argv):
     if mode == "demo" or config.get("mode") == "demo":
         from adm_jax import demo
 
-        demo.run(config, workdir)
+        try:
+            demo.run(config, workdir)
+        except ValueError as err:  # e.g. a workdir made with another config: one line
+            raise app.UsageError(str(err)) from err
         return
     if mode in ("train", "train_classifier"):
         from adm_jax import train

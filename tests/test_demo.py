@@ -1,5 +1,6 @@
 """The demo end to end on a drastically reduced config, and its independent digit classifier."""
 
+import copy
 import json
 import os
 import pathlib
@@ -61,6 +62,16 @@ def test_demo_runs_every_stage_and_reruns_nothing(tmp_path, monkeypatch):
     assert [os.path.getmtime(p) for p in shards] == mtimes
     for a, b in zip(rows, rerun, strict=True):
         assert a == pytest.approx(b)
+
+    # A workdir made with another config is not silently reused: one error naming the field.
+    changed = copy.deepcopy(config)
+    changed.model.num_channels = 64
+    with pytest.raises(ValueError, match=r"model\.num_channels=32 \(workdir\) vs 64"):
+        demo.run(changed, str(workdir))
+    changed = copy.deepcopy(config)
+    changed.demo.judge_width = 8
+    with pytest.raises(ValueError, match=r"judge_width=4 \(workdir\) vs 8"):
+        demo.run(changed, str(workdir))
 
 
 def test_judge_features_and_accuracy():
