@@ -355,13 +355,9 @@ def train_setup(config, mesh, batch_per_device: int) -> TrainSetup:
     diffusion = config_lib.build_diffusion(config)
     tx = state_lib.make_optimizer(config.train)
     abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh)
-    make_step = steps.make_classifier_train_step if classifier else steps.make_diffusion_train_step
     batch_sh = sharding.batch_sharding(mesh)
-    jitted = jax.jit(
-        make_step(module, diffusion, tx, config),
-        in_shardings=(shardings, batch_sh),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
+    jitted = steps.jit_train_step(
+        module, diffusion, tx, config, shardings, mesh, classifier=classifier
     )
     return TrainSetup(
         config, mesh, module, diffusion, tx, abstract, shardings, batch_sh, jitted, classifier

@@ -30,13 +30,9 @@ def _setup(config, mesh, classifier=False):
     diffusion = config_lib.build_diffusion(config)
     tx = state_lib.make_optimizer(config.train)
     state, shardings = state_lib.create_train_state(module, config, tx, mesh)
-    make = steps.make_classifier_train_step if classifier else steps.make_diffusion_train_step
     batch_sh = sharding.batch_sharding(mesh)
-    step = jax.jit(
-        make(module, diffusion, tx, config),
-        in_shardings=(shardings, batch_sh),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
+    step = steps.jit_train_step(
+        module, diffusion, tx, config, shardings, mesh, classifier=classifier
     )
 
     def run(state, batch):

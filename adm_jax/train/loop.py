@@ -148,14 +148,9 @@ def _run(
                 num_examples=tc.eval_batches * tc.batch_size,
             )
 
-    make_step = steps.make_classifier_train_step if classifier else steps.make_diffusion_train_step
-    batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
-    train_step = jax.jit(
-        make_step(module, diffusion, tx, config),
-        in_shardings=(shardings, batch_sh),
-        out_shardings=(shardings, rep),
-        donate_argnums=(0,),
+    train_step = steps.jit_train_step(
+        module, diffusion, tx, config, shardings, mesh, classifier=classifier
     )
     if classifier:
         eval_step = steps.make_classifier_eval_step(module, diffusion, noised=tc.noised)

@@ -243,6 +243,18 @@ def make_classifier_train_step(module, diffusion, tx, config):
     return train_step
 
 
+def jit_train_step(module, diffusion, tx, config, state_shardings, mesh, *, classifier: bool):
+    """The train step as the train loop runs it: state and batch shardings on ``mesh``,
+    replicated metrics, donated state. The loop, the benchmark and the tests all call this."""
+    make_step = make_classifier_train_step if classifier else make_diffusion_train_step
+    return jax.jit(
+        make_step(module, diffusion, tx, config),
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
 def noised_inputs(diffusion, x, t_key, noise_key, *, noised: bool = True):
     """(t, x_t) for classifier training: t ~ U{0..T-1}; x_t = x_0 (t = 0) when not noised."""
     from adm_jax import diffusion as dlib
