@@ -540,6 +540,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     dc = config.demo
     stage = stages(4, f"train the independent digit classifier ({dc.judge_steps} steps)")
     test_images, test_labels = _load_images(diff_cfg.data, "test")
+    # The judge trains on these; stage 6 scores a draw of them as the "real digits" row.
+    train_images, train_labels = _load_images(diff_cfg.data, "train")
     judge_config = {
         k: dc[k]
         for k in (
@@ -559,7 +561,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         stage.skip("reusing " + dirs["judge"])
     else:
         with stage:
-            train_images, train_labels = _load_images(diff_cfg.data, "train")
             module, params = train_judge(
                 train_images,
                 train_labels,
@@ -600,7 +601,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             r["grid"] = os.path.relpath(
                 os.path.join(dirs["samples"], f"scale_{r['scale']:g}", "grid.png"), workdir
             )
-        train_images, train_labels = _load_images(diff_cfg.data, "train")
         real_row = real_reference_row(
             judge_module,
             judge_params,
