@@ -1,9 +1,16 @@
 """Gaussian diffusion for ADM: schedules, forward/reverse math, losses, timestep samplers and
-guided samplers, as pure JAX functions over a static `Diffusion` constants object.
+guided samplers (ancestral, DDIM, DPM-Solver++; classifier and classifier-free guidance), as
+pure JAX functions over a static `Diffusion` constants object.
 
 See docs/diffusion.md for the equation -> function map.
 """
 
+from adm_jax.diffusion.cfg import classifier_free_model_fn
+from adm_jax.diffusion.dpm_solver import (
+    dpm_solver_plan,
+    dpm_solver_sample,
+    dynamic_threshold,
+)
 from adm_jax.diffusion.gaussian import (
     condition_mean,
     condition_score,
@@ -66,6 +73,7 @@ __all__ = [
     "approx_standard_normal_cdf",
     "betas_for_alpha_bar",
     "calc_bpd_loop",
+    "classifier_free_model_fn",
     "classifier_guidance_grad",
     "condition_mean",
     "condition_score",
@@ -74,6 +82,9 @@ __all__ = [
     "ddim_sample",
     "diffusion_kwargs_from_flags",
     "discretized_gaussian_log_likelihood",
+    "dpm_solver_plan",
+    "dpm_solver_sample",
+    "dynamic_threshold",
     "extract",
     "get_named_beta_schedule",
     "importance_sample_timesteps",
