@@ -208,11 +208,24 @@ class UNet(ADMBase):
     on NHWC float input, returning float32 NHWC with ``out_channels`` channels."""
 
     num_classes: int | None = None
+    # Classifier-free guidance (Ho & Salimans 2022) trains with label dropout: the dropped
+    # labels need their own embedding row. Not a reference argument, so off by default and
+    # reference checkpoints load unchanged.
+    null_class_embedding: bool = False
 
     def validate(self):
         super().validate()
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes: must be None or positive, got {self.num_classes}")
+        if self.null_class_embedding and self.num_classes is None:
+            raise ValueError(
+                "null_class_embedding: needs a class-conditional model (num_classes is None)"
+            )
+
+    @property
+    def null_label(self) -> int | None:
+        """The label meaning "no class" (the extra last embedding row), or None without one."""
+        return self.num_classes if self.null_class_embedding else None
 
     def __call__(self, x, timesteps, y=None, *, train: bool = False):
         self.check_input(x, self.in_channels)
@@ -228,7 +241,7 @@ class UNet(ADMBase):
         emb = self.embed_timesteps(timesteps)
         if self.num_classes is not None:
             label_emb = nn.Embed(
-                self.num_classes,
+                self.num_classes + int(self.null_class_embedding),
                 4 * self.model_channels,
                 embedding_init=nn.initializers.normal(1.0),
                 param_dtype=jnp.float32,
