@@ -6,6 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from test_sampling_io import gcs_bucket  # noqa: F401  (fixture: a GCS emulator)
 
 from adm_jax.evaluation import features, inception, metrics, run
 from adm_jax.evaluation import reference_batch as rb
@@ -156,3 +157,73 @@ def test_evaluate_end_to_end(tmp_path, inception_vars, images, monkeypatch):
     p, r = metrics.precision_recall(feats_ref["pool3"], feats_s["pool3"])
     assert (record["precision"], record["recall"]) == (p, r)
     assert (record["num_samples"], record["num_reference"]) == (5, 6)
+
+
+def _cheap_features(resize="tf", outputs=features.EVAL_OUTPUTS):
+    """A stand-in for the Inception network with the evaluator's output keys (tiny dims)."""
+    import jax.numpy as jnp
+
+    def fn(variables, images):
+        x = images.astype(jnp.float32) / 255.0
+        pool = jnp.concatenate([x.mean((1, 2)), x.std((1, 2))], axis=-1)  # (B, 6)
+        return {
+            "pool3": pool,
+            "spatial_features_2023": x[:, ::8, ::8, 0].reshape(len(x), -1),  # (B, 16)
+            "softmax_nobias": jax.nn.softmax(pool[:, :4] * 10.0, axis=-1),
+        }
+
+    return fn
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+def test_evaluate_with_every_path_in_gcs(tmp_path, images, golden, gcs_bucket, monkeypatch):  # noqa: F811
+    """Reference batch, samples, Inception weights and the JSON record all in gs://."""
+    from etils import epath
+
+    from adm_jax.sampling import io
+
+    monkeypatch.setattr(features, "inception_fn", _cheap_features)
+    bucket = epath.Path(gcs_bucket)
+    # Streaming reads of every npy/npz layout (seeks into the object for stored members).
+    arr = images[:5]
+    for name, save in [("a.npy", np.save), ("b.npz", np.savez), ("c.npz", np.savez_compressed)]:
+        with (bucket / "arrays" / name).open("wb") as f:
+            save(f, arr)
+        reader = rb.open_npz_array(f"{gcs_bucket}/arrays/{name}")
+        np.testing.assert_array_equal(np.concatenate(list(reader.read_batches(2))), arr)
+
+    weights = {k: v for k, v in golden("fid_inception_299")[1].items() if k.startswith("sd/")}
+    with (bucket / "w" / "inception.npz").open("wb") as f:
+        np.savez(f, **weights)
+    variables = inception.load_inception_variables(f"{gcs_bucket}/w/inception.npz", sha256=None)
+    ref = run.create_reference_batch(
+        bucket / "ref" / "VIRTUAL_test.npz",
+        iter([images[:4], images[4:]]),
+        inception_params=variables,
+        batch_size=8,
+    )
+    np.testing.assert_array_equal(ref.images.read(), images)
+    samples = images[::-1][:5]
+    io.save_samples_npz(bucket / "s" / "samples_5x32x32x3.npz", samples, np.arange(5))
+    config = ml_collections.ConfigDict(
+        {
+            "evaluate": {
+                "sample_npz": f"{gcs_bucket}/s/samples_5x32x32x3.npz",
+                "reference_batch": f"{gcs_bucket}/ref/VIRTUAL_test.npz",
+                "inception_weights": f"{gcs_bucket}/w/inception.npz",
+                "inception_sha256": "none",
+                "batch_size": 8,
+            }
+        }
+    )
+    record = run.evaluate(config, f"{gcs_bucket}/work")
+    saved = json.loads((bucket / "work/evaluation/samples_5x32x32x3.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    # The same numbers as from local copies of the files.
+    for name, src in [("ref.npz", "ref/VIRTUAL_test.npz"), ("s.npz", "s/samples_5x32x32x3.npz")]:
+        (tmp_path / name).write_bytes((bucket / src).read_bytes())
+    local = run.evaluate_npz(
+        tmp_path / "s.npz", tmp_path / "ref.npz", inception_params=variables, batch_size=8
+    )
+    assert {k: record[k] for k in local} == local
+    assert record["fid"] > 0 and record["num_reference"] == 6

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from test_sampling_io import gcs_bucket  # noqa: F401  (fixture: a GCS emulator)
 
 from adm_jax import checkpoints
 from adm_jax.models import module_from_kwargs
@@ -166,6 +167,27 @@ def test_reference_npz_format_resume_and_single_compile(ckpts, cond_job, tmp_pat
     array = open_npz_array(path, "arr_0")
     assert (len(array), array.dtype) == (20, np.uint8)
     np.testing.assert_array_equal(np.concatenate(list(array.read_batches(6))), images)
+
+
+def test_sampling_into_gcs_resumes_and_matches_local(cond_job, tmp_path, gcs_bucket):  # noqa: F811
+    out = f"{gcs_bucket}/run/samples"
+    assert sampler.run_job(cond_job, out, num_samples=20, max_batches=2) is None
+    assert sampler.finished_batches(f"{out}/shards") == {0, 1}
+    final = sampler.run_job(cond_job, out, num_samples=20)
+    assert final == f"{out}/samples_20x8x8x3.npz"
+    local = sampler.run_job(cond_job, str(tmp_path / "local"), num_samples=20)
+    for got, want in zip(io.load_samples_npz(final), io.load_samples_npz(local), strict=True):
+        np.testing.assert_array_equal(got, want)
+    from etils import epath
+
+    names = {p.name for p in epath.Path(out).iterdir()}
+    assert names == {"shards", "samples_20x8x8x3.npz", "samples_20x8x8x3.png"}
+    with pytest.raises(ValueError, match="other arguments"):  # args.json read back from gs://
+        sampler.run_job(dataclasses.replace(cond_job, provenance={}), out, num_samples=20)
+    rows = [{"scale": 0.0, "samples": final, "fid": 1.0}]
+    written = sweep.write_sweep_report(rows, f"{gcs_bucket}/run")
+    assert written["md"] == f"{gcs_bucket}/run/sweep.md"
+    assert epath.Path(written["md"]).read_text().startswith("| Scale | FID |")
 
 
 def test_sharded_equals_one_device_and_explicit_labels(ckpts, cond_job, tmp_path):

@@ -11,24 +11,27 @@ says otherwise) and records it in the .npz, which ``load_inception_variables`` c
 from __future__ import annotations
 
 import argparse
-import pathlib
 
 import numpy as np
+from etils import epath
 
+from adm_jax import paths
 from adm_jax.evaluation import inception
 
 
-def convert(pth, out, sha256: str | None = inception.WEIGHTS_SHA256) -> pathlib.Path:
-    if not pathlib.Path(pth).exists():
+def convert(pth, out, sha256: str | None = inception.WEIGHTS_SHA256) -> epath.Path:
+    """Writes the .npz (paths local or gs://); returns its path."""
+    if not paths.path(pth).exists():
         raise inception._missing_weights_error([pth])
     got = inception.file_sha256(pth)
     if sha256 is not None and got != sha256.lower():
         raise ValueError(f"{pth}: SHA-256 {got} != expected {sha256} ({inception.WEIGHTS_URL})")
     state_dict = inception.load_torch_state_dict(pth)
     inception.variables_from_state_dict(state_dict)  # structure check before writing
-    out = pathlib.Path(out).expanduser()
+    out = paths.path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **state_dict, **{inception.SOURCE_SHA256_KEY: np.array(got)})
+    with paths.open_atomic(out) as f:
+        np.savez(f, **state_dict, **{inception.SOURCE_SHA256_KEY: np.array(got)})
     return out
 
 

@@ -4,7 +4,9 @@ Every batch is re-chunked to one fixed global batch size (the last one zero-padd
 trimmed afterwards) so a single compilation serves the whole stream; the batch axis is
 sharded over the ``"data"`` axis of a ``jax.sharding.Mesh`` and the network weights are
 replicated. The next batch is dispatched before the previous result is fetched, so host
-reading overlaps device compute. Single-process (one host drives all its devices).
+reading overlaps device compute. With several processes (``jax.distributed``) every process
+reads the same images, the batch is sharded over all devices of all processes, and every
+process gets all features back (so metrics can be computed anywhere).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from adm_jax.evaluation import inception
+from adm_jax.evaluation.metrics import global_array
 
 # What the evaluator needs from the network: FID, sFID and Inception Score inputs.
 EVAL_OUTPUTS = ("pool3", "spatial_features_2023", "softmax_nobias")
@@ -59,7 +62,8 @@ class FeatureExtractor:
     fn defaults to the FID Inception network (``variables`` from
     ``inception.load_inception_variables``) with the given ``resize`` path; any other
     ``fn(variables, uint8 NHWC) -> dict of (B, ...)`` works too. ``batch_size`` is the global
-    batch, rounded up to a multiple of the number of devices on the data axis.
+    batch, rounded up to a multiple of the number of devices on the data axis. The mesh
+    defaults to all devices of all processes; every process must call with the same batches.
     """
 
     def __init__(
@@ -78,11 +82,15 @@ class FeatureExtractor:
         self.batch_size = -(-batch_size // n_data) * n_data
         self._data = NamedSharding(mesh, P("data"))
         replicated = NamedSharding(mesh, P())
-        self.variables = jax.device_put(variables, replicated)
+        put = lambda v: (
+            v if getattr(v, "sharding", None) == replicated else global_array(v, replicated)
+        )
+        self.variables = jax.tree.map(put, variables)
+        # Replicated outputs: every process can read every feature.
         self._fn = jax.jit(
             fn if fn is not None else inception_fn(resize),
             in_shardings=(replicated, self._data),
-            out_shardings=self._data,
+            out_shardings=replicated,
         )
 
     def __call__(
@@ -99,7 +107,7 @@ class FeatureExtractor:
 
         with tqdm(total=total, desc=desc, unit="img", disable=total == 0) as bar:
             for block, n in _rechunk(batches, self.batch_size):
-                out = self._fn(self.variables, jax.device_put(block, self._data))
+                out = self._fn(self.variables, global_array(block, self._data))
                 if pending is not None:
                     collect(pending)
                 pending = (out, n)

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adm_jax import paths
+
 INCEPTION_SIZE = 299
 NUM_CLASSES = 1008
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -384,7 +386,7 @@ def _check_structure(variables):
 
 def file_sha256(path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -400,15 +402,16 @@ def load_torch_state_dict(path) -> dict:
             "to .npz once where torch is available: python -m adm_jax.evaluation.convert_inception "
             f"--pth {path} --out {DEFAULT_WEIGHTS_DIR / 'pt_inception-2015-12-05.npz'}"
         ) from e
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    with paths.path(path).open("rb") as f:  # a file object: local or gs://
+        sd = torch.load(f, map_location="cpu", weights_only=True)
     return {k: v.detach().cpu().numpy() for k, v in sd.items()}
 
 
-def default_weights_candidates() -> list[pathlib.Path]:
+def default_weights_candidates() -> list:
     """Where load_inception_variables looks when no path is given, in order."""
     out = []
     if os.environ.get(WEIGHTS_ENV):
-        out.append(pathlib.Path(os.environ[WEIGHTS_ENV]).expanduser())
+        out.append(paths.path(os.environ[WEIGHTS_ENV]))
     out += [
         DEFAULT_WEIGHTS_DIR / "pt_inception-2015-12-05.npz",
         DEFAULT_WEIGHTS_DIR / WEIGHTS_FILENAME,
@@ -433,7 +436,9 @@ def load_inception_variables(path=None, *, sha256: str | None = WEIGHTS_SHA256) 
     """Loads and verifies the FID Inception weights; never downloads.
 
     ``path``: a pytorch-fid ``.pth`` (needs torch) or an ``.npz`` of the same state dict
-    (``convert_inception``); None searches ``default_weights_candidates()``.
+    (``convert_inception``), local or ``gs://``; None searches ``default_weights_candidates()``.
+    An ``.npz`` whose keys are namespaced like the golden vectors (``sd/<torch key>``, e.g.
+    the seeded random network ``golden/fid_inception_299.npz``) contributes only those keys.
     ``sha256``: expected SHA-256 of the ORIGINAL .pth: checked against the file itself for a
     .pth and against the source hash the converter recorded for an .npz. None skips the check
     (e.g. random test weights).
@@ -444,13 +449,15 @@ def load_inception_variables(path=None, *, sha256: str | None = WEIGHTS_SHA256) 
         if not found:
             raise _missing_weights_error(tried)
         path = found[0]
-    path = pathlib.Path(path).expanduser()
+    path = paths.path(path)
     if not path.exists():
         raise _missing_weights_error([path])
     if path.suffix == ".npz":
-        with np.load(path) as f:
+        with path.open("rb") as raw, np.load(raw) as f:
             state_dict = {k: f[k] for k in f.files}
         recorded = state_dict.pop(SOURCE_SHA256_KEY, None)
+        if any(k.startswith("sd/") for k in state_dict):  # golden-style: "sd/<torch key>"
+            state_dict = {k: v for k, v in state_dict.items() if k.startswith("sd/")}
         recorded = None if recorded is None else str(recorded)
         if sha256 is not None and recorded != sha256.lower():
             raise ValueError(

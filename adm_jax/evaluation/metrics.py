@@ -9,6 +9,8 @@ sharded over a device mesh) or float64 (numpy), matching the reference run with 
 distances (the golden ``*_f64dist`` values).
 
 The functions take features from ANY extractor: ``metrics_from_features`` is the entry point.
+In a multi-process run every process calls them with the same features (the blocked distance
+computations span all devices of all processes) and gets the same numbers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,29 @@ ROW_BATCH_SIZE = 10000
 COL_BATCH_SIZE = 10000
 FID_EPS = 1e-6
 SOFTMAX_BATCH_SIZE = 512
+
+
+# ----------------------------------------------------------------------------------------------
+# Host <-> global arrays, valid in one process and in several.
+
+
+def global_array(host, sharding: NamedSharding) -> jax.Array:
+    """A global array laid out with ``sharding`` from a host array every process holds whole.
+
+    Unlike ``jax.device_put``, works when ``sharding`` spans other processes' devices (each
+    process fills only its own shards) and never compares the value across processes.
+    """
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x) -> np.ndarray:
+    """The full value of ``x`` as numpy on every process (gathers what other processes hold)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,18 +223,16 @@ def manifold_radii(
     replicated = NamedSharding(mesh, P())
     rsize, csize = _block_size(row_batch_size, n, mesh), _block_size(col_batch_size, n, mesh)
     cols = [
-        (jax.device_put(block, replicated), jax.device_put(valid, replicated))
+        (global_array(block, replicated), global_array(valid, replicated))
         for _, _, block, valid in _padded_blocks(features, csize)
     ]
     radii = np.zeros([n, 1], np.float32)
     for start, count, block, _ in _padded_blocks(features, rsize):
-        rows = jax.device_put(block, row_sharding)
-        smallest = jax.device_put(
-            np.full((rsize, nhood_size + 1), np.inf, np.float32), row_sharding
-        )
+        rows = global_array(block, row_sharding)
+        smallest = global_array(np.full((rsize, nhood_size + 1), np.inf, np.float32), row_sharding)
         for col_block, col_valid in cols:
             smallest = _knn_block(rows, col_block, col_valid, smallest, k=nhood_size)
-        radii[start : start + count, 0] = np.asarray(smallest)[:count, nhood_size]
+        radii[start : start + count, 0] = to_host(smallest)[:count, nhood_size]
     return radii
 
 
@@ -263,20 +286,20 @@ def precision_recall(
         ref_r = np.pad(ref_radii, (0, -len(ref) % rsize))
         sample_r = np.pad(sample_radii, (0, -len(sample) % csize))
         for b, nb, rows, row_valid in _padded_blocks(ref, rsize):
-            rows = jax.device_put(rows, row_sharding)
-            rr = jax.device_put(ref_r[b : b + rsize], row_sharding)
-            row_valid = jax.device_put(row_valid, row_sharding)
+            rows = global_array(rows, row_sharding)
+            rr = global_array(ref_r[b : b + rsize], row_sharding)
+            row_valid = global_array(row_valid, row_sharding)
             for c, nc, cols, col_valid in _padded_blocks(sample, csize):
                 rows_in, cols_in = _pr_block(
                     rows,
                     rr,
                     row_valid,
-                    jax.device_put(cols, replicated),
-                    sample_r[c : c + csize],
-                    col_valid,
+                    global_array(cols, replicated),
+                    global_array(sample_r[c : c + csize], replicated),
+                    global_array(col_valid, replicated),
                 )
-                ref_in[b : b + nb] |= np.asarray(rows_in)[:nb]
-                sample_in[c : c + nc] |= np.asarray(cols_in)[:nc]
+                ref_in[b : b + nb] |= to_host(rows_in)[:nb]
+                sample_in[c : c + nc] |= to_host(cols_in)[:nc]
     return float(np.mean(sample_in.astype(np.float64))), float(np.mean(ref_in.astype(np.float64)))
 
 

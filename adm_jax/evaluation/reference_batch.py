@@ -5,8 +5,9 @@ optional), ``mu``/``sigma`` (pool3 statistics) and ``mu_s``/``sigma_s`` (spatial
 A sample batch holds ``arr_0`` (and ``arr_1`` labels for conditional models).
 
 Sample files reach tens of GB, so images are read in batches: an uncompressed npz member is
-memory-mapped in place (np.savez stores members uncompressed), a compressed one is streamed
-through the zip decompressor, never loading the whole array.
+read in place (one seek to its data, then sequential reads; np.savez stores members
+uncompressed), a compressed one is streamed through the zip decompressor, never loading the
+whole array. Every path may be local or in a bucket (``gs://``, ``s3://``; ``adm_jax.paths``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import pathlib
 import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
+
+from adm_jax import paths
 
 _NPY_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
@@ -71,7 +73,7 @@ def _row_reader_from_stream(f, shape, dtype):
     return read_rows
 
 
-def _row_reader_from_memmap(arr):
+def _row_reader_from_array(arr):
     pos = [0]
 
     def read_rows(n):
@@ -82,66 +84,68 @@ def _row_reader_from_memmap(arr):
     return read_rows
 
 
+def _read_npy_header(f, where):
+    version = np.lib.format.read_magic(f)
+    if version not in _NPY_READERS:
+        raise ValueError(f"{where}: unsupported .npy version {version}")
+    return _NPY_READERS[version](f)  # shape, fortran_order, dtype
+
+
 def open_npz_array(path, key: str = "arr_0") -> NpzArray:
     """Opens ``key`` of an .npz (or a plain .npy) for streaming batch reads."""
-    path = os.fspath(path)
-    if path.endswith(".npy"):
-        arr = np.load(path, mmap_mode="r")
-
-        @contextlib.contextmanager
-        def open_npy():
-            yield _row_reader_from_memmap(arr)
-
-        return NpzArray(path, key, arr.shape, arr.dtype, open_npy)
-
+    path = paths.path(path)
+    name = os.fspath(path)
     member = f"{key}.npy"
-    with zipfile.ZipFile(path) as zf:
-        if member not in zf.namelist():
-            raise KeyError(f"missing {key} in npz file {path} (has {zf.namelist()})")
-        info = zf.getinfo(member)
-        with zf.open(member) as f:
-            version = np.lib.format.read_magic(f)
-            if version not in _NPY_READERS:
-                raise ValueError(f"{path}:{member}: unsupported .npy version {version}")
-            shape, fortran, dtype = _NPY_READERS[version](f)
-            header_len = f.tell()
+    data_offset = None  # where the raw array bytes start in the file, when stored verbatim
+    if path.suffix == ".npy":
+        with path.open("rb") as f:
+            shape, fortran, dtype = _read_npy_header(f, name)
+            data_offset = f.tell()
+    else:
+        with path.open("rb") as raw:
+            with zipfile.ZipFile(raw) as zf:
+                if member not in zf.namelist():
+                    raise KeyError(f"missing {key} in npz file {name} (has {zf.namelist()})")
+                info = zf.getinfo(member)
+                with zf.open(member) as f:
+                    shape, fortran, dtype = _read_npy_header(f, f"{name}:{member}")
+                    header_len = f.tell()
+            if info.compress_type == zipfile.ZIP_STORED:
+                # The member's bytes lie verbatim in the file (the local header has
+                # variable-length extras).
+                raw.seek(info.header_offset)
+                local = raw.read(30)
+                name_len = int.from_bytes(local[26:28], "little")
+                extra_len = int.from_bytes(local[28:30], "little")
+                data_offset = info.header_offset + 30 + name_len + extra_len + header_len
     if fortran or dtype.hasobject or not shape:
-        with np.load(path) as npz:
-            arr = npz[key]
+        with path.open("rb") as f:
+            loaded = np.load(f)
+            arr = loaded if path.suffix == ".npy" else loaded[key]
 
         @contextlib.contextmanager
         def open_loaded():
-            yield _row_reader_from_memmap(arr)
+            yield _row_reader_from_array(arr)
 
-        return NpzArray(path, key, arr.shape, arr.dtype, open_loaded)
+        return NpzArray(name, key, arr.shape, arr.dtype, open_loaded)
 
-    if info.compress_type == zipfile.ZIP_STORED:
-        # The member's bytes lie verbatim in the file: memory-map them (what np.load's
-        # mmap_mode would do for a .npy). The local header has variable-length extras.
-        with open(path, "rb") as raw:
-            raw.seek(info.header_offset)
-            local = raw.read(30)
-            name_len = int.from_bytes(local[26:28], "little")
-            extra_len = int.from_bytes(local[28:30], "little")
-        offset = info.header_offset + 30 + name_len + extra_len + header_len
+    if data_offset is not None:
 
         @contextlib.contextmanager
-        def open_mmap():
-            arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-            try:
-                yield _row_reader_from_memmap(arr)
-            finally:
-                del arr
+        def open_raw():
+            with path.open("rb") as f:
+                f.seek(data_offset)
+                yield _row_reader_from_stream(f, shape, dtype)
 
-        return NpzArray(path, key, shape, dtype, open_mmap)
+        return NpzArray(name, key, shape, dtype, open_raw)
 
     @contextlib.contextmanager
     def open_stream():
-        with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+        with path.open("rb") as raw, zipfile.ZipFile(raw) as zf, zf.open(member) as f:
             f.read(header_len)
             yield _row_reader_from_stream(f, shape, dtype)
 
-    return NpzArray(path, key, shape, dtype, open_stream)
+    return NpzArray(name, key, shape, dtype, open_stream)
 
 
 def iterate_npz_images(path, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
@@ -176,7 +180,7 @@ class ReferenceBatch:
 
 def load_reference_batch(path) -> ReferenceBatch:
     """Reads a ``VIRTUAL_*.npz``-style file (statistics eagerly, images lazily)."""
-    with np.load(path) as f:
+    with paths.path(path).open("rb") as raw, np.load(raw) as f:
         keys = set(f.files)
         stats = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
         resize = str(f[RESIZE_KEY]) if RESIZE_KEY in keys else "tf"
@@ -237,19 +241,20 @@ class ImageSpool:
 def write_npz(path, arrays: dict, images: ImageSpool | None = None):
     """Writes an uncompressed .npz (``arr_0`` from ``images`` first, then ``arrays``).
 
-    Written to a temporary name and renamed, so a crash never leaves a truncated batch.
+    Written atomically (``paths.open_atomic``), so a crash never leaves a truncated batch.
     """
-    path = pathlib.Path(path)
+    path = paths.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp_path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with (
+        paths.open_atomic(path) as raw,
+        zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         if images is not None:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 images.write_npy(f)
         for key, value in arrays.items():
             with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
-    os.replace(tmp_path, path)
 
 
 def write_reference_batch(path, mu, sigma, mu_s=None, sigma_s=None, *, images=None, extra=None):
@@ -300,13 +305,15 @@ def iterate_image_folder(
     from PIL import Image  # noqa: PLC0415
 
     exts = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
-    files = sorted(p for p in pathlib.Path(folder).rglob("*") if p.suffix.lower() in exts)
+    folder = paths.path(folder)
+    files = [f for f in paths.walk_files(folder) if os.path.splitext(f)[1].lower() in exts]
+    files.sort(key=lambda f: f.split("/"))  # pathlib's order: by path component
     if limit is not None:
         files = files[:limit]
 
     def images():
-        for p in files:
-            with Image.open(p) as im:
+        for rel in files:
+            with (folder / rel).open("rb") as f, Image.open(f) as im:
                 im.load()
                 yield _center_crop(im.convert("RGB"), image_size)
 

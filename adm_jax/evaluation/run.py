@@ -3,18 +3,22 @@
 ``evaluate(config, workdir)`` serves ``python -m adm_jax.main --mode=evaluate``;
 ``evaluate_npz`` is the same without a config; ``create_reference_batch`` writes new
 reference batches in the published ``VIRTUAL_*.npz`` format.
+
+Paths may be local or ``gs://``/``s3://``. In a multi-process run every process calls these
+functions (feature extraction spans all devices) and gets the same numbers; process 0 writes
+the files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 from collections.abc import Iterable
 
 import jax
 import numpy as np
 
+from adm_jax import paths
 from adm_jax.evaluation import inception, metrics
 from adm_jax.evaluation import reference_batch as rb
 from adm_jax.evaluation.features import FeatureExtractor
@@ -24,6 +28,13 @@ METRIC_NAMES = ("fid", "sfid", "inception_score", "precision", "recall")
 
 def _stats(features):
     return metrics.compute_statistics(features)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def create_reference_batch(
@@ -42,25 +53,35 @@ def create_reference_batch(
     Keys: ``arr_0`` (the images, if store_images: needed for precision/recall), ``mu``,
     ``sigma`` (pool3), ``mu_s``, ``sigma_s`` (sFID spatial features), as the published files,
     plus ``inception_resize`` (which input path made the statistics; the reference evaluator
-    ignores it). Images are spooled to disk, never held in memory.
+    ignores it). Images are spooled to local disk (next to ``path`` when that is local), never
+    held in memory. Every process of a multi-process run calls this with the same batches;
+    process 0 writes the file.
     """
     extractor = FeatureExtractor(inception_params, resize=resize, batch_size=batch_size, mesh=mesh)
-    with rb.ImageSpool(dir=pathlib.Path(path).parent) as spool:
-        source = spool.tee(image_batches) if store_images else image_batches
+    write = jax.process_index() == 0
+    spool_dir = None
+    if not paths.is_remote(path):
+        spool_dir = paths.path(path).parent
+        spool_dir.mkdir(parents=True, exist_ok=True)
+    with rb.ImageSpool(dir=spool_dir) as spool:
+        source = spool.tee(image_batches) if store_images and write else image_batches
         feats = extractor(source, total=total, desc="reference features")
         if not feats:
             raise ValueError("no images to build a reference batch from")
         mu, sigma = _stats(feats["pool3"])
         mu_s, sigma_s = _stats(feats["spatial_features_2023"])
-        rb.write_reference_batch(
-            path,
-            mu,
-            sigma,
-            mu_s,
-            sigma_s,
-            images=spool if store_images else None,
-            extra={rb.RESIZE_KEY: np.array(resize)},
-        )
+        if write:
+            rb.write_reference_batch(
+                path,
+                mu,
+                sigma,
+                mu_s,
+                sigma_s,
+                images=spool if store_images else None,
+                extra={rb.RESIZE_KEY: np.array(resize)},
+            )
+    _sync("adm_jax.evaluation.reference_batch_written")
+    paths.refresh(path)
     return rb.load_reference_batch(path)
 
 
@@ -144,7 +165,8 @@ def evaluate(config, workdir) -> dict:
     Fields: sample_npz, reference_batch, inception_weights (path; empty = default locations,
     see docs/evaluation.md), batch_size, resize ("tf" | "torch"), and optionally
     inception_sha256 (expected SHA-256 of the source .pth; "none" skips the check) and
-    distance ("float32" | "float64").
+    distance ("float32" | "float64"). Every process of a multi-process run computes the same
+    record; process 0 writes the JSON and prints the table.
     """
     ev = config.evaluate
     sample_npz = _cfg_get(ev, "sample_npz")
@@ -172,11 +194,13 @@ def evaluate(config, workdir) -> dict:
         "reference_batch": os.fspath(reference),
         "resize": resize,
     }
-    out_dir = pathlib.Path(workdir) / "evaluation"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / f"{pathlib.Path(sample_npz).stem}.json"
-    out_path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{sample_npz} vs {reference} (resize={resize}):")
-    print(format_table(results))
-    print(f"wrote {out_path}")
+    if jax.process_index() == 0:
+        out_dir = paths.path(workdir) / "evaluation"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out_path = out_dir / f"{paths.path(sample_npz).stem}.json"
+        paths.write_text_atomic(out_path, json.dumps(record, indent=2) + "\n")
+        print(f"{sample_npz} vs {reference} (resize={resize}):")
+        print(format_table(results))
+        print(f"wrote {out_path}")
+    _sync("adm_jax.evaluation.done")
     return record

@@ -3,25 +3,23 @@
 The reference scripts (``image_sample.py``, ``classifier_sample.py``) save
 ``np.savez(path, images, labels)``: ``arr_0`` uint8 NHWC images, ``arr_1`` int labels when
 class-conditional or guided. The evaluator and ``super_res_sample.py`` read exactly that, so we
-write the same thing. Files are written under a temporary name and renamed, so a reader (or a
-resumed run) never sees half a file.
+write the same thing. Every path may be local or in a bucket (``gs://``, ``s3://``; see
+``adm_jax.paths``); files are written atomically (a temporary name and a rename locally, one
+upload remotely), so a reader (or a resumed run) never sees half a file.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import zipfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from adm_jax import paths
+
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"
-
-
-def _tmp_path(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
 
 
 def save_samples_npz(path: str, images: np.ndarray, labels: np.ndarray | None = None) -> str:
@@ -35,16 +33,14 @@ def save_samples_npz(path: str, images: np.ndarray, labels: np.ndarray | None = 
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels: expected shape {images.shape[:1]}, got {labels.shape}")
         arrays[LABELS_KEY] = labels
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:  # a file object keeps np.savez from appending ".npz"
+    with paths.open_atomic(path) as f:  # a file object keeps np.savez from appending ".npz"
         np.savez(f, **arrays)
-    os.replace(tmp, path)
     return path
 
 
 def load_samples_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Returns ``(images, labels or None)`` from a reference-format sample file."""
-    with np.load(path) as data:
+    with paths.path(path).open("rb") as f, np.load(f) as data:
         if IMAGES_KEY not in data:
             raise ValueError(f"{path}: not a sample file (no {IMAGES_KEY!r}; keys {data.files})")
         images = data[IMAGES_KEY]
@@ -64,8 +60,10 @@ def write_npz_streaming(
     Assembling 50k ImageNet-256 samples (~10 GB) this way never holds them all in memory. The
     file is an ordinary uncompressed (zip64) npz that ``np.load`` reads.
     """
-    tmp = _tmp_path(path)
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with (
+        paths.open_atomic(path) as raw,
+        zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         for key, (shape, dtype, chunks) in arrays.items():
             shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
             header = {
@@ -84,7 +82,6 @@ def write_npz_streaming(
                     f.write(chunk.tobytes())
             if rows != shape[0]:
                 raise ValueError(f"{key}: chunks hold {rows} rows, expected {shape[0]}")
-    os.replace(tmp, path)
     return path
 
 
@@ -109,7 +106,6 @@ def save_image_grid(path: str, images: np.ndarray, max_images: int = 64) -> str:
     grid = image_grid(np.asarray(images)[:max_images])
     if grid.shape[-1] == 1:
         grid = grid[..., 0]
-    tmp = _tmp_path(path)
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with paths.open_atomic(path) as f:
+        Image.fromarray(grid).save(f, format="PNG")
     return path

@@ -11,20 +11,23 @@ labels from ``numpy.random.default_rng([seed, b])``. Neither depends on the devi
 run on one device and on a pod produce the same samples (up to float round-off, which can move
 a few uint8 pixels by one).
 
-A run writes ``output_dir/shards/batch_000012.npz`` as it goes (atomic renames) next to
+A run writes ``output_dir/shards/batch_000012.npz`` as it goes (atomically) next to
 ``shards/args.json``, the arguments that determine the samples. Rerun with the same arguments
 it skips the finished shards; with different ones it refuses, naming them. When every shard
 exists it assembles ``output_dir/samples_{N}x{H}x{W}x{C}.npz`` in the reference layout
 (``arr_0`` uint8 NHWC, ``arr_1`` labels) plus a PNG grid.
+
+Every process of a multi-process run executes the same loop (each batch is one computation
+over all devices); the finished batch is replicated to every process, and process
+``b % process_count`` writes shard ``b``. After a barrier process 0 assembles, so
+``output_dir`` must be visible to all processes: a bucket (``gs://...``) or a shared disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +40,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adm_jax import paths
 from adm_jax.sampling import io
 
 BATCH_AXES = ("data", "fsdp")
@@ -228,7 +232,7 @@ def load_checkpoint(path: str, sharding: NamedSharding | None = None):
     """An ``InferenceCheckpoint`` from an exported/converted checkpoint or a training workdir."""
     from adm_jax import checkpoints
 
-    if not path or not os.path.exists(path):
+    if not path or not paths.path(path).exists():
         raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
     if checkpoints.is_inference_checkpoint(path):
         ckpt = checkpoints.load_inference_checkpoint(path, sharding=sharding)
@@ -543,10 +547,10 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     )
     seed = int(_cfg_get(sc, "seed", 0) or 0)
     provenance = {
-        "checkpoint": os.path.abspath(model_path),
+        "checkpoint": paths.absolute(model_path),
         "checkpoint_step": ckpt.extra.get("step"),
-        "classifier_checkpoint": os.path.abspath(classifier_path) if classifier_path else "",
-        "base_samples": os.path.abspath(base_path) if base_path else "",
+        "classifier_checkpoint": paths.absolute(classifier_path) if classifier_path else "",
+        "base_samples": paths.absolute(base_path) if base_path else "",
         "base_samples_shape": None if base_images is None else list(base_images.shape),
         "seed": seed,
         "batch_size": sampler.batch_size,
@@ -597,11 +601,10 @@ def _sync(name: str) -> None:
 
 def _check_or_store_args(shard_dir: str, args: dict[str, Any]) -> str | None:
     """Stores ``args`` for a new run; for a resumed one returns what differs (or None)."""
-    path = os.path.join(shard_dir, ARGS_FILE)
+    path = paths.path(shard_dir) / ARGS_FILE
     args = json.loads(json.dumps(args))  # what a reader will see (tuples -> lists, ...)
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
+    if path.exists():
+        stored = json.loads(path.read_text())
         keys = sorted(set(stored) | set(args))
         diffs = [
             f"{k}: {stored.get(k)!r} -> {args.get(k)!r}"
@@ -609,21 +612,25 @@ def _check_or_store_args(shard_dir: str, args: dict[str, Any]) -> str | None:
             if stored.get(k) != args.get(k)
         ]
         return "; ".join(diffs) if diffs else None
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(args, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    paths.write_text_atomic(path, json.dumps(args, indent=2, sort_keys=True))
     return None
 
 
 def finished_batches(shard_dir: str) -> set[int]:
-    """Indices of the shards already written (complete by construction: atomic renames)."""
+    """Indices of the shards already written (complete by construction: atomic writes)."""
+    shard_dir = paths.path(shard_dir)
+    paths.refresh(shard_dir)  # another process may have written shards since the last look
     found = set()
-    for path in glob.glob(os.path.join(shard_dir, "batch_*.npz")):
-        match = _SHARD_RE.search(path)
+    for path in shard_dir.glob("batch_*.npz"):
+        match = _SHARD_RE.search(path.name)
         if match:
             found.add(int(match.group(1)))
     return found
+
+
+def shard_writer(batch_index: int) -> int:
+    """The process that writes shard ``batch_index``: writing is spread over all processes."""
+    return batch_index % jax.process_count()
 
 
 def samples_filename(num_samples: int, image_shape: Sequence[int]) -> str:
@@ -643,6 +650,8 @@ def run_job(
 ) -> str | None:
     """Samples ``num_samples`` images into ``output_dir``; returns the final ``.npz`` path.
 
+    ``output_dir`` may be local or ``gs://``/``s3://``. Every process calls this (each batch
+    spans all devices); each writes its share of the shards, process 0 assembles them.
     ``max_batches`` stops after that many NEW batches (a preemption stand-in, also handy to
     split a run over jobs); the return value is then None unless the run is complete.
     """
@@ -654,12 +663,12 @@ def run_job(
         raise ValueError(f"sample.num_samples must be positive, got {num_samples}")
     batch_size = job.batch_size
     num_batches = math.ceil(num_samples / batch_size)
-    shard_dir = os.path.join(output_dir, "shards")
+    shard_dir = paths.path(output_dir) / "shards"
     args = dict(job.provenance, classifier_scale=float(classifier_scale))
 
     mismatch = None
     if _is_main():
-        os.makedirs(shard_dir, exist_ok=True)
+        shard_dir.mkdir(parents=True, exist_ok=True)
         mismatch = _check_or_store_args(shard_dir, args)
     done_mask = np.zeros(num_batches + 1, np.int32)  # last entry: argument mismatch flag
     if _is_main():
@@ -667,12 +676,14 @@ def run_job(
             if b < num_batches:
                 done_mask[b] = 1
         done_mask[-1] = mismatch is not None
-    done_mask = _broadcast(done_mask)
+    done_mask = _broadcast(done_mask)  # every process runs the same batches
     if done_mask[-1]:
         raise ValueError(
             f"sample.output_dir: {output_dir} holds samples from other arguments "
             f"({mismatch or 'see process 0'}); use another output_dir or delete {shard_dir}"
         )
+    if not _is_main():
+        shard_dir.mkdir(parents=True, exist_ok=True)
     remaining = [b for b in range(num_batches) if not done_mask[b]]
     todo = remaining if max_batches is None else remaining[:max_batches]
     complete = len(todo) == len(remaining)
@@ -695,9 +706,11 @@ def run_job(
 
     def save(pending):
         b, images, labels = pending
-        images = np.asarray(images)  # waits for the device
-        if _is_main():
-            io.save_samples_npz(os.path.join(shard_dir, SHARD_PATTERN.format(b)), images, labels)
+        if shard_writer(b) == jax.process_index():
+            images = np.asarray(images)  # waits for the device
+            io.save_samples_npz(shard_dir / SHARD_PATTERN.format(b), images, labels)
+        else:
+            jax.block_until_ready(images)
         if bar is not None:
             bar.update(1)
 
@@ -720,36 +733,44 @@ def run_job(
             elapsed,
             len(todo) * batch_size / max(elapsed, 1e-9),
         )
+    _sync("adm_jax.sampling.shards_written")  # every process's shards exist from here on
     if not complete:
-        _sync("adm_jax.sampling.partial")
         return None
 
-    final = os.path.join(output_dir, samples_filename(num_samples, job.sampler.image_shape))
+    final = paths.path(output_dir) / samples_filename(num_samples, job.sampler.image_shape)
     if _is_main():
         assemble(shard_dir, final, num_samples, batch_size)
-        images, _ = io.load_samples_npz(os.path.join(shard_dir, SHARD_PATTERN.format(0)))
-        extra = []
-        for b in range(1, math.ceil(min(grid_images, num_samples) / batch_size)):
-            extra.append(io.load_samples_npz(os.path.join(shard_dir, SHARD_PATTERN.format(b)))[0])
-        grid = np.concatenate([images, *extra])[: min(grid_images, num_samples)]
-        io.save_image_grid(final[: -len(".npz")] + ".png", grid)
+        num_grid = min(grid_images, num_samples)
+        grid = [
+            io.load_samples_npz(shard_dir / SHARD_PATTERN.format(b))[0]
+            for b in range(math.ceil(num_grid / batch_size))
+        ]
+        io.save_image_grid(final.with_suffix(".png"), np.concatenate(grid)[:num_grid])
         logging.info("Wrote %s", final)
     _sync("adm_jax.sampling.done")
-    return final
+    return str(final)
 
 
 def assemble(shard_dir: str, out_path: str, num_samples: int, batch_size: int) -> str:
-    """Concatenates the shards into one reference-format ``.npz``, streaming from disk."""
+    """Concatenates the shards into one reference-format ``.npz``, streaming from storage."""
+    shard_dir = paths.path(shard_dir)
     num_batches = math.ceil(num_samples / batch_size)
-    paths = [os.path.join(shard_dir, SHARD_PATTERN.format(b)) for b in range(num_batches)]
-    with np.load(paths[0]) as first:
+    shards = [shard_dir / SHARD_PATTERN.format(b) for b in range(num_batches)]
+    missing = sorted(set(range(num_batches)) - finished_batches(shard_dir))  # one listing
+    if missing:
+        raise FileNotFoundError(
+            f"sample.output_dir: {len(missing)} shard(s) missing in {shard_dir} (e.g. "
+            f"{SHARD_PATTERN.format(missing[0])}); in a multi-process run output_dir must be "
+            "shared by all processes (a gs:// bucket or a shared disk)"
+        )
+    with shards[0].open("rb") as f, np.load(f) as first:
         image_shape, has_labels = first[io.IMAGES_KEY].shape[1:], io.LABELS_KEY in first
         label_dtype = first[io.LABELS_KEY].dtype if has_labels else None
 
     def chunks(key):
         remaining = num_samples
-        for path in paths:
-            with np.load(path) as data:
+        for path in shards:
+            with path.open("rb") as f, np.load(f) as data:
                 chunk = data[key][:remaining]
             remaining -= len(chunk)
             yield chunk
@@ -757,7 +778,7 @@ def assemble(shard_dir: str, out_path: str, num_samples: int, batch_size: int) -
     arrays = {io.IMAGES_KEY: ((num_samples, *image_shape), np.uint8, chunks(io.IMAGES_KEY))}
     if has_labels:
         arrays[io.LABELS_KEY] = ((num_samples,), label_dtype, chunks(io.LABELS_KEY))
-    return io.write_npz_streaming(out_path, arrays)
+    return str(io.write_npz_streaming(out_path, arrays))
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,7 +787,7 @@ def assemble(shard_dir: str, out_path: str, num_samples: int, batch_size: int) -
 
 def output_dir_for(config: Any, workdir: str) -> str:
     out = _cfg_get(config.sample, "output_dir", "") or ""
-    return out or os.path.join(workdir or ".", "samples")
+    return out or str(paths.path(workdir or ".") / "samples")
 
 
 def sample(config: Any, workdir: str, *, max_batches: int | None = None) -> str | None:

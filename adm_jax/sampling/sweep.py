@@ -9,13 +9,14 @@ argument), samples ``config.sample.num_samples`` images per scale into
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
 
+from adm_jax import paths
 from adm_jax.sampling import sampler as sampler_lib
 
 # Column order and direction (True: higher is better) of the metrics we know how to plot.
@@ -93,7 +94,7 @@ def guidance_sweep(
     for scale in scales:
         npz = sampler_lib.run_job(
             job,
-            os.path.join(output_dir, f"scale_{scale:g}"),
+            str(paths.path(output_dir) / f"scale_{scale:g}"),
             num_samples=num_samples,
             classifier_scale=scale,
         )
@@ -120,15 +121,18 @@ def _metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> dict[str, str]:
-    """Writes ``sweep.json``, ``sweep.md`` (Table 4 layout) and ``sweep.png`` (Figure 4)."""
+    """Writes ``sweep.json``, ``sweep.md`` (Table 4 layout) and ``sweep.png`` (Figure 4).
+
+    Process 0 writes (returns the paths); other processes return ``{}``.
+    """
     import jax
 
     if jax.process_index() != 0:
         return {}
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {k: os.path.join(output_dir, f"sweep.{k}") for k in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(list(rows), f, indent=2)
+    out = paths.path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {k: str(out / f"sweep.{k}") for k in ("json", "md", "png")}
+    paths.write_text_atomic(files["json"], json.dumps(list(rows), indent=2))
 
     columns = _metric_columns(rows)
     header = ["Scale", *(_KNOWN_METRICS.get(c, (c, None))[0] for c in columns)]
@@ -137,8 +141,7 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
         cells = [f"{row['scale']:g}"]
         cells += [f"{row[c]:.4g}" if row.get(c) is not None else "n/a" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    with open(paths["md"], "w") as f:
-        f.write("\n".join(lines) + "\n")
+    paths.write_text_atomic(files["md"], "\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -159,6 +162,8 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
     if not plotted:
         axes[0][0].set_title("no metrics")
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return paths
+    paths.write_bytes_atomic(files["png"], png.getvalue())
+    return files

@@ -45,15 +45,14 @@ def sample_two_stage(base_config: Any, upsampler_config: Any, workdir: str) -> t
     Each config is a complete sampling config (``--mode=sample``) for its own checkpoint; the
     upsampler's ``sample.base_samples`` is set to the base run's output.
     """
-    import os
-
+    from adm_jax import paths
     from adm_jax.sampling.sampler import output_dir_for, sample
 
     base_config, upsampler_config = copy.deepcopy(base_config), copy.deepcopy(upsampler_config)
     out = output_dir_for(base_config, workdir)
     if out == output_dir_for(upsampler_config, workdir):  # one shard folder each
-        base_config.sample.output_dir = os.path.join(out, "base")
-        upsampler_config.sample.output_dir = os.path.join(out, "upsampled")
+        base_config.sample.output_dir = str(paths.path(out) / "base")
+        upsampler_config.sample.output_dir = str(paths.path(out) / "upsampled")
     base_npz = sample(base_config, workdir)
     upsampler_config.sample.base_samples = base_npz
     return base_npz, sample(upsampler_config, workdir)

@@ -1,0 +1,120 @@
+"""Local and object-store paths (``gs://``, ``s3://``) behind one API: ``etils.epath``.
+
+Orbax and TFDS take ``epath.Path`` too, so a workdir in a bucket behaves like a local one.
+Object stores have no rename and no append, but a file written by one ``open("wb")`` appears
+whole or not at all; local files are written under a temporary name and renamed. So
+``open_atomic`` never leaves a half-written file behind, wherever the path points.
+
+gcsfs (epath's backend with ``EPATH_USE_TF=false``) caches directory listings per process:
+after another process wrote into a folder, call ``refresh(folder)`` before ``exists``/``open``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+from collections.abc import Iterator
+from typing import IO, Any
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_remote(p: PathLike) -> bool:
+    """True for ``scheme://...`` paths (gs://, s3://, ...), False for local ones."""
+    return "://" in os.fspath(p)
+
+
+def path(p: PathLike) -> epath.Path:
+    """``epath.Path`` of ``p``; ``~`` expanded for local paths, relative ones kept relative."""
+    p = epath.Path(os.fspath(p))
+    return p if is_remote(p) else p.expanduser()
+
+
+def absolute(p: PathLike) -> str:
+    """A string naming ``p`` from anywhere: local paths made absolute, remote ones unchanged
+    (``os.path.abspath`` would turn ``gs://b/x`` into ``<cwd>/gs:/b/x``)."""
+    if is_remote(p):
+        return os.fspath(path(p))
+    return os.path.abspath(os.path.expanduser(os.fspath(p)))
+
+
+@contextlib.contextmanager
+def open_atomic(p: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Opens ``p`` for writing (``"wb"`` or ``"w"``); the file appears complete on success.
+
+    Local: writes ``<name>.tmp<pid>`` and renames it. Remote: writes ``p`` directly (the
+    object is created when the file closes). On an exception nothing is left at ``p``.
+    The parent folder must exist (``path(p).parent.mkdir(parents=True, exist_ok=True)``).
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"open_atomic: mode must be 'wb' or 'w', got {mode!r}")
+    target = path(p)
+    if not is_remote(target):
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, mode) as f:
+                yield f
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        return
+    f = target.open(mode)
+    try:
+        yield f
+    except BaseException:
+        with contextlib.suppress(Exception):
+            getattr(f, "discard", lambda: None)()  # gcsfs: cancels a started upload
+        with contextlib.suppress(Exception):
+            f.close()
+        with contextlib.suppress(Exception):
+            target.unlink(missing_ok=True)  # a small buffer was uploaded on close
+        raise
+    f.close()
+
+
+def write_bytes_atomic(p: PathLike, data: bytes) -> epath.Path:
+    """Writes ``data`` to ``p`` with ``open_atomic``; returns ``path(p)``."""
+    with open_atomic(p, "wb") as f:
+        f.write(data)
+    return path(p)
+
+
+def write_text_atomic(p: PathLike, text: str) -> epath.Path:
+    """Writes ``text`` (UTF-8) to ``p`` with ``open_atomic``; returns ``path(p)``."""
+    return write_bytes_atomic(p, text.encode("utf-8"))
+
+
+def refresh(p: PathLike) -> None:
+    """Forgets this process's cached listings of ``p`` and its parent folders, so that files
+    another process wrote there since are found. A no-op for local paths and uncached
+    backends (TF's gfile)."""
+    if not is_remote(p):
+        return
+    p = path(p)
+    try:
+        from etils.epath import backend
+
+        if getattr(p, "_backend", None) is not backend.fsspec_backend:
+            return
+        fs = backend.fsspec_backend.fs(os.fspath(p))
+    except Exception:  # noqa: BLE001  (no fsspec filesystem: nothing cached)
+        return
+    fs.invalidate_cache(os.fspath(p))
+
+
+def walk_files(folder: PathLike) -> Iterator[str]:
+    """Relative POSIX paths (``"sub/x.png"``) of all files below ``folder``, recursively."""
+    folder = path(folder)
+    no_scheme = lambda p: os.fspath(p).split("://", 1)[-1].rstrip("/")
+    for root, _, files in folder.walk():
+        if is_remote(folder):  # fsspec's walk yields roots without the scheme
+            rel = posixpath.relpath(no_scheme(root), no_scheme(folder))
+        else:
+            rel = os.path.relpath(root, folder).replace(os.sep, "/")
+        for name in files:
+            yield name if rel == "." else f"{rel}/{name}"
