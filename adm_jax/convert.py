@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from adm_jax import paths
 from adm_jax.models import (
     KINDS,
     abstract_params,
@@ -193,13 +194,15 @@ def reference_model(kind: str, kwargs: Mapping[str, Any], state_dict: Mapping[st
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a reference state_dict from .pt/.pth (needs torch), .npz or .safetensors.
+    """Reads a reference state_dict from .pt/.pth (needs torch), .npz or .safetensors, local
+    or in a bucket (``gs://``, ``s3://``).
 
     In an .npz whose keys are namespaced like the golden vectors (``sd/<torch key>``), only the
     ``sd/`` entries are taken.
     """
-    path = os.fspath(path)
-    suffix = os.path.splitext(path)[1].lower()
+    file = paths.path(path)
+    path = os.fspath(file)
+    suffix = file.suffix.lower()
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
             import torch
@@ -208,20 +211,21 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"checkpoint: reading {path} needs PyTorch (`pip install torch`, CPU build is "
                 "enough); alternatively save the state_dict as .npz or .safetensors elsewhere"
             ) from None
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with file.open("rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
         if isinstance(state.get("state_dict"), Mapping):  # a training checkpoint wrapper
             state = state["state_dict"]
         return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
     if suffix == ".npz":
-        with np.load(path) as archive:
+        with file.open("rb") as f, np.load(f) as archive:
             names = list(archive.keys())
             if any(n.startswith("sd/") for n in names):
                 return {n[3:]: archive[n] for n in names if n.startswith("sd/")}
             return {n: archive[n] for n in names}
     if suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load, load_file
 
-        return load_file(path)
+        return load(file.read_bytes()) if paths.is_remote(file) else load_file(path)
     raise ValueError(
         f"checkpoint: unsupported file type {suffix!r} ({path}); use .pt, .npz or .safetensors"
     )
@@ -272,13 +276,17 @@ def main(argv: list[str] | None = None) -> str:
         description="Convert a reference guided-diffusion checkpoint into an adm_jax inference "
         "checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, help=".pt, .npz or .safetensors file")
+    parser.add_argument(
+        "--checkpoint", required=True, help=".pt, .npz or .safetensors file (local or gs://)"
+    )
     parser.add_argument(
         "--flags",
         default="",
         help='the reference README flags of the model, e.g. "--image_size 256 --class_cond True"',
     )
-    parser.add_argument("--out", required=True, help="output directory (must not exist)")
+    parser.add_argument(
+        "--out", required=True, help="output directory, local or gs:// (must not exist)"
+    )
     parser.add_argument(
         "--kind",
         choices=KINDS,
@@ -315,7 +323,7 @@ def main(argv: list[str] | None = None) -> str:
         model_kwargs=model_kwargs,
         diffusion_kwargs=diffusion_kwargs,
         extra={
-            "converted_from": os.path.basename(os.fspath(args.checkpoint)),
+            "converted_from": paths.path(args.checkpoint).name,
             "reference_flags": args.flags,
         },
     )

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
+from test_sampling_io import gcs_bucket  # noqa: F401  (fixture: a GCS emulator)
 
 from adm_jax import checkpoints
 from adm_jax.convert import (
@@ -85,6 +86,20 @@ def test_load_state_dict_formats(golden, tmp_path):
         (tmp_path / "model.pt").write_bytes(b"")
         with pytest.raises(ImportError, match="needs PyTorch"):
             load_state_dict(tmp_path / "model.pt")
+
+
+def test_load_state_dict_from_gcs(golden, gcs_bucket):  # noqa: F811
+    from etils import epath
+
+    _, arrays, state_dict = golden_state_dict(golden, "classifier_encoder_adaptive")
+    with epath.Path(f"{gcs_bucket}/c/golden_layout.npz").open("wb") as f:
+        np.savez(f, **arrays)
+    epath.Path(f"{gcs_bucket}/c/model.safetensors").write_bytes(save(state_dict))
+    for name in ("golden_layout.npz", "model.safetensors"):
+        loaded = load_state_dict(f"{gcs_bucket}/c/{name}")
+        assert loaded.keys() == state_dict.keys(), name
+        for key, value in state_dict.items():
+            np.testing.assert_array_equal(loaded[key], value)
 
 
 def test_kind_is_inferred_from_the_flags():

@@ -1,5 +1,6 @@
 """Input pipeline over tiny TFDS ArrayRecord datasets built in the test, on 8 CPU devices."""
 
+import io
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
+from test_sampling_io import gcs_bucket  # noqa: F401  (fixture: a GCS emulator)
 
 import adm_jax.data as data
 
@@ -298,3 +300,25 @@ def test_demo_dataset(tmp_path, sharding):
     # Zero padding of the 28x28 digits survives (black border at -1).
     np.testing.assert_array_equal(image[:, :2], -1.0)
     assert image.max() > 0.9
+
+
+def test_image_folder_in_gcs(tmp_path, gcs_bucket):  # noqa: F811
+    """An image folder in a bucket: listed recursively, classes from subfolders, built."""
+    from etils import epath
+
+    from adm_jax.data import builders
+
+    rng = np.random.default_rng(5)
+    for rel in ("cat/cat_0.png", "cat/sub/cat_1.png", "dog/dog_0.png", "dog/notes.txt"):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+        epath.Path(f"{gcs_bucket}/imgs/{rel}").write_bytes(buf.getvalue())
+    folder = f"{gcs_bucket}/imgs"
+    assert builders._list_image_files(folder) == [
+        "cat/cat_0.png",
+        "cat/sub/cat_1.png",
+        "dog/dog_0.png",
+    ]
+    name = data.build_image_folder_dataset(folder, str(tmp_path), "gcs_folder")
+    cfg = make_config(str(tmp_path), name, image_size=8)
+    assert data.dataset_info(cfg) == {"num_examples": 3, "num_classes": 2}

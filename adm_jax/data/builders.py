@@ -5,7 +5,8 @@ needs no TensorFlow (``Image`` re-encodes through TF), the original file bytes a
 untouched (no re-compression), and a corrupt file survives to be skipped and counted at read
 time instead of aborting a day-long build. Reading goes through ``tfds.data_source`` like any
 other TFDS dataset; the reading side never needs these classes (TFDS restores the dataset from
-its ``dataset_info.json``).
+its ``dataset_info.json``). Image folders and ``data_dir`` may be local or in a bucket
+(``gs://``, ``s3://``).
 """
 
 from __future__ import annotations
@@ -18,24 +19,27 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
+from adm_jax import paths
+
 DEMO_DATASET_NAME = "mnist_demo"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")  # The reference's _list_image_files_recursively.
 LABEL_FROM = ("subdir", "prefix", None)
 
 
 def _list_image_files(image_dir: str) -> list[str]:
-    """Relative paths of all images under ``image_dir``, sorted (deterministic labels, ids)."""
-    paths = []
-    for root, _, files in os.walk(image_dir):
-        for fname in files:
-            if "." in fname and fname.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
-                paths.append(os.path.relpath(os.path.join(root, fname), image_dir))
-    return sorted(paths)
+    """Relative paths (``"sub/x.png"``) of all images under ``image_dir``, sorted
+    (deterministic labels, ids)."""
+    found = []
+    for rel in paths.walk_files(image_dir):
+        fname = rel.rsplit("/", 1)[-1]
+        if "." in fname and fname.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+            found.append(rel)
+    return sorted(found)
 
 
 def _class_name(rel_path: str, label_from: str | None) -> str | None:
     if label_from == "subdir":
-        parts = rel_path.split(os.sep)
+        parts = rel_path.split("/")
         if len(parts) < 2:
             raise ValueError(
                 f"label_from='subdir' needs images inside class subfolders, found {rel_path!r} "
@@ -43,7 +47,7 @@ def _class_name(rel_path: str, label_from: str | None) -> str | None:
             )
         return parts[0]
     if label_from == "prefix":  # guided_diffusion/image_datasets.py: basename up to first "_".
-        return os.path.basename(rel_path).split("_")[0]
+        return rel_path.rsplit("/", 1)[-1].split("_")[0]
     return None
 
 
@@ -83,7 +87,7 @@ def _features(class_names: list[str] | None) -> tfds.features.FeaturesDict:
 
 
 def _is_prepared(data_dir, name: str, version: str) -> bool:
-    return os.path.exists(os.path.join(os.fspath(data_dir), name, version, "dataset_info.json"))
+    return (paths.path(data_dir) / name / version / "dataset_info.json").exists()
 
 
 def _check_name(name: str) -> None:
@@ -125,10 +129,10 @@ def build_image_folder_dataset(
     split_dirs = {"train": image_dir} if isinstance(image_dir, (str, os.PathLike)) else image_dir
     split_files = {}
     for split, folder in split_dirs.items():
-        folder = os.fspath(folder)
+        folder = paths.path(folder)
         files = _list_image_files(folder)
         if not files:
-            raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {folder!r}")
+            raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {str(folder)!r}")
         split_files[split] = (folder, files)
 
     class_names = None
@@ -139,8 +143,7 @@ def build_image_folder_dataset(
 
     def examples(folder, files):
         for rel in files:
-            with open(os.path.join(folder, rel), "rb") as f:
-                ex = {"image": f.read(), "file_name": rel.encode()}
+            ex = {"image": (folder / rel).read_bytes(), "file_name": rel.encode()}
             if class_names is not None:
                 ex["label"] = label_of[_class_name(rel, label_from)]
             yield rel, ex
