@@ -15,12 +15,11 @@ docs/benchmarks.md for measured figures and the accelerator commands.
 
 from __future__ import annotations
 
-import os
-
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adm_jax import bench_lib
+from adm_jax import bench_lib, paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Diffusion (or classifier) config.")
 _CLASSIFIER = flags.DEFINE_string(
@@ -91,10 +90,10 @@ def main(argv):
         "preset": _PRESET.value,
     }
     print(bench_lib.format_table(result))
-    if _JSON.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-        with open(_JSON.value, "w") as f:
-            f.write(bench_lib.to_json(result))
+    if _JSON.value and jax.process_index() == 0:
+        out = paths.path(_JSON.value)  # local or gs://
+        out.parent.mkdir(parents=True, exist_ok=True)
+        paths.write_text_atomic(out, bench_lib.to_json(result))
         print(f"\nwrote {_JSON.value}")
 
 

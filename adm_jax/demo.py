@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 import os
 import time
@@ -41,6 +42,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+
+from adm_jax import paths
 
 # Top-level config sections that are the demo's own (not read by train/sampling).
 DEMO_SECTIONS = ("classifier", "demo", "mode")
@@ -115,7 +118,7 @@ def _without(config: ml_collections.ConfigDict, names: Sequence[str]) -> ml_coll
 
 def data_dir_for(config, workdir: str) -> str:
     """``config.data.data_dir``, or ``WORKDIR/tfds`` when it is empty."""
-    return config.data.data_dir or os.path.join(workdir, "tfds")
+    return config.data.data_dir or str(paths.path(workdir) / "tfds")
 
 
 def diffusion_config(config, workdir: str) -> ml_collections.ConfigDict:
@@ -262,21 +265,19 @@ def train_judge(
 def _save_judge(path: str, params, meta: Mapping[str, Any]) -> None:
     from flax import serialization
 
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, "params.msgpack.tmp")
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(jax.device_get(params)))
-    os.replace(tmp, os.path.join(path, "params.msgpack"))
-    _write_json(os.path.join(path, "judge.json"), dict(meta))  # written last: "done" marker
+    path = paths.path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    params_bytes = serialization.msgpack_serialize(jax.device_get(params))
+    paths.write_bytes_atomic(path / "params.msgpack", params_bytes)
+    _write_json(path / "judge.json", dict(meta))  # written last: "done" marker
 
 
 def _load_judge(path: str):
     from flax import serialization
 
-    with open(os.path.join(path, "judge.json")) as f:
-        meta = json.load(f)
-    with open(os.path.join(path, "params.msgpack"), "rb") as f:
-        params = serialization.msgpack_restore(f.read())
+    path = paths.path(path)
+    meta = json.loads((path / "judge.json").read_text())
+    params = serialization.msgpack_restore((path / "params.msgpack").read_bytes())
     module = DigitCNN(meta["width"], meta["features"], meta["num_classes"])
     return module, params, meta
 
@@ -284,20 +285,16 @@ def _load_judge(path: str):
 # ----------------------------------------------------------------------------- stages
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def _write_json(path: paths.PathLike, obj: Any) -> None:
+    paths.write_text_atomic(path, json.dumps(obj, indent=2))
 
 
-def _record_timings(path: str, stages: _Stages) -> None:
+def _record_timings(path: paths.PathLike, stages: _Stages) -> None:
     """``timings.json``: per stage the wall / CPU seconds of the run that did it (a rerun
     that skips a stage keeps the earlier numbers), and every run's total."""
     timings = {"stages": {}, "runs": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            timings = json.load(f)
+    if paths.path(path).exists():
+        timings = json.loads(paths.path(path).read_text())
     timings["stages"].update(stages.times)
     timings["runs"].append(
         {
@@ -341,11 +338,10 @@ def _training_signature(run_config) -> dict[str, Any]:
 
 
 def _training_done(run_dir: str, run_config) -> bool:
-    path = os.path.join(run_dir, "done.json")
-    if not os.path.exists(path):
+    path = paths.path(run_dir) / "done.json"
+    if not path.exists():
         return False
-    with open(path) as f:
-        done = json.load(f)
+    done = json.loads(path.read_text())
     _check_reusable(path, done.get("config"), _training_signature(run_config))
     return done.get("step", -1) >= int(run_config.train.num_steps)
 
@@ -360,7 +356,7 @@ def _train_stage(stage, fn, run_config, run_dir: str) -> None:
         if result.preempted:
             raise SystemExit(f"stopped by a preemption signal at step {result.step}; rerun")
         _write_json(
-            os.path.join(run_dir, "done.json"),
+            paths.path(run_dir) / "done.json",
             {
                 "step": int(result.step),
                 "metrics": result.metrics,
@@ -399,13 +395,14 @@ def _digit_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_ro
     return grid
 
 
-def _save_png(path: str, image: np.ndarray, scale: int = 2) -> None:
+def _save_png(path: paths.PathLike, image: np.ndarray, scale: int = 2) -> None:
     from PIL import Image
 
     image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
     if image.shape[-1] == 1:
         image = image[..., 0]
-    Image.fromarray(image).save(path)
+    with paths.open_atomic(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
 def _metrics_fn(config, judge_module, judge_params, ref_features):
@@ -420,7 +417,7 @@ def _metrics_fn(config, judge_module, judge_params, ref_features):
             ref_features, out["features"], nhood_size=int(config.demo.nhood_size)
         )
         grid = _digit_grid(images, targets, int(config.demo.num_classes))
-        _save_png(os.path.join(os.path.dirname(npz_path), "grid.png"), grid)
+        _save_png(paths.path(npz_path).parent / "grid.png", grid)
         return {
             "fid": float(m["fid"]),
             "precision": float(m["precision"]),
@@ -431,7 +428,7 @@ def _metrics_fn(config, judge_module, judge_params, ref_features):
     return metrics
 
 
-def _plot_losses(dirs: Mapping[str, str], path: str) -> None:
+def _plot_losses(dirs: Mapping[str, str], path: paths.PathLike) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -458,8 +455,10 @@ def _plot_losses(dirs: Mapping[str, str], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    paths.write_bytes_atomic(path, png.getvalue())
 
 
 def real_reference_row(
@@ -507,10 +506,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     from adm_jax import sampling, train
 
     config = copy.deepcopy(config)
-    workdir = os.path.abspath(os.fspath(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.absolute(workdir)  # local or gs://
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
     dirs = {
-        name: os.path.join(workdir, name)
+        name: str(paths.path(workdir) / name)
         for name in ("diffusion", "classifier", "judge", "samples")
     }
     stages = _Stages(6)
@@ -554,10 +553,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         )
     }
     judge_config["seed"] = int(diff_cfg.train.seed)
-    judge_json = os.path.join(dirs["judge"], "judge.json")
-    if os.path.exists(judge_json):
-        with open(judge_json) as f:
-            _check_reusable(judge_json, json.load(f).get("config"), judge_config)
+    judge_json = paths.path(dirs["judge"]) / "judge.json"
+    if judge_json.exists():
+        _check_reusable(judge_json, json.loads(judge_json.read_text()).get("config"), judge_config)
         stage.skip("reusing " + dirs["judge"])
     else:
         with stage:
@@ -597,10 +595,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
     with stages(6, "write the table and plots"):
         rows = [{k: v for k, v in r.items() if k != "samples"} for r in rows]
-        for r in rows:
-            r["grid"] = os.path.relpath(
-                os.path.join(dirs["samples"], f"scale_{r['scale']:g}", "grid.png"), workdir
-            )
+        for r in rows:  # relative to the workdir
+            r["grid"] = f"samples/scale_{r['scale']:g}/grid.png"
         real_row = real_reference_row(
             judge_module,
             judge_params,
@@ -621,16 +617,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             ),
         }
         table = format_table(rows, real_row)
-        _write_json(
-            os.path.join(workdir, "metrics.json"),
-            {"rows": rows, **reference, "note": NOT_INCEPTION},
+        out = paths.path(workdir)
+        _write_json(out / "metrics.json", {"rows": rows, **reference, "note": NOT_INCEPTION})
+        paths.write_text_atomic(
+            out / "metrics.md", table + "\n\n" + REAL_ROW_NOTE + "\n\n" + NOT_INCEPTION + "\n"
         )
-        with open(os.path.join(workdir, "metrics.md"), "w") as f:
-            f.write(table + "\n\n" + REAL_ROW_NOTE + "\n\n" + NOT_INCEPTION + "\n")
         real_grid = _digit_grid(test_images, test_labels, int(dc.num_classes))
-        _save_png(os.path.join(workdir, "real_digits.png"), real_grid)
-        _plot_losses(dirs, os.path.join(workdir, "loss.png"))
-    _record_timings(os.path.join(workdir, "timings.json"), stages)
+        _save_png(out / "real_digits.png", real_grid)
+        _plot_losses(dirs, out / "loss.png")
+    _record_timings(paths.path(workdir) / "timings.json", stages)
 
     _say("\n" + table + "\n")
     _say(
