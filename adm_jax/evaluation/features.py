@@ -105,7 +105,8 @@ class FeatureExtractor:
             for k, v in jax.device_get(out).items():
                 results.setdefault(k, []).append(np.asarray(v)[:n])
 
-        with tqdm(total=total, desc=desc, unit="img", disable=total == 0) as bar:
+        quiet = total == 0 or jax.process_index() != 0  # one progress bar per run
+        with tqdm(total=total, desc=desc, unit="img", disable=quiet) as bar:
             for block, n in _rechunk(batches, self.batch_size):
                 out = self._fn(self.variables, global_array(block, self._data))
                 if pending is not None:
