@@ -22,7 +22,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -44,8 +46,22 @@ class InferenceCheckpoint:
         return module_from_kwargs(self.kind, self.model_kwargs, **overrides)
 
 
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: gs:// and s3:// URIs stay URIs, local paths become
+    absolute (Orbax needs absolute local paths)."""
+    path = epath.Path(path)
+    return path if "://" in os.fspath(path) else path.expanduser().resolve()
+
+
+def replicated_sharding() -> jax.sharding.NamedSharding:
+    """Every leaf whole on every device of every process (the default for inference params:
+    ``jax.devices()[0]`` belongs to process 0 alone)."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("replica",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def is_inference_checkpoint(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(os.fspath(path), MODEL_JSON))
+    return (as_path(path) / MODEL_JSON).is_file()
 
 
 def save_inference_checkpoint(
@@ -60,11 +76,11 @@ def save_inference_checkpoint(
     """Writes ``params`` and the model description to ``path`` (created; must not exist)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    path = os.path.abspath(os.fspath(path))
-    params_path = os.path.join(path, PARAMS_DIR)
-    if os.path.exists(params_path):
+    path = as_path(path)
+    params_path = path / PARAMS_DIR
+    if params_path.exists():
         raise ValueError(f"out: {params_path} already exists; choose an empty directory")
-    os.makedirs(path, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_path, params)
         ckptr.wait_until_finished()
@@ -75,11 +91,14 @@ def save_inference_checkpoint(
         "extra": _jsonable(dict(extra or {})),
     }
     if jax.process_index() == 0:
-        tmp = os.path.join(path, MODEL_JSON + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(description, f, indent=2, sort_keys=True)
-        os.replace(tmp, os.path.join(path, MODEL_JSON))
-    return path
+        # Written last, in one write (atomic on object stores): its presence marks a
+        # complete checkpoint (``is_inference_checkpoint``).
+        (path / MODEL_JSON).write_text(json.dumps(description, indent=2, sort_keys=True))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("adm_jax.save_inference_checkpoint")
+    return os.fspath(path)
 
 
 def load_inference_checkpoint(
@@ -87,26 +106,25 @@ def load_inference_checkpoint(
 ) -> InferenceCheckpoint:
     """Restores an inference checkpoint.
 
-    ``sharding``: None (replicated on the default device), a single ``jax.sharding.Sharding``
+    ``sharding``: None (replicated on every device), a single ``jax.sharding.Sharding``
     applied to every leaf, or a pytree of shardings matching the parameters. The stored arrays
     can come from any mesh or device count.
     """
-    path = os.path.abspath(os.fspath(path))
-    json_path = os.path.join(path, MODEL_JSON)
-    if not os.path.isfile(json_path):
+    path = as_path(path)
+    json_path = path / MODEL_JSON
+    if not json_path.is_file():
         raise FileNotFoundError(
             f"checkpoint: {path} is not an adm_jax inference checkpoint (no {MODEL_JSON}); "
             "create one with `python -m adm_jax.main --mode=export` or `python -m adm_jax.convert`"
         )
-    with open(json_path) as f:
-        description = json.load(f)
-    params_path = os.path.join(path, PARAMS_DIR)
+    description = json.loads(json_path.read_text())
+    params_path = path / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata(params_path)
         tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
         tree = getattr(tree, "tree", tree)
         if sharding is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sharding = replicated_sharding()
         if isinstance(sharding, jax.sharding.Sharding):
             shardings = jax.tree.map(lambda _: sharding, tree)
         else:

@@ -25,11 +25,17 @@ MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+flags.DEFINE_integer(
+    "heartbeat_timeout",
+    60,
+    "Multi-process runs: seconds without a heartbeat after which a process is declared dead "
+    "and every other process stops with an error (JAX's default is 100).",
+)
 config_flags.DEFINE_config_file("config", None, "ml_collections config file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _maybe_initialize_distributed() -> None:
+def _maybe_initialize_distributed(heartbeat_timeout: int) -> None:
     """jax.distributed.initialize() on multi-process launches: explicit
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (GPU hosts, launch/gpu.sh),
     else JAX's own cluster detection (Cloud TPU pod slices, SLURM, Open MPI). A plain
@@ -39,10 +45,11 @@ def _maybe_initialize_distributed() -> None:
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            heartbeat_timeout_seconds=heartbeat_timeout,
         )
         return
     try:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
     except (ValueError, RuntimeError) as err:
         logging.info("Single-process run (no cluster detected: %s)", err)
 
@@ -50,7 +57,7 @@ def _maybe_initialize_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    _maybe_initialize_distributed()
+    _maybe_initialize_distributed(FLAGS.heartbeat_timeout)
     logging.info(
         "JAX process %d/%d; %d local / %d global devices: %s",
         jax.process_index(),
@@ -59,7 +66,28 @@ def main(argv):
         jax.device_count(),
         jax.local_devices(),
     )
-    config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
+    try:
+        _run_mode(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    except app.UsageError:
+        raise
+    except Exception as err:
+        if jax.process_count() == 1:
+            raise
+        # A failed process (often: a peer died inside a collective) must not wait in
+        # jax.distributed's shutdown barrier for peers that will never arrive.
+        logging.exception("adm_jax process %d failed", jax.process_index())
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"adm_jax process {jax.process_index()}/{jax.process_count()}: "
+            f"{type(err).__name__}: {message}",
+            file=sys.stderr,
+            flush=True,
+        )
+        logging.flush()
+        os._exit(1)
+
+
+def _run_mode(config, workdir: str, mode: str) -> None:
     if mode == "demo" or config.get("mode") == "demo":
         from adm_jax import demo
 

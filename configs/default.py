@@ -140,6 +140,8 @@ def get_config() -> ml_collections.ConfigDict:
             num_sample_images=16,
             sample_respacing="ddim50",
             profile_steps=0,  # >0: capture a profile of this many steps after the first log
+            # TensorBoard event files (through TensorFlow's gfile); metrics.jsonl is always written.
+            tensorboard=True,
         )
     )
 
@@ -172,8 +174,10 @@ def get_config() -> ml_collections.ConfigDict:
             sample_npz="",
             reference_batch="",
             inception_weights="",
+            inception_sha256="",  # expected SHA-256 of the weights' source; "" = official, "none"
             batch_size=64,
             resize="tf",
+            distance="float32",  # precision/recall distances: "float32" | "float64"
         )
     )
     return config

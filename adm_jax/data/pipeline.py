@@ -1,9 +1,12 @@
 """Input pipeline: TFDS ArrayRecord ``data_source`` + grain, producing global ``jax.Array``s.
 
 Reading needs no TensorFlow: ``tfds.data_source`` parses records with numpy, grain does the
-shuffling/batching, and images are decoded with PIL inside grain workers. Each JAX process
-reads its own shard (``ShardByJaxProcess``) and contributes ``global_batch_size //
-process_count`` examples to every global batch (``jax.make_array_from_process_local_data``).
+shuffling/batching, and images are decoded with PIL inside grain workers. Training batches are
+defined globally (one shuffle of the whole split, per-record augmentation seeded by the
+record's global position): process ``p`` reads rows ``[p * L, (p + 1) * L)`` of every global
+batch (``L = global_batch_size // process_count``) and contributes them with
+``jax.make_array_from_process_local_data``, so 1 and N processes train on the same batches.
+Evaluation passes shard the split by process (``ShardByJaxProcess``, equal counts).
 
 Checkpointing: the train iterator's ``get_state()`` is a small JSON-able dict (grain's per-worker
 read positions plus our skip counters). Save it per process with grain's Orbax handler, as the
@@ -305,10 +308,57 @@ def _local_batch_size(global_batch_size: int) -> int:
 
 
 def _shard(ds: grain.MapDataset) -> grain.MapDataset:
+    """This process's records: every ``shard_count``-th one, after dropping the last
+    ``len % shard_count`` records so every process holds the same number (a process with one
+    more evaluation batch than the others would wait forever in the eval step's collectives)."""
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     if shard.shard_count > 1:
-        ds = ds[shard.shard_index :: shard.shard_count]
+        usable = len(ds) - len(ds) % shard.shard_count
+        ds = ds[:usable][shard.shard_index :: shard.shard_count]
     return ds
+
+
+class _ProcessRowsMapDataset(grain.MapDataset):
+    """This process's rows of every global batch.
+
+    Global batch ``g`` is records ``[g * B, (g + 1) * B)`` of the (shuffled, repeated,
+    augmented) parent whatever the process count; process ``p`` of ``P`` reads its rows
+    ``[p * L, (p + 1) * L)`` (``L = B / P``), which ``make_array_from_process_local_data``
+    places on its devices. So a run on 1 and on N processes trains on the same batches, and
+    each record is decoded by one process only.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, global_batch_size: int, index: int, count: int):
+        super().__init__(parent)
+        self._global = global_batch_size
+        self._local = global_batch_size // count
+        self._offset = index * self._local
+        self._length = len(parent) // global_batch_size * self._local
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        batch, row = divmod(index, self._local)
+        return batch * self._global + self._offset + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessRowsMapDataset(rows {self._offset}+{self._local} of {self._global})"
+
+
+def _process_rows(ds: grain.MapDataset, global_batch_size: int) -> grain.MapDataset:
+    if jax.process_count() == 1:
+        return ds
+    return _ProcessRowsMapDataset(
+        ds, global_batch_size, jax.process_index(), jax.process_count()
+    )
 
 
 def _mp_prefetch(it: grain.IterDataset, num_workers: int) -> grain.IterDataset:
@@ -423,7 +473,7 @@ def create_train_iterator(
     source, features = open_data_source(cfg["name"], cfg["data_dir"], split or cfg["split"])
     _check_labels(cfg, features, for_classifier)
 
-    ds = _shard(grain.MapDataset.source(source))
+    ds = grain.MapDataset.source(source)
     if len(ds) == 0:
         raise ValueError(f"dataset {cfg['name']!r} split {split or cfg['split']!r} is empty")
     seed = int(seed) % 2**32
@@ -440,7 +490,8 @@ def create_train_iterator(
         random_crop=cfg["random_crop"],
         random_flip=cfg["random_flip"],
     )
-    ds = ds.random_map(transform, seed=seed)
+    ds = ds.random_map(transform, seed=seed)  # per-record randomness from the global index
+    ds = _process_rows(ds, global_batch_size)
     it = ds.to_iter_dataset(_read_options(cfg["num_workers"]))
     it = _SkipAndBatchIterDataset(it, local_bs, True, cfg["max_skipped_fraction"])
     it = _mp_prefetch(it, cfg["num_workers"])
@@ -476,7 +527,8 @@ def create_eval_iterator(
     Yields global ``{"image", "label", "mask"}``; ``mask`` (bool) is False for padding in the
     last batch and for corrupt records (kept as zero images rather than dropped so that every
     process yields the same number of batches). Each process reads
-    ``len(split) // process_count`` records; the remainder is dropped.
+    ``len(split) // process_count`` records; the last ``len(split) % process_count`` records
+    of the split are dropped, so every process runs the same number of eval steps.
     """
     cfg = validate_data_config(data_config)
     local_bs = _local_batch_size(global_batch_size)

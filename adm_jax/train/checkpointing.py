@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
 DATA_ITER_ITEM = "data_iter"  # == adm_jax.data.DATA_ITER_ITEM (grain per-process files)
@@ -28,8 +29,15 @@ JSON_DATA_ITEM = "data"  # iterators with only get_state()/set_state() (tests, c
 ITEMS = ("state", "config", DATA_ITER_ITEM, JSON_DATA_ITEM)
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: gs:// and s3:// stay URIs (``os.path.abspath`` would turn
+    them into local directories named "gs:"), local paths become absolute (Orbax needs it)."""
+    path = epath.Path(path)
+    return path if "://" in os.fspath(path) else path.expanduser().resolve()
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    return as_path(workdir) / CHECKPOINT_DIR
 
 
 def _encode(data_state):
@@ -97,8 +105,8 @@ class Checkpointer:
             state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
             config=ocp.args.JsonRestore(),
         )
-        step_dir = os.path.join(self.directory, str(step))
-        has = lambda item: os.path.isdir(os.path.join(step_dir, item))  # noqa: E731
+        step_dir = self.directory / str(step)
+        has = lambda item: (step_dir / item).is_dir()  # noqa: E731
         if data_iter is not None:
             if hasattr(data_iter, "restore_args") and has(DATA_ITER_ITEM):
                 items[DATA_ITER_ITEM] = data_iter.restore_args()

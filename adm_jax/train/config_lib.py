@@ -172,6 +172,11 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
         fail("train.ema_rate", f"every rate must be in (0, 1), got {t.ema_rate!r}")
     if t.schedule_sampler not in SCHEDULE_SAMPLERS:
         fail("train.schedule_sampler", f"unknown {t.schedule_sampler!r}; {SCHEDULE_SAMPLERS}")
+    if t.dtype == "float16":
+        # float16 needs dynamic loss scaling (the reference's lg_loss_scale) or small gradients
+        # underflow to zero silently; bfloat16 has float32's range, runs at the same speed on
+        # every accelerator adm_jax targets (TPU v4+, A100/H100) and needs none.
+        fail("train.dtype", "float16 training is not supported (no loss scaling); use bfloat16")
     if t.dtype not in DTYPES:
         fail("train.dtype", f"unknown {t.dtype!r}; {tuple(DTYPES)}")
     if t.lr_anneal_steps and t.warmup_steps >= t.lr_anneal_steps:

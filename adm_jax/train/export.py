@@ -37,7 +37,7 @@ def _restore_params(workdir: str, config, *, ema_rate=None, step=None, sharding=
         raise FileNotFoundError(f"checkpoint: no training checkpoint in {ckpt.directory}")
     module = config_lib.build_model(config)
     if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = inference_lib.replicated_sharding()
     params_abs = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
         abstract_params(module),
@@ -69,11 +69,11 @@ def restore_inference(
 ) -> inference_lib.InferenceCheckpoint:
     """An InferenceCheckpoint from an inference checkpoint directory, or from a training
     workdir (its latest checkpoint's EMA params, or params for EMA-less classifier runs)."""
-    path = os.path.abspath(os.fspath(path))
+    path = checkpointing.as_path(path)
     if inference_lib.is_inference_checkpoint(path):
         return inference_lib.load_inference_checkpoint(path, sharding=sharding)
-    if os.path.basename(path) == checkpointing.CHECKPOINT_DIR:
-        path = os.path.dirname(path)
+    if path.name == checkpointing.CHECKPOINT_DIR:
+        path = path.parent
     config = load_run_config(path, step)
     params, step, rate = _restore_params(
         path, config, ema_rate=ema_rate, step=step, sharding=sharding
@@ -83,7 +83,7 @@ def restore_inference(
         model_kwargs=inference_lib._jsonable(config_lib.model_kwargs(config)),
         diffusion_kwargs=config_lib.diffusion_kwargs(config),
         params=params,
-        extra={"step": int(step), "ema_rate": rate, "source": path},
+        extra={"step": int(step), "ema_rate": rate, "source": os.fspath(path)},
     )
 
 
@@ -91,14 +91,14 @@ def export(config, workdir: str, out: str | None = None, *, ema_rate=None) -> st
     """Writes the latest checkpoint's EMA params of ``workdir`` as an inference checkpoint
     (default ``WORKDIR/export/step_<N>``) and returns its path. The model description comes
     from the config stored with the checkpoint (``config`` is used only if none is stored)."""
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = checkpointing.as_path(workdir)
     try:
         run_config = load_run_config(workdir)
     except Exception:  # noqa: BLE001 - fall back to the given config
         run_config = config
     restored = restore_inference(workdir, ema_rate=ema_rate)
     step = restored.extra["step"]
-    out = out or os.path.join(workdir, "export", f"step_{step:08d}")
+    out = out or workdir / "export" / f"step_{step:08d}"
     inference_lib.save_inference_checkpoint(
         out,
         restored.params,
@@ -108,7 +108,7 @@ def export(config, workdir: str, out: str | None = None, *, ema_rate=None) -> st
         extra=restored.extra,
     )
     logging.info("Exported step %d (EMA %s) to %s", step, restored.extra["ema_rate"], out)
-    return out
+    return os.fspath(out)
 
 
 __all__ = ["export", "load_run_config", "restore_inference"]

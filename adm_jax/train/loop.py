@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
 from absl import logging
 
 from adm_jax.sampling import io as sample_io
@@ -49,27 +50,74 @@ class RunResult:
     step: int
     metrics: dict[str, float]
     preempted: bool = False
+    finished_before: bool = False  # the workdir already held the final step's checkpoint
 
 
-class _PreemptionFlag:
-    """SIGTERM -> flag the loop checks between steps (the handler itself does no I/O)."""
+class _StopSignals:
+    """SIGTERM / SIGINT -> a flag the loop checks between steps (the handler does no I/O).
+
+    Single-process runs only: the loop then stops at the next step with a checkpoint, and a
+    second signal of the same kind gets its default action (SIGTERM kills, SIGINT raises
+    KeyboardInterrupt). Multi-process runs leave SIGTERM to JAX's preemption service
+    (installed by ``jax.distributed.initialize``): it agrees on one step for every process
+    (``Checkpointer.reached_preemption``), whereas a handler here would replace its notifier
+    and let each process stop wherever its own signal found it, inside another's collective.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.set = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        on_main = threading.current_thread() is threading.main_thread()
+        if on_main and jax.process_count() == 1:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        name = signal.Signals(signum).name
+        logging.warning(
+            "%s received: stopping after this step with a checkpoint (send it again to abort).",
+            name,
+        )
         self.set = True
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def sync_processes(name: str) -> None:
+    """Coordination-service barrier (no-op in one process) before a program's first
+    collective: processes finish compiling at different times, and XLA:CPU's gloo collectives
+    give up after 30 s of waiting for a slower peer to join."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"adm_jax:{name}")
+
+
+class _CompileOnceThenSync:
+    """A jitted function compiled at its first call, then a barrier, then reused.
+
+    One compilation per run (the sample grid used to recompile at every ``sample_every``), and
+    no process enters the program's collectives while another is still compiling.
+    ``compilations`` counts them (tests assert 1).
+    """
+
+    def __init__(self, jitted, name: str):
+        self._jitted, self._name = jitted, name
+        self._compiled = None
+        self.compilations = 0
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            self._compiled = self._jitted.lower(*args).compile()
+            self.compilations += 1
+            sync_processes(f"{self._name}_compiled")
+        return self._compiled(*args)
 
 
 def _data_iterator(config, mesh, *, split: str, seed: int, for_classifier: bool):
@@ -111,8 +159,8 @@ def _run(
     mode = "train_classifier" if classifier else "train"
     mesh = mesh or sharding.create_mesh(fsdp=tc.fsdp)
     config_lib.validate_config(config, num_devices=mesh.size, mode=mode)
-    workdir = os.path.abspath(os.fspath(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    workdir = checkpointing.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     logging.info("workdir %s; mesh %s; %d devices", workdir, dict(mesh.shape), mesh.size)
 
     module = config_lib.build_model(config)
@@ -122,6 +170,16 @@ def _run(
     ckpt = checkpointing.Checkpointer(
         workdir, max_to_keep=tc.max_to_keep, async_save=tc.async_checkpointing
     )
+    latest = ckpt.latest_step()
+    if latest is not None and latest >= tc.num_steps:
+        # Rerunning a finished run (or a pod relaunched after its last save): nothing to
+        # compile or train.
+        logging.info(
+            "%s: already finished (checkpoint at step %d, train.num_steps=%d); nothing to do.",
+            ckpt.directory, latest, tc.num_steps,
+        )  # fmt: skip
+        ckpt.close()
+        return RunResult(state=None, step=latest, metrics={}, finished_before=True)
     if train_iter is None:
         train_iter = _data_iterator(
             config, mesh, split=config.data.split, seed=tc.seed, for_classifier=classifier
@@ -131,6 +189,7 @@ def _run(
             state, _ = ckpt.restore(abstract, data_iter=train_iter)
         logging.info("Resumed from %s/%d", ckpt.directory, ckpt.latest_step())
     else:
+        sync_processes("init")
         state, _ = state_lib.create_train_state(module, config, tx, mesh)
     from adm_jax.models import count_params
 
@@ -156,13 +215,28 @@ def _run(
         eval_step = steps.make_classifier_eval_step(module, diffusion, noised=tc.noised)
     else:
         eval_step = steps.make_diffusion_eval_step(module, diffusion, steps.low_res_size(config))
-    eval_step = jax.jit(eval_step, out_shardings=rep)
+    eval_step = _CompileOnceThenSync(jax.jit(eval_step, out_shardings=rep), "eval_step")
+    sample_fn = None
+    if not classifier and tc.sample_every:
+        sample_fn = _CompileOnceThenSync(
+            jax.jit(
+                steps.make_sample_fn(
+                    module,
+                    config_lib.build_diffusion(config, timestep_respacing=tc.sample_respacing),
+                    num_images=tc.num_sample_images,
+                    image_size=config_lib.model_image_size(config),
+                ),
+                out_shardings=rep,
+            ),
+            "sample_grid",
+        )
 
-    writer = metrics_lib.create_writer(workdir)
+    writer = metrics_lib.create_writer(workdir, tensorboard=tc.get("tensorboard", True))
     step = int(jax.device_get(state.step))
     first_batch = next(train_iter)
     with jax.set_mesh(mesh):
         compiled = train_step.lower(state, first_batch).compile()
+    sync_processes("train_step_compiled")
     flops = metrics_lib.compiled_flops(compiled)
     logging.info("Compiled the train step: %.3g FLOPs per device per step", flops)
     if step == 0:
@@ -177,7 +251,7 @@ def _run(
             num_train_steps=tc.num_steps,
             every_steps=tc.log_every,
             writer=writer,
-            workdir=workdir,
+            workdir=os.fspath(workdir),
             profile_steps=tc.profile_steps,
         )
 
@@ -198,7 +272,7 @@ def _run(
     t_log, steps_since_log = time.perf_counter(), 0
     end = tc.num_steps if stop_after is None else min(tc.num_steps, step + stop_after)
     batch = first_batch
-    with _PreemptionFlag() as flag, jax.set_mesh(mesh):
+    with _StopSignals() as flag, jax.set_mesh(mesh):
         while step < end:
             if batch is None:
                 batch = next(train_iter)
@@ -236,14 +310,15 @@ def _run(
                 writer.write_scalars(step, ev)
                 last.update(ev)
             if not classifier and tc.sample_every and step % tc.sample_every == 0:
-                _write_samples(config, module, state, mesh, writer, workdir, step, last_batch)
+                _write_samples(sample_fn, config, module, state, writer, workdir, step, last_batch)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not is_last:
                 save(step)
             t_log += time.perf_counter() - t_side
             if flag.set or ckpt.reached_preemption(step):
                 preempted = True
                 break
-        save(step, force=True)
+        if step not in ckpt.all_steps():  # already saved: a periodic save at the same step
+            save(step, force=True)
         ckpt.close()
     writer.flush()
     if preempted:
@@ -273,11 +348,10 @@ def _evaluate(eval_step, state, eval_iter_fn, tc, classifier: bool, step: int) -
     return {f"val/{k}": sum(float(r[k]) for r in results) / max(count, 1.0) for k in names}
 
 
-def _write_samples(config, module, state, mesh, writer, workdir, step, last_batch) -> None:
+def _write_samples(sample_fn, config, module, state, writer, workdir, step, last_batch) -> None:
     """A grid of EMA samples (respaced per train.sample_respacing) -> PNG + image summary."""
     tc = config.train
     n = tc.num_sample_images
-    sample_diffusion = config_lib.build_diffusion(config, timestep_respacing=tc.sample_respacing)
     key = jax.random.fold_in(jax.random.PRNGKey(tc.seed + 17), step)
     cond = {}
     if getattr(module, "num_classes", None) is not None:
@@ -288,14 +362,11 @@ def _write_samples(config, module, state, mesh, writer, workdir, step, last_batc
         cond["low_res"] = steps.area_downsample(images, config.model.small_size)
         if "y" in cond:
             cond["y"] = last_batch["label"][:n]
-    fn = steps.make_sample_fn(
-        module, sample_diffusion, num_images=n, image_size=config_lib.model_image_size(config)
-    )
     params = state.ema_params[0] if state.ema_params else state.params
-    images = jax.jit(fn, out_shardings=sharding.replicated(mesh))(params, key, cond)
+    images = sample_fn(params, key, cond)
     images = jax.device_get(to_uint8(images))
     writer.write_images(step, {"samples": sample_io.image_grid(images)[None]})
     if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, "samples")
-        os.makedirs(out_dir, exist_ok=True)
-        sample_io.save_image_grid(os.path.join(out_dir, f"step_{step:08d}.png"), images)
+        out_dir = checkpointing.as_path(workdir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sample_io.save_image_grid(out_dir / f"step_{step:08d}.png", images)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 # Peak dense bf16 FLOP/s per JAX device, by device_kind prefix (vendor datasheets). TPU v2/v3
 # expose one device per core, v4 and later one per chip.
@@ -114,20 +116,39 @@ class MetricAccumulator:
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """Appends scalars as JSON lines to ``workdir/metrics.jsonl`` (easy to diff and plot
-    without TensorBoard; the resume tests read it)."""
+    """Scalars as JSON lines in ``workdir/metrics.jsonl`` (easy to diff and plot without
+    TensorBoard; the resume tests read it).
 
-    def __init__(self, path: str):
-        self._path = path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    Local files are appended to. Object stores (gs://, s3://) cannot append, so there the
+    rows are kept and the whole file is rewritten (one write, atomic there) at most every
+    ``remote_flush_seconds`` and on ``flush``/``close``.
+    """
+
+    def __init__(self, path, *, remote_flush_seconds: float = 30.0):
+        self._path = epath.Path(path)
+        self._remote = "://" in os.fspath(self._path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows: list[str] = []
+        if self._remote and self._path.exists():
+            self._rows = self._path.read_text().splitlines()
+        self._dirty = False
+        self._flush_every = remote_flush_seconds
+        self._last_flush = time.monotonic()
 
     def write_scalars(self, step: int, scalars) -> None:
         row = {"step": int(step)}
         for k, v in scalars.items():
             v = float(np.asarray(v))
             row[k] = v if math.isfinite(v) else str(v)
-        with open(self._path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row)
+        if not self._remote:
+            with self._path.open("a") as f:
+                f.write(line + "\n")
+            return
+        self._rows.append(line)
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self._flush_every:
+            self.flush()
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -151,20 +172,29 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
     def flush(self):
-        pass
+        if self._remote and self._dirty:
+            self._path.write_text("".join(r + "\n" for r in self._rows))
+            self._dirty = False
+            self._last_flush = time.monotonic()
 
     def close(self):
-        pass
+        self.flush()
 
 
-def create_writer(workdir: str):
-    """TensorBoard (workdir/) + console + metrics.jsonl on process 0; console-only elsewhere."""
+def create_writer(workdir, *, tensorboard: bool = True):
+    """TensorBoard (workdir/) + console + metrics.jsonl on process 0; console-only elsewhere.
+
+    ``tensorboard=False`` skips the event files: they go through TensorFlow's own file system
+    layer, which reaches real GCS but no emulator (the object-store tests turn it off).
+    """
+    workdir = os.fspath(workdir)
+    console_only = jax.process_index() > 0 or not tensorboard
     writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+        workdir, just_logging=console_only, asynchronous=True
     )
     if jax.process_index() > 0:
         return writer
-    jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    jsonl = JsonlWriter(epath.Path(workdir) / "metrics.jsonl")
     return metric_writers.MultiWriter([writer, jsonl])
 
 
@@ -187,12 +217,11 @@ def progress_hooks(*, num_train_steps: int, every_steps: int, writer, workdir, p
 def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
     """metrics.jsonl as {step: merged row}; a later row for a step (after a resume) wins."""
     out: dict[int, dict[str, Any]] = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return out
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                out.setdefault(row["step"], {}).update(row)
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.setdefault(row["step"], {}).update(row)
     return out
