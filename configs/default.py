@@ -29,6 +29,14 @@ UNET_FLAGS = dict(
     use_fp16=False,
     use_new_attention_order=False,
 )
+# config.model fields of diffusion models that are not README flags: they change training, and
+# the network only through adm_jax.train.model_kwargs (class_dropout_prob > 0 adds the
+# null-label embedding row that classifier-free guidance needs).
+DIFFUSION_MODEL_EXTRAS = dict(
+    # Classifier-free guidance training (Ho & Salimans 2022): each label is replaced by the
+    # null label with this probability (0.1-0.2 typical; 0 = off, the reference's training).
+    class_dropout_prob=0.0,
+)
 CLASSIFIER_FLAGS = dict(
     image_size=64,
     classifier_width=128,
@@ -46,14 +54,23 @@ CLASSIFIER_FLAGS = dict(
 
 def unet_model(**overrides) -> ml_collections.ConfigDict:
     """config.model for a diffusion UNet ("unet", or "superres" with large/small_size)."""
-    return ml_collections.ConfigDict({"kind": "unet", **UNET_FLAGS, **overrides})
+    return ml_collections.ConfigDict(
+        {"kind": "unet", **UNET_FLAGS, **DIFFUSION_MODEL_EXTRAS, **overrides}
+    )
 
 
 def superres_model(**overrides) -> ml_collections.ConfigDict:
     flags = {k: v for k, v in UNET_FLAGS.items() if k not in ("image_size", "channel_mult")}
     flags.pop("use_new_attention_order")  # sr_create_model ignores it
     return ml_collections.ConfigDict(
-        {"kind": "superres", **flags, "large_size": 256, "small_size": 64, **overrides}
+        {
+            "kind": "superres",
+            **flags,
+            "large_size": 256,
+            "small_size": 64,
+            **DIFFUSION_MODEL_EXTRAS,
+            **overrides,
+        }
     )
 
 

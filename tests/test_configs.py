@@ -153,3 +153,43 @@ def test_abstract_shapes_without_allocation():
     config = load("imagenet512")
     shapes = models.abstract_params(config_lib.build_model(config))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize(
+    "value, class_cond, message",
+    [
+        (1.0, True, "model.class_dropout_prob: must be in [0, 1), got 1.0"),
+        (-0.1, True, "model.class_dropout_prob: must be in [0, 1), got -0.1"),
+        (0.1, False, "model.class_dropout_prob: 0.1 needs model.class_cond"),
+    ],
+)
+def test_class_dropout_prob_is_checked(value, class_cond, message):
+    config = load("tiny")
+    config.model.class_dropout_prob = value
+    config.model.class_cond = config.data.class_cond = class_cond
+    with pytest.raises(train.ConfigError) as err:
+        train.validate_config(config, num_devices=8, mode="train")
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_class_dropout_adds_the_null_label_row_and_round_trips(tmp_path):
+    """Label dropout puts null_class_embedding in the checkpoint kwargs (the module rebuilt
+    from an inference checkpoint has the extra row); without it the kwargs are unchanged."""
+    from adm_jax import checkpoints
+
+    config = load("tiny")
+    plain = config_lib.model_kwargs(config)
+    assert "null_class_embedding" not in plain
+    config.model.class_dropout_prob = 0.1
+    train.validate_config(config, num_devices=8, mode="train")
+    kwargs = config_lib.model_kwargs(config)
+    assert kwargs == {**plain, "null_class_embedding": True}
+    module = config_lib.build_model(config)
+    params = models.abstract_params(module)
+    assert params["label_emb"]["embedding"].shape == (1001, 128)
+    params = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), params)
+    path = checkpoints.save_inference_checkpoint(
+        tmp_path / "ckpt", params, kind="unet", model_kwargs=kwargs, diffusion_kwargs=None
+    )
+    rebuilt = checkpoints.load_inference_checkpoint(path).module()
+    assert rebuilt.null_label == 1000 and rebuilt == module.clone(dtype=rebuilt.dtype)

@@ -4,6 +4,7 @@ compile-once, gradient accumulation, and the classifier step."""
 import pathlib
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +148,64 @@ def test_area_downsample_is_mean_pooling():
     x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
     y = steps.area_downsample(x, 2)
     np.testing.assert_allclose(y[0, 0, 0], x[0, :2, :2].mean((0, 1)))
+
+
+def test_drop_labels_is_seeded_and_uses_the_null_label():
+    labels = jnp.arange(1000, dtype=jnp.int32) % 10
+    key = jax.random.key(3)
+    half = steps.drop_labels(key, labels, 0.5, 10)
+    np.testing.assert_array_equal(half, steps.drop_labels(key, labels, 0.5, 10))  # same key
+    dropped = np.asarray(half) == 10
+    assert 0.4 < dropped.mean() < 0.6
+    np.testing.assert_array_equal(np.asarray(half)[~dropped], np.asarray(labels)[~dropped])
+    assert not np.array_equal(half, steps.drop_labels(jax.random.key(4), labels, 0.5, 10))
+    np.testing.assert_array_equal(steps.drop_labels(key, labels, 1 - 1e-7, 10), 10)
+
+
+class _LabelNet(nn.Module):
+    """A stand-in for the UNet whose output is its label embedding: the train step compiles
+    in a second, and the parameters say which labels the step used."""
+
+    image_size: int = 8
+    in_channels: int = 3
+    num_classes: int = 10
+
+    @property
+    def null_label(self):
+        return self.num_classes
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train=False):
+        emb = nn.Embed(self.num_classes + 1, 6, name="label_emb")(y)
+        return jnp.zeros((*x.shape[:-1], 6)) + emb[:, None, None, :]
+
+
+def test_label_dropout_step_trains_on_the_null_label():
+    """class_dropout_prob ~1: only the null label's embedding row learns, and the step equals
+    (bitwise) a step without dropout on a batch that already holds the null label."""
+    config = _tiny(ema_rate="")
+    config.model.class_dropout_prob = 1 - 1e-7
+    no_drop = _tiny(ema_rate="")
+    module = _LabelNet()
+    diffusion = config_lib.build_diffusion(config)
+    tx = state_lib.make_optimizer(config.train)
+    state = jax.jit(state_lib.make_init_fn(module, config, tx))(jax.random.PRNGKey(0))
+    batch = _batch(config)
+    null_batch = dict(batch, label=np.full_like(batch["label"], module.null_label))
+    out = []
+    for cfg, b in ((config, batch), (no_drop, null_batch)):
+        new_state, metrics = jax.jit(steps.make_diffusion_train_step(module, diffusion, tx, cfg))(
+            state, b
+        )
+        out.append(jax.device_get((new_state.params, metrics["loss"])))
+    jax.tree.map(np.testing.assert_array_equal, out[0], out[1])
+    moved = np.any(out[0][0]["label_emb"]["embedding"] != state.params["label_emb"]["embedding"], 1)
+    np.testing.assert_array_equal(np.flatnonzero(moved), [module.null_label])
+
+
+def test_label_dropout_needs_a_null_label():
+    config = _tiny()
+    module = config_lib.build_model(config)  # class_dropout_prob 0: no null label
+    config.model.class_dropout_prob = 0.1
+    with pytest.raises(ValueError, match=r"^model\.class_dropout_prob: 0.1 needs a module"):
+        steps.make_diffusion_train_step(module, None, None, config)

@@ -21,6 +21,8 @@ MODEL_KINDS = ("unet", "superres", "classifier")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 NOISE_SCHEDULES = ("linear", "cosine")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# config.model fields that are not README flags (configs/default.py DIFFUSION_MODEL_EXTRAS).
+MODEL_EXTRAS = ("class_dropout_prob",)
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "default.py"
 
 
@@ -53,15 +55,32 @@ def ema_rates(config) -> tuple[float, ...]:
 
 
 def model_flags(config) -> dict[str, Any]:
-    """README flags of config.model (without ``kind``; empty tiny-only extras dropped)."""
-    flags = {k: v for k, v in config.model.items() if k != "kind"}
+    """README flags of config.model (without ``kind`` and the non-flag MODEL_EXTRAS)."""
+    flags = {k: v for k, v in config.model.items() if k != "kind" and k not in MODEL_EXTRAS}
     if config.model.kind == "classifier":
         flags.pop("channel_mult", None)
     return flags
 
 
+def class_dropout_prob(config) -> float:
+    """config.model.class_dropout_prob (0 when absent: configs stored before it existed)."""
+    return float(config.model.get("class_dropout_prob", 0.0) or 0.0)
+
+
 def model_kwargs(config) -> dict[str, Any]:
-    """Reference constructor kwargs (what inference checkpoints store) for config.model."""
+    """Reference constructor kwargs (what inference checkpoints store) for config.model.
+
+    Label dropout (class_dropout_prob > 0) adds ``null_class_embedding=True``, so an exported
+    checkpoint rebuilds the module with its null-label row; without it the kwargs are exactly
+    the reference's.
+    """
+    kwargs = _reference_model_kwargs(config)
+    if config.model.kind != "classifier" and class_dropout_prob(config) > 0:
+        kwargs["null_class_embedding"] = True
+    return kwargs
+
+
+def _reference_model_kwargs(config) -> dict[str, Any]:
     from adm_jax.models import reference_kwargs_from_flags
 
     kind = config.model.kind
@@ -140,6 +159,15 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
         fail("data.class_cond", f"{data.class_cond} but model.class_cond is {m.class_cond}")
     if m.kind == "classifier" and not data.class_cond:
         fail("data.class_cond", "a classifier needs labels (set it True)")
+    if m.kind != "classifier":
+        try:
+            p_drop = class_dropout_prob(config)
+        except (TypeError, ValueError):
+            fail("model.class_dropout_prob", f"expected a number, got {m.class_dropout_prob!r}")
+        if not 0 <= p_drop < 1:
+            fail("model.class_dropout_prob", f"must be in [0, 1), got {p_drop}")
+        if p_drop > 0 and not m.class_cond:
+            fail("model.class_dropout_prob", f"{p_drop} needs model.class_cond (labels to drop)")
     from adm_jax.data import validate_data_config
 
     try:

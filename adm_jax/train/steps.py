@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from adm_jax.train import config_lib
 from adm_jax.train import sharding as sharding_lib
 from adm_jax.train.state import TrainState, current_lr
 
@@ -34,6 +35,20 @@ def _count_trace(name: str) -> None:
 def step_keys(state: TrainState):
     """(t_key, noise_key, dropout_key) for this step, independent of the device layout."""
     return jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+
+
+def label_dropout_key(state: TrainState):
+    """Key for classifier-free label dropout: a stream beside ``step_keys``, which it leaves
+    unchanged, so runs without label dropout stay bitwise what they were."""
+    return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 3)
+
+
+def drop_labels(key, labels, prob: float, null_label: int):
+    """Each label becomes ``null_label`` with probability ``prob`` (classifier-free guidance
+    training, Ho & Salimans 2022: one network learns the conditional and the unconditional
+    model)."""
+    dropped = jax.random.bernoulli(key, prob, labels.shape)
+    return jnp.where(dropped, jnp.asarray(null_label, labels.dtype), labels)
 
 
 def area_downsample(x, size: int):
@@ -139,9 +154,17 @@ def _apply_update(state: TrainState, tx, grads, ok, ema_rates, sampler_state):
 def make_diffusion_train_step(module, diffusion, tx, config):
     """(state, batch) -> (state, metrics): hybrid loss (adm_jax.diffusion.training_losses)
     at t from the configured timestep sampler, weighted by its importance weights; class
-    labels go to class-conditional models (as the reference's image_train.py)."""
+    labels go to class-conditional models (as the reference's image_train.py), each replaced
+    by ``module.null_label`` with probability model.class_dropout_prob."""
     from adm_jax import diffusion as dlib
 
+    p_drop = config_lib.class_dropout_prob(config)
+    null_label = getattr(module, "null_label", None)
+    if p_drop > 0 and null_label is None:
+        raise ValueError(
+            f"model.class_dropout_prob: {p_drop} needs a module with a null-label embedding "
+            "(build it with adm_jax.train.build_model)"
+        )
     tc = config.train
     rates = tuple(float(r) for r in str(tc.ema_rate).split(",") if r.strip())
     importance = tc.schedule_sampler == "loss-second-moment"
@@ -160,6 +183,9 @@ def make_diffusion_train_step(module, diffusion, tx, config):
         else:
             t, w = dlib.uniform_sample_timesteps(t_key, T, bsz)
         noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+        if p_drop > 0:
+            labels = drop_labels(label_dropout_key(state), batch["label"], p_drop, null_label)
+            batch = {**batch, "label": labels}
         inputs = {"x": x, "t": t, "w": w, "noise": noise, **batch}
         inputs.pop("image")
 
