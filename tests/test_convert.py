@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 from safetensors.numpy import save, save_file
-from test_sampling_io import gcs_bucket  # noqa: F401  (fixture: a GCS emulator)
 
 from adm_jax import checkpoints
 from adm_jax.convert import (

@@ -13,7 +13,6 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
-from test_sampling_io import gcs_bucket  # noqa: F401  (fixture: a GCS emulator)
 
 import adm_jax.data as data
 

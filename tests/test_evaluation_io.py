@@ -6,7 +6,6 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from test_sampling_io import gcs_bucket  # noqa: F401  (fixture: a GCS emulator)
 
 from adm_jax.evaluation import features, inception, metrics, run
 from adm_jax.evaluation import reference_batch as rb

@@ -87,7 +87,7 @@ def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch):
     assert len(namespace["rows"]) == len(DEMO_SMOKE_OVERRIDES["sample.sweep_scales"].split(","))
 
 
-@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh"])
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "slurm_gpu.sh"])
 def test_launch_scripts_parse(script):
     path = REPO_ROOT / "launch" / script
     assert os.access(path, os.X_OK), f"{script} is not executable"

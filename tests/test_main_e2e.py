@@ -23,24 +23,9 @@ ENV = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    """tiny_images: 32 train / 8 validation random 16x16 RGB PNGs in 4 class folders."""
-    from PIL import Image
-
-    from adm_jax.data import build_image_folder_dataset
-
-    root = tmp_path_factory.mktemp("tiny_images")
-    rng = np.random.default_rng(0)
-    dirs = {}
-    for split, n in (("train", 32), ("validation", 8)):
-        for i in range(n):
-            d = root / "png" / split / f"class_{i % 4}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"{i}.png")
-        dirs[split] = str(root / "png" / split)
-    build_image_folder_dataset(dirs, str(root / "tfds"), "tiny_images")
-    return str(root / "tfds")
+@pytest.fixture
+def tfds_dir(tiny_tfds_dir):
+    return tiny_tfds_dir
 
 
 def main_cmd(workdir, *flags, config="configs/tiny.py", mode="train"):

@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import Mesh
-from test_sampling_io import gcs_bucket  # noqa: F401  (fixture: a GCS emulator)
 
 from adm_jax import checkpoints
 from adm_jax.models import module_from_kwargs
