@@ -92,3 +92,34 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
     while [p for p in os.listdir(ckdir) if "tmp" in p] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in os.listdir(ckdir) if "tmp" in p]
+
+
+def test_damaged_newest_checkpoint_is_set_aside(tmp_path, caplog):
+    """A newest step with a lost file: resume restores the previous step (with a warning), the
+    damaged one is kept as <step>.damaged, and that step can be saved again."""
+    import jax.numpy as jnp
+
+    ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=5, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.full((8,), float(step))}, config={"step": step})
+    ckpt.close()
+    state_dir = tmp_path / "checkpoints" / "2" / "state"
+    victims = [p for p in state_dir.rglob("*") if p.is_file() and "ocdbt" in str(p)]
+    assert victims, sorted(state_dir.rglob("*"))
+    for p in victims:
+        p.unlink()
+
+    abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32)}
+    ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=5, async_save=False)
+    with caplog.at_level("WARNING"):
+        state, step = ckpt.restore_latest_intact(abstract)
+    assert step == 1 and float(state["w"][0]) == 1.0
+    assert "cannot be restored" in caplog.text
+    assert (tmp_path / "checkpoints" / "2.damaged").is_dir()
+    assert ckpt.all_steps() == [1]
+    ckpt.save(2, {"w": jnp.full((8,), 3.0)}, config={"step": 2})
+    ckpt.close()
+    ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=5, async_save=False)
+    state, step = ckpt.restore_latest_intact(abstract)
+    assert step == 2 and float(state["w"][0]) == 3.0
+    ckpt.close()

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
@@ -120,6 +121,49 @@ class Checkpointer:
         if JSON_DATA_ITEM in items:
             data_iter.set_state(_decode(out[JSON_DATA_ITEM]))
         return out["state"], out["config"]
+
+    def restore_latest_intact(self, abstract_state, *, data_iter=None):
+        """(state, step) of the newest checkpoint that restores, newest first: a damaged
+        newest step (a file lost or truncated by a crash outside Orbax's atomic commit, a
+        bucket object deleted) is skipped with a warning instead of blocking every resume."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"checkpoint: no finalized checkpoint in {self.directory}")
+        errors = []
+        for step in steps:
+            try:
+                state, _ = self.restore(abstract_state, step, data_iter=data_iter)
+            except Exception as err:  # noqa: BLE001 - any failure means "not restorable"
+                reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+                errors.append(f"step {step}: {type(err).__name__}: {reason}")
+                logging.warning(
+                    "checkpoint %s/%d cannot be restored (%s); trying an older one",
+                    self.directory, step, errors[-1],
+                )  # fmt: skip
+                continue
+            self._set_aside([s for s in steps if s > step])
+            return state, step
+        raise ValueError(
+            f"checkpoint: no checkpoint in {self.directory} can be restored ({errors[0]}); "
+            "if the config changed since they were written, use a new --workdir"
+        )
+
+    def _set_aside(self, damaged: list[int]) -> None:
+        """Renames damaged steps to ``<step>.damaged`` (kept for inspection, no longer a
+        checkpoint), so the resumed run can save those steps again."""
+        if not damaged:
+            return
+        if jax.process_index() == 0:
+            for step in damaged:
+                target = self.directory / f"{step}.damaged"
+                if target.exists():
+                    target.rmtree()
+                (self.directory / str(step)).rename(target)
+                logging.warning("checkpoint: moved damaged %s/%d to %s", self.directory, step,
+                                target)  # fmt: skip
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("adm_jax:checkpoint_set_aside")
+        self.manager.reload()
 
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step

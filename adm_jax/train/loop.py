@@ -186,8 +186,8 @@ def _run(
         )
     if ckpt.latest_step() is not None:
         with jax.set_mesh(mesh):
-            state, _ = ckpt.restore(abstract, data_iter=train_iter)
-        logging.info("Resumed from %s/%d", ckpt.directory, ckpt.latest_step())
+            state, resumed = ckpt.restore_latest_intact(abstract, data_iter=train_iter)
+        logging.info("Resumed from %s/%d", ckpt.directory, resumed)
     else:
         sync_processes("init")
         state, _ = state_lib.create_train_state(module, config, tx, mesh)
