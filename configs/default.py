@@ -10,6 +10,7 @@ EMA 0.9999); the sampling/evaluation defaults are the reference scripts' default
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 # README flags understood by adm_jax.models.reference_kwargs_from_flags, by model kind.
 UNET_FLAGS = dict(
@@ -170,7 +171,16 @@ def get_config() -> ml_collections.ConfigDict:
             classifier_scale=1.0,
             num_samples=10_000,
             batch_size=16,
-            use_ddim=False,
+            # "ddpm" (ancestral) | "ddim" | "dpm++" (DPM-Solver++(2M)); see docs/sampling.md.
+            sampler="ddpm",
+            # Model evaluations (NFE). ddpm/ddim: >0 replaces timestep_respacing by "N" /
+            # "ddimN", 0 keeps timestep_respacing. dpm++: 0 means 20.
+            steps=0,
+            # Classifier-free guidance scale (1 = conditional, 0 = unconditional, >1 guided);
+            # None = off. Needs a model trained with model.class_dropout_prob > 0.
+            cfg_scale=config_dict.placeholder(float),
+            thresholding=False,  # dpm++ only: dynamic thresholding of x_0 (Imagen)
+            use_ddim=False,  # the old spelling of sampler="ddim"
             eta=0.0,
             timestep_respacing="250",
             clip_denoised=True,
@@ -179,6 +189,9 @@ def get_config() -> ml_collections.ConfigDict:
             output_dir="",
             base_samples="",
             sweep_scales="",
+            # The guidance sweep's grid: comma lists; "" = just sample.sampler / sample.steps.
+            sweep_samplers="",
+            sweep_steps="",
             reference_batch="",
             num_classes=0,  # >0: draw random labels below this (e.g. a 10-class toy set)
             dtype="",  # compute dtype for sampling; "" = float32

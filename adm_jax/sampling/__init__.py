@@ -1,7 +1,8 @@
 """Batch sampling to reference-format ``.npz`` + PNG: sharded, resumable, guided, two-stage.
 
 ``sample(config, workdir)`` is ``--mode=sample``; ``guidance_sweep(config, workdir)`` samples
-and evaluates a range of classifier scales (the paper's Table 4 / Figure 4).
+and evaluates a grid of guidance scales x samplers x NFE (the paper's Table 4 / Figure 4).
+``sampler_spec`` / ``sample_images`` pick and run DDPM, DDIM or DPM-Solver++.
 """
 
 from adm_jax.sampling.io import (
@@ -11,6 +12,7 @@ from adm_jax.sampling.io import (
     save_samples_npz,
     write_npz_streaming,
 )
+from adm_jax.sampling.methods import SAMPLERS, SamplerSpec, sample_images, sampler_spec
 from adm_jax.sampling.sampler import (
     BatchSampler,
     SamplingJob,
@@ -25,11 +27,13 @@ from adm_jax.sampling.sampler import (
     samples_filename,
     to_uint8,
 )
-from adm_jax.sampling.sweep import guidance_sweep, write_sweep_report
+from adm_jax.sampling.sweep import guidance_sweep, sampler_grid, write_sweep_report
 from adm_jax.sampling.two_stage import load_base_samples, sample_two_stage
 
 __all__ = [
+    "SAMPLERS",
     "BatchSampler",
+    "SamplerSpec",
     "SamplingJob",
     "assemble",
     "build_job",
@@ -43,7 +47,10 @@ __all__ = [
     "parse_class_labels",
     "run_job",
     "sample",
+    "sample_images",
     "sample_two_stage",
+    "sampler_grid",
+    "sampler_spec",
     "samples_filename",
     "save_image_grid",
     "save_samples_npz",

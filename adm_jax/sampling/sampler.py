@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adm_jax import paths
-from adm_jax.sampling import io
+from adm_jax.sampling import io, methods
 
 BATCH_AXES = ("data", "fsdp")
 ARGS_FILE = "args.json"
@@ -106,12 +106,14 @@ def to_uint8(x: jax.Array) -> jax.Array:
 
 
 class BatchSampler:
-    """Samples one global batch per call with a single compiled reverse-diffusion scan.
+    """Samples one global batch per call with a single compiled program.
 
-    ``model_apply(params, x, t, **kw)`` gets ``y=labels`` when ``class_cond`` and
+    ``method`` (a ``SamplerSpec``; default DDPM, or DDIM with ``use_ddim``) picks the reverse
+    process. ``model_apply(params, x, t, **kw)`` gets ``y=labels`` when ``class_cond`` and
     ``low_res=...`` when ``superres``; ``classifier_apply(params, x, t) -> logits`` enables
-    classifier guidance with a traced scale. ``trace_count`` counts traces: anything above one
-    means a batch recompiled, which at pod scale costs minutes.
+    classifier guidance and ``null_label`` classifier-free guidance, each with a traced scale.
+    ``trace_count`` counts traces: anything above one means a batch or a scale recompiled,
+    which at pod scale costs minutes.
     """
 
     def __init__(
@@ -128,10 +130,9 @@ class BatchSampler:
         classifier_apply: Callable[..., jax.Array] | None = None,
         class_cond: bool = False,
         superres: bool = False,
-        sample_fn: Callable[..., jax.Array] | None = None,
+        method: methods.SamplerSpec | None = None,
+        null_label: int | None = None,
     ):
-        if sample_fn is None:
-            from adm_jax.diffusion import sample as sample_fn
         self.mesh = mesh if mesh is not None else make_mesh(batch_size)
         num_shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES if a in self.mesh.shape)
         if batch_size % num_shards:
@@ -139,61 +140,74 @@ class BatchSampler:
                 f"sample.batch_size: the global batch ({batch_size}) must be a multiple of the "
                 f"{num_shards} devices it is sharded over"
             )
+        if method is None:
+            method = methods.SamplerSpec("ddim" if use_ddim else "ddpm", eta=float(eta))
+        if null_label is not None and not class_cond:
+            raise ValueError("sample.cfg_scale: classifier-free guidance needs class labels")
+        self.method = method if diffusion is None else method.with_nfe(diffusion)
         self.batch_size = int(batch_size)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.class_cond, self.superres = class_cond, superres
         self.guided = classifier_apply is not None
+        self.null_label = null_label
         axes = tuple(a for a in BATCH_AXES if a in self.mesh.shape)
         self.batch_sharding = NamedSharding(self.mesh, P(axes))
         self.replicated = NamedSharding(self.mesh, P())
         self.trace_count = 0
         constrain = lambda a: jax.lax.with_sharding_constraint(a, self.batch_sharding)
+        spec = self.method
 
-        def run(model_params, classifier_params, seed, batch_index, labels, scale, low_res):
+        def run(model_params, classifier_params, seed, batch_index, labels, scale, cfg, low_res):
             self.trace_count += 1
             key = jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
-            kwargs = {}
-            if class_cond:
-                kwargs["y"] = labels
-            if superres:
-                kwargs["low_res"] = low_res
 
-            def model_fn(x, t):
-                # Without this, an unconditional model has no sharded input and XLA could
-                # replicate the whole batch on every device.
+            def net(x, t, y):
+                # Without the constraints, an unconditional model has no sharded input and XLA
+                # could replicate the whole batch on every device.
+                kwargs = {} if y is None else {"y": y}
+                if superres:  # classifier-free guidance doubles the batch: tile low_res
+                    kwargs["low_res"] = jnp.tile(low_res, (x.shape[0] // low_res.shape[0], 1, 1, 1))
                 return constrain(model_apply(model_params, constrain(x), t, **kwargs))
 
-            guidance = {}
+            if null_label is not None:
+                from adm_jax.diffusion import classifier_free_model_fn
+
+                model_fn = classifier_free_model_fn(net, labels, null_label, cfg)
+            else:
+                model_fn = lambda x, t: net(x, t, labels if class_cond else None)
+            classifier_fn = None
             if classifier_apply is not None:
-                guidance = dict(
-                    classifier_fn=lambda x, t: classifier_apply(classifier_params, x, t),
-                    y=labels,
-                    classifier_scale=scale,
-                )
-            x = sample_fn(
+                classifier_fn = lambda x, t: classifier_apply(classifier_params, x, t)
+            x = methods.sample_images(
+                spec,
                 diffusion,
                 model_fn,
                 key,
                 (self.batch_size, *self.image_shape),
-                use_ddim=use_ddim,
-                eta=eta,
                 clip_denoised=clip_denoised,
-                **guidance,
+                classifier_fn=classifier_fn,
+                y=labels,
+                classifier_scale=scale,
             )
             return to_uint8(x)
 
         b, r = self.batch_sharding, self.replicated
-        self._run = jax.jit(run, in_shardings=(r, r, r, r, b, r, b), out_shardings=r)
+        self.program = jax.jit(run, in_shardings=(r, r, r, r, b, r, r, b), out_shardings=r)
 
     @property
     def needs_labels(self) -> bool:
         return self.class_cond or self.guided
 
+    @property
+    def cfg(self) -> bool:
+        """Whether classifier-free guidance is on (its scale is an argument of each batch)."""
+        return self.null_label is not None
+
     def __call__(self, model_params: Any, **kwargs) -> np.ndarray:
         """Returns the batch as uint8 NHWC numpy (identical on every process)."""
         return np.asarray(self.dispatch(model_params, **kwargs))
 
-    def dispatch(
+    def arguments(
         self,
         model_params: Any,
         *,
@@ -202,26 +216,38 @@ class BatchSampler:
         labels: np.ndarray | None = None,
         classifier_params: Any = None,
         scale: float = 0.0,
+        cfg_scale: float | None = None,
         low_res: np.ndarray | None = None,
-    ) -> jax.Array:
-        """Starts the batch and returns at once (a replicated uint8 array, still computing)."""
+    ) -> tuple:
+        """The arguments of ``self.program`` for one batch (checked, laid out on the mesh)."""
         if self.needs_labels != (labels is not None):
             raise ValueError("labels: required exactly for class-conditional or guided sampling")
         if self.superres != (low_res is not None):
             raise ValueError("low_res: required exactly for a super-resolution model")
+        if self.cfg != (cfg_scale is not None):
+            raise ValueError(
+                "sample.cfg_scale: give a scale exactly when the sampler was built with "
+                "classifier-free guidance (a null label)"
+            )
         if labels is not None:
             labels = _global_array(np.asarray(labels, np.int32), self.batch_sharding)
         if low_res is not None:
             low_res = _global_array(np.asarray(low_res, np.float32), self.batch_sharding)
-        return self._run(
+        return (
             model_params,
             classifier_params,
             np.uint32(seed % 2**32),
             np.int32(batch_index),
             labels,
             np.float32(scale),
+            np.float32(0.0 if cfg_scale is None else cfg_scale),
             low_res,
         )
+
+    def dispatch(self, model_params: Any, **kwargs) -> jax.Array:
+        """Starts the batch and returns at once (a replicated uint8 array, still computing).
+        Keyword arguments: those of ``arguments``."""
+        return self.program(*self.arguments(model_params, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,9 +305,11 @@ def check_matches_config(ckpt: Any, config: Any, path: str) -> None:
         if kind != ckpt.kind:
             diffs.append(f"kind={ckpt.kind!r} (checkpoint) vs {kind!r} (config)")
         else:
-            want = _config_model_kwargs(config)
-            keys = sorted(set(ckpt.model_kwargs) - _IGNORED_MODEL_KWARGS)
-            diffs += _differences(ckpt.model_kwargs, want, keys)
+            # A missing null_class_embedding is False (the reference's kwargs lack it).
+            got = {"null_class_embedding": False, **ckpt.model_kwargs}
+            want = {"null_class_embedding": False, **_config_model_kwargs(config)}
+            keys = sorted(set(got) - _IGNORED_MODEL_KWARGS)
+            diffs += _differences(got, want, keys)
     diffusion_cfg = _cfg_get(config, "diffusion")
     if diffusion_cfg and ckpt.diffusion_kwargs:
         diffs += _differences(
@@ -298,7 +326,8 @@ def _config_model_kwargs(config: Any) -> dict[str, Any]:
     except ImportError:
         from adm_jax.models import reference_kwargs_from_flags
 
-        flags = {k: v for k, v in _to_dict(config.model).items() if k != "kind"}
+        extras = ("kind", "class_dropout_prob")
+        flags = {k: v for k, v in _to_dict(config.model).items() if k not in extras}
         return reference_kwargs_from_flags(config.model.kind, flags)
     return model_kwargs(config)
 
@@ -340,7 +369,8 @@ def parse_class_labels(spec: Any) -> list[int] | None:
 
 @dataclasses.dataclass
 class SamplingJob:
-    """Everything a run needs; ``sweep`` reuses one job (and its compiled scan) for all scales."""
+    """Everything a run needs; ``sweep`` reuses one job (and its compiled program) for all
+    scales, and ``with_sampler`` for other samplers of the same models."""
 
     sampler: BatchSampler
     model_params: Any
@@ -352,10 +382,21 @@ class SamplingJob:
     base_labels: np.ndarray | None = None
     default_num_samples: int = 0
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cfg_scale: float | None = None  # classifier-free guidance scale of sample.cfg_scale
+    rebuild: Callable[..., SamplingJob] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def batch_size(self) -> int:
         return self.sampler.batch_size
+
+    def with_sampler(self, **overrides) -> SamplingJob:
+        """This job's models, labels and seed with other sample.* sampler fields
+        (``sampler="dpm++", steps=10``): a new BatchSampler, so one more compilation."""
+        if self.rebuild is None:
+            raise ValueError("with_sampler: this job was not made by build_job")
+        return self.rebuild(**overrides)
 
     def labels_for(self, batch_index: int) -> np.ndarray | None:
         """Labels of batch ``batch_index``; sample ``i`` of the run is row ``i - b*B``."""
@@ -376,12 +417,17 @@ class SamplingJob:
         rows = batch_index * self.batch_size + np.arange(self.batch_size)
         return self.base_images[rows % len(self.base_images)].astype(np.float32) / 127.5 - 1.0
 
-    def sample_batch(self, batch_index: int, scale: float = 0.0) -> tuple[np.ndarray, Any]:
-        """``(uint8 images, labels or None)`` of batch ``batch_index``."""
-        images, labels = self.dispatch_batch(batch_index, scale)
+    def sample_batch(
+        self, batch_index: int, scale: float = 0.0, cfg_scale: float | None = None
+    ) -> tuple[np.ndarray, Any]:
+        """``(uint8 images, labels or None)`` of batch ``batch_index``; ``cfg_scale`` None
+        means the job's own (``sample.cfg_scale``)."""
+        images, labels = self.dispatch_batch(batch_index, scale, cfg_scale)
         return np.asarray(images), labels
 
-    def dispatch_batch(self, batch_index: int, scale: float = 0.0) -> tuple[jax.Array, Any]:
+    def dispatch_batch(
+        self, batch_index: int, scale: float = 0.0, cfg_scale: float | None = None
+    ) -> tuple[jax.Array, Any]:
         """Like ``sample_batch`` but returns before the device finishes."""
         labels = self.labels_for(batch_index)
         images = self.sampler.dispatch(
@@ -391,6 +437,7 @@ class SamplingJob:
             labels=labels,
             classifier_params=self.classifier_params,
             scale=scale,
+            cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
             low_res=self.low_res_for(batch_index),
         )
         return images, labels
@@ -418,7 +465,11 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     mesh = mesh if mesh is not None else make_mesh(int(sc.batch_size))
     replicated = NamedSharding(mesh, P())
 
-    scale = float(_cfg_get(sc, "classifier_scale", 0.0) or 0.0)
+    scale = methods.check_scale(
+        "sample.classifier_scale", _cfg_get(sc, "classifier_scale", 0.0) or 0.0
+    )
+    cfg_scale = methods.cfg_scale_of(sc)
+    methods.sampler_spec(sc)  # field errors before anything is loaded
     classifier_path = _cfg_get(sc, "classifier_checkpoint", "") or ""
     if scale != 0.0 and not classifier_path:
         raise ValueError(
@@ -515,16 +566,15 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
             "feed an upsampler ('superres') checkpoint"
         )
 
-    diffusion_kwargs = dict(ckpt.diffusion_kwargs or _to_dict(_cfg_get(config, "diffusion", {})))
-    respacing = str(_cfg_get(sc, "timestep_respacing", "") or "")
-    if respacing:
-        diffusion_kwargs["timestep_respacing"] = respacing
-    diffusion = create_diffusion(**diffusion_kwargs)
-    use_ddim = bool(_cfg_get(sc, "use_ddim", False))
-    if respacing.startswith("ddim") and not use_ddim:
-        logging.warning("timestep_respacing=%s with use_ddim=False: ancestral sampling", respacing)
-
     module = ckpt.module(**_module_overrides(config))
+    null_label = None
+    if cfg_scale is not None:
+        null_label = getattr(module, "null_label", None)
+        if null_label is None:
+            raise ValueError(
+                f"sample.cfg_scale: {model_path} has no null label; classifier-free guidance "
+                "needs a class-conditional model trained with model.class_dropout_prob > 0"
+            )
     if superres:
         model_apply = lambda p, x, t, y=None, low_res=None: module.apply(
             {"params": p}, x, t, low_res=low_res, y=y
@@ -532,48 +582,76 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     else:
         model_apply = lambda p, x, t, y=None: module.apply({"params": p}, x, t, y=y)
 
-    sampler = BatchSampler(
-        diffusion,
-        model_apply,
-        image_shape=(image_size, image_size, channels),
-        batch_size=int(sc.batch_size),
-        mesh=mesh,
-        use_ddim=use_ddim,
-        eta=float(_cfg_get(sc, "eta", 0.0) or 0.0),
-        clip_denoised=bool(_cfg_get(sc, "clip_denoised", True)),
-        classifier_apply=classifier_apply,
-        class_cond=class_cond,
-        superres=superres,
-    )
+    base_diffusion = dict(ckpt.diffusion_kwargs or _to_dict(_cfg_get(config, "diffusion", {})))
     seed = int(_cfg_get(sc, "seed", 0) or 0)
-    provenance = {
+    clip_denoised = bool(_cfg_get(sc, "clip_denoised", True))
+    fixed = {
         "checkpoint": paths.absolute(model_path),
         "checkpoint_step": ckpt.extra.get("step"),
         "classifier_checkpoint": paths.absolute(classifier_path) if classifier_path else "",
         "base_samples": paths.absolute(base_path) if base_path else "",
         "base_samples_shape": None if base_images is None else list(base_images.shape),
         "seed": seed,
-        "batch_size": sampler.batch_size,
-        "image_shape": list(sampler.image_shape),
-        "diffusion": _normalize(diffusion_kwargs),
-        "use_ddim": use_ddim,
-        "eta": float(_cfg_get(sc, "eta", 0.0) or 0.0),
-        "clip_denoised": bool(_cfg_get(sc, "clip_denoised", True)),
+        "image_shape": [image_size, image_size, channels],
+        "clip_denoised": clip_denoised,
         "class_labels": "random" if class_labels is None else class_labels,
         "num_classes": num_classes,
     }
-    return SamplingJob(
-        sampler=sampler,
-        model_params=ckpt.params,
-        classifier_params=classifier_params,
-        seed=seed,
-        num_classes=num_classes,
-        class_labels=class_labels,
-        base_images=base_images,
-        base_labels=base_labels,
-        default_num_samples=0 if base_images is None else len(base_images),
-        provenance=provenance,
-    )
+
+    def make_job(**overrides) -> SamplingJob:
+        spec = methods.sampler_spec(sc, **overrides)
+        diffusion_kwargs = dict(base_diffusion)
+        if spec.name == "dpm++":  # DPM-Solver discretises the training schedule itself
+            diffusion_kwargs["timestep_respacing"] = ""
+        elif spec.respacing:
+            diffusion_kwargs["timestep_respacing"] = spec.respacing
+        try:
+            diffusion = create_diffusion(**diffusion_kwargs)
+        except (ValueError, AssertionError) as err:
+            steps = overrides.get("steps", _cfg_get(sc, "steps", 0))
+            field = "sample.steps" if steps else "sample.timestep_respacing"
+            raise ValueError(f"{field}: {err}") from None
+        if spec.name == "ddpm" and spec.respacing.startswith("ddim"):
+            logging.warning("timestep_respacing=%s with sampler ddpm: ancestral", spec.respacing)
+        sampler = BatchSampler(
+            diffusion,
+            model_apply,
+            image_shape=(image_size, image_size, channels),
+            batch_size=int(sc.batch_size),
+            mesh=mesh,
+            clip_denoised=clip_denoised,
+            classifier_apply=classifier_apply,
+            class_cond=class_cond,
+            superres=superres,
+            method=spec,
+            null_label=null_label,
+        )
+        spec = sampler.method
+        provenance = dict(
+            fixed,
+            batch_size=sampler.batch_size,
+            diffusion=_normalize(diffusion_kwargs),
+            sampler=spec.name,
+            steps=spec.steps,
+            eta=spec.eta,
+            thresholding=spec.thresholding,
+        )
+        return SamplingJob(
+            sampler=sampler,
+            model_params=ckpt.params,
+            classifier_params=classifier_params,
+            seed=seed,
+            num_classes=num_classes,
+            class_labels=class_labels,
+            base_images=base_images,
+            base_labels=base_labels,
+            default_num_samples=0 if base_images is None else len(base_images),
+            provenance=provenance,
+            cfg_scale=cfg_scale,
+            rebuild=make_job,
+        )
+
+    return make_job()
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,6 +722,7 @@ def run_job(
     *,
     num_samples: int,
     classifier_scale: float = 0.0,
+    cfg_scale: float | None = None,
     max_batches: int | None = None,
     grid_images: int = 64,
     progress: bool = True,
@@ -652,19 +731,31 @@ def run_job(
 
     ``output_dir`` may be local or ``gs://``/``s3://``. Every process calls this (each batch
     spans all devices); each writes its share of the shards, process 0 assembles them.
-    ``max_batches`` stops after that many NEW batches (a preemption stand-in, also handy to
-    split a run over jobs); the return value is then None unless the run is complete.
+    ``cfg_scale`` None means the job's (``sample.cfg_scale``); a number needs a job built
+    with classifier-free guidance. ``max_batches`` stops after that many NEW batches (a
+    preemption stand-in, also handy to split a run over jobs); the return value is then None
+    unless the run is complete.
     """
+    classifier_scale = methods.check_scale("sample.classifier_scale", classifier_scale)
     if classifier_scale and not job.sampler.guided:
         raise ValueError(
             f"sample.classifier_scale={classifier_scale:g} needs sample.classifier_checkpoint"
         )
+    if cfg_scale is None:
+        cfg_scale = job.cfg_scale
+    elif not job.sampler.cfg:
+        raise ValueError(
+            f"sample.cfg_scale={cfg_scale!r}: this job samples without classifier-free guidance "
+            "(build it with sample.cfg_scale set)"
+        )
+    if cfg_scale is not None:
+        cfg_scale = methods.check_scale("sample.cfg_scale", cfg_scale)
     if num_samples <= 0:
         raise ValueError(f"sample.num_samples must be positive, got {num_samples}")
     batch_size = job.batch_size
     num_batches = math.ceil(num_samples / batch_size)
     shard_dir = paths.path(output_dir) / "shards"
-    args = dict(job.provenance, classifier_scale=float(classifier_scale))
+    args = dict(job.provenance, classifier_scale=classifier_scale, cfg_scale=cfg_scale)
 
     mismatch = None
     if _is_main():
@@ -701,7 +792,7 @@ def run_job(
             total=num_batches,
             initial=int(done_mask[:-1].sum()),
             unit="batch",
-            desc=f"sampling {num_samples} (scale {classifier_scale:g})",
+            desc=f"sampling {num_samples} ({_describe(job, classifier_scale, cfg_scale)})",
         )
 
     def save(pending):
@@ -716,7 +807,7 @@ def run_job(
 
     pending = None
     for b in todo:  # batch b runs on the devices while the host writes batch b - 1
-        images, labels = job.dispatch_batch(b, classifier_scale)
+        images, labels = job.dispatch_batch(b, classifier_scale, cfg_scale)
         if pending is not None:
             save(pending)
         pending = (b, images, labels)
@@ -749,6 +840,15 @@ def run_job(
         logging.info("Wrote %s", final)
     _sync("adm_jax.sampling.done")
     return str(final)
+
+
+def _describe(job: SamplingJob, classifier_scale: float, cfg_scale: float | None) -> str:
+    text = job.sampler.method.label
+    if job.sampler.guided:
+        text += f", classifier scale {classifier_scale:g}"
+    if cfg_scale is not None:
+        text += f", cfg scale {cfg_scale:g}"
+    return text
 
 
 def assemble(shard_dir: str, out_path: str, num_samples: int, batch_size: int) -> str:
@@ -803,6 +903,6 @@ def sample(config: Any, workdir: str, *, max_batches: int | None = None) -> str 
         job,
         output_dir_for(config, workdir),
         num_samples=num_samples,
-        classifier_scale=float(_cfg_get(config.sample, "classifier_scale", 0.0) or 0.0),
+        classifier_scale=_cfg_get(config.sample, "classifier_scale", 0.0) or 0.0,
         max_batches=max_batches,
     )

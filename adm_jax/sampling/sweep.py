@@ -1,14 +1,21 @@
-"""Guidance-scale sweep: the paper's Table 4 / Figure 4 (FID, precision, recall, IS vs scale).
+"""Guidance sweep: the paper's Table 4 / Figure 4 (FID, precision, recall, IS vs scale), over a
+grid of guidance scale x sampler x NFE.
 
-Larger classifier scales trade diversity (recall) for fidelity (precision, IS). The sweep loads
-the models once and reuses one compiled sampling scan for every scale (the scale is a traced
-argument), samples ``config.sample.num_samples`` images per scale into
-``output_dir/scale_{s}/`` (each resumable like any sampling run), evaluates them, and writes
+Larger guidance scales trade diversity (recall) for fidelity (precision, IS). The scale is
+the classifier scale when ``sample.classifier_checkpoint`` is set, otherwise the
+classifier-free scale (``sample.cfg_scale``'s meaning; the model needs a null label). The
+sweep loads the models once; each (sampler, NFE) of ``sample.sweep_samplers`` x
+``sample.sweep_steps`` compiles one program that serves all its scales (the scale is a traced
+argument). It samples ``config.sample.num_samples`` images per point into
+``output_dir/scale_{s}/`` (a grid of several samplers: ``output_dir/{sampler}{nfe}/scale_{s}/``,
+e.g. ``dpmpp20``), each resumable like any sampling run, evaluates them, and writes
 ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``output_dir``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +24,7 @@ from typing import Any
 from absl import logging
 
 from adm_jax import paths
+from adm_jax.sampling import methods
 from adm_jax.sampling import sampler as sampler_lib
 
 # Column order and direction (True: higher is better) of the metrics we know how to plot.
@@ -31,12 +39,46 @@ MetricsFn = Callable[[str], Mapping[str, float]]
 
 
 def parse_scales(spec: Any) -> list[float]:
-    """``"0,1,10"``, ``[0, 1, 10]`` or a single number -> list of floats."""
+    """``"0,1,10"``, ``[0, 1, 10]`` or a single number -> list of finite floats >= 0."""
     if isinstance(spec, str):
-        return [float(s) for s in spec.split(",") if s.strip()]
+        values = [s for s in spec.split(",") if s.strip()]
+    elif isinstance(spec, (int, float)):
+        values = [spec]
+    else:
+        values = list(spec)
+    return [methods.check_scale("sample.sweep_scales", v) for v in values]
+
+
+def _parse_list(spec: Any) -> list[str]:
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [s.strip() for s in spec.split(",") if s.strip()]
     if isinstance(spec, (int, float)):
-        return [float(spec)]
-    return [float(s) for s in spec]
+        return [str(spec)]
+    return [str(s).strip() for s in spec]
+
+
+def sampler_grid(sample_config: Any, samplers: Any = None, steps: Any = None) -> list[dict]:
+    """The (sampler, NFE) points of a sweep as ``sampler_spec`` overrides: the product of
+    ``samplers`` (default ``sample.sweep_samplers``) and ``steps`` (``sample.sweep_steps``);
+    an empty list keeps ``sample.sampler`` / ``sample.steps``."""
+    get = lambda name: sampler_lib._cfg_get(sample_config, name, "")
+    names = _parse_list(get("sweep_samplers") if samplers is None else samplers)
+    counts = _parse_list(get("sweep_steps") if steps is None else steps)
+    try:
+        counts = [int(c) for c in counts]
+    except ValueError:
+        raise ValueError(
+            f"sample.sweep_steps: expected comma-separated ints, got {counts}"
+        ) from None
+    # An explicit sampler replaces use_ddim (the old spelling of "ddim") too.
+    by_name = [{"sampler": n, "use_ddim": False} for n in names] or [{}]
+    by_steps = [{"steps": c} for c in counts] or [{}]
+    grid = [{**a, **b} for a in by_name for b in by_steps]
+    for point in grid:
+        methods.sampler_spec(sample_config, **point)  # field errors before anything runs
+    return grid
 
 
 def inception_metrics_fn(config: Any) -> MetricsFn:
@@ -69,59 +111,110 @@ def guidance_sweep(
     *,
     metrics_fn: MetricsFn | None = None,
     scales: Sequence[float] | None = None,
+    samplers: Any = None,
+    steps: Any = None,
 ) -> list[dict[str, Any]]:
-    """Samples at every ``config.sample.sweep_scales`` and evaluates; returns the table rows.
+    """Samples at every scale x sampler x NFE and evaluates; returns the table rows.
 
-    ``metrics_fn(npz_path) -> {name: value}`` replaces the Inception metrics (the demo plugs in
-    its own feature extractor); without it, ``config.sample.reference_batch`` selects
+    ``scales``, ``samplers`` and ``steps`` default to ``sample.sweep_scales``,
+    ``sample.sweep_samplers`` and ``sample.sweep_steps``. ``metrics_fn(npz_path) -> {name:
+    value}`` replaces the Inception metrics (the demo plugs in its own feature extractor);
+    without it, ``config.sample.reference_batch`` selects
     ``adm_jax.evaluation.evaluate_npz``, and with neither only samples are written.
     """
     sc = config.sample
     scales = parse_scales(scales if scales is not None else sc.sweep_scales)
     if not scales:
         raise ValueError("sample.sweep_scales: give at least one guidance scale, e.g. '0,1,10'")
-    if any(s != 0 for s in scales) and not sampler_lib._cfg_get(sc, "classifier_checkpoint"):
-        raise ValueError(
-            "sample.sweep_scales: scales other than 0 need sample.classifier_checkpoint"
-        )
+    grid = sampler_grid(sc, samplers, steps)
+    guidance = _guidance_kind(sc, scales)
     if metrics_fn is None and sampler_lib._cfg_get(sc, "reference_batch"):
         metrics_fn = inception_metrics_fn(config)
 
-    job = sampler_lib.build_job(config, workdir)
-    num_samples = int(sampler_lib._cfg_get(sc, "num_samples", 0) or 0) or job.default_num_samples
+    base_job = _build_job(config, workdir, guidance, scales)
+    num_samples = int(sampler_lib._cfg_get(sc, "num_samples", 0) or 0)
+    num_samples = num_samples or base_job.default_num_samples
+    classifier_scale = float(sampler_lib._cfg_get(sc, "classifier_scale", 0.0) or 0.0)
     output_dir = sampler_lib.output_dir_for(config, workdir)
     rows = []
-    for scale in scales:
-        npz = sampler_lib.run_job(
-            job,
-            str(paths.path(output_dir) / f"scale_{scale:g}"),
-            num_samples=num_samples,
-            classifier_scale=scale,
-        )
-        row = {"scale": scale, "samples": npz}
-        if metrics_fn is not None:
-            row.update({k: _scalar(v) for k, v in metrics_fn(npz).items()})
-        logging.info("guidance sweep: %s", row)
-        rows.append(row)
-    if job.sampler.trace_count > 1:
-        logging.warning("sampling scan traced %d times", job.sampler.trace_count)
+    for point in grid:
+        job = base_job.with_sampler(**point) if point else base_job
+        spec = job.sampler.method
+        folder = paths.path(output_dir) / spec.tag if len(grid) > 1 else paths.path(output_dir)
+        for scale in scales:
+            run = {"classifier_scale": scale if guidance == "classifier" else classifier_scale}
+            if guidance == "cfg":
+                run["cfg_scale"] = scale
+            elif guidance == "none":
+                run["classifier_scale"] = 0.0
+            npz = sampler_lib.run_job(
+                job, str(folder / f"scale_{scale:g}"), num_samples=num_samples, **run
+            )
+            row = {"sampler": spec.name, "nfe": spec.steps, "guidance": guidance}
+            row.update(scale=scale, samples=npz)
+            if guidance == "classifier" and job.cfg_scale is not None:
+                row["cfg_scale"] = job.cfg_scale
+            if metrics_fn is not None:
+                row.update({k: _scalar(v) for k, v in metrics_fn(npz).items()})
+            logging.info("guidance sweep: %s", row)
+            rows.append(row)
+        if job.sampler.trace_count > 1:
+            logging.warning("%s traced %d times", spec.label, job.sampler.trace_count)
     write_sweep_report(rows, output_dir)
     return rows
+
+
+def _guidance_kind(sample_config: Any, scales: Sequence[float]) -> str:
+    """What the scales scale: "classifier" (a classifier is given), "cfg" (classifier-free:
+    sample.cfg_scale set, or scales other than 0 without a classifier), or "none"."""
+    if sampler_lib._cfg_get(sample_config, "classifier_checkpoint"):
+        return "classifier"
+    if methods.cfg_scale_of(sample_config) is not None or any(s != 0 for s in scales):
+        return "cfg"
+    return "none"
+
+
+def _build_job(config: Any, workdir: str, guidance: str, scales: Sequence[float]):
+    """The sweep's first job; a classifier-free sweep turns guidance on at the first scale."""
+    if guidance != "cfg" or methods.cfg_scale_of(config.sample) is not None:
+        return sampler_lib.build_job(config, workdir)
+    config = copy.deepcopy(config)
+    with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+        config.sample.cfg_scale = float(scales[0])
+    try:
+        return sampler_lib.build_job(config, workdir)
+    except ValueError as err:
+        if not str(err).startswith("sample.cfg_scale:"):
+            raise
+        raise ValueError(
+            "sample.sweep_scales: scales other than 0 need sample.classifier_checkpoint, or a "
+            "model trained with model.class_dropout_prob > 0 for classifier-free guidance "
+            f"({str(err).split(': ', 1)[1]})"
+        ) from None
 
 
 def _scalar(value: Any) -> Any:
     return None if value is None else (int(value) if isinstance(value, int) else float(value))
 
 
+_ROW_KEYS = ("sampler", "nfe", "guidance", "cfg_scale", "scale", "samples")
+
+
 def _metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    skip = ("scale", "samples", "num_samples", "num_reference")
+    skip = (*_ROW_KEYS, "num_samples", "num_reference")
     names = [k for k in rows[0] if k not in skip]
     known = [k for k in _KNOWN_METRICS if k in names]
     return known + [k for k in names if k not in known]
 
 
+def _curve(row: Mapping[str, Any]) -> tuple:
+    return row.get("sampler"), row.get("nfe")
+
+
 def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> dict[str, str]:
-    """Writes ``sweep.json``, ``sweep.md`` (Table 4 layout) and ``sweep.png`` (Figure 4).
+    """Writes ``sweep.json``, ``sweep.md`` (Table 4 layout; Sampler and NFE columns when the
+    rows hold several samplers) and ``sweep.png`` (Figure 4: each metric against the scale,
+    one line per sampler and NFE).
 
     Process 0 writes (returns the paths); other processes return ``{}``.
     """
@@ -135,11 +228,17 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
     paths.write_text_atomic(files["json"], json.dumps(list(rows), indent=2))
 
     columns = _metric_columns(rows)
+    curves = list(dict.fromkeys(_curve(row) for row in rows))
+    several = len(curves) > 1
     header = ["Scale", *(_KNOWN_METRICS.get(c, (c, None))[0] for c in columns)]
+    if several:
+        header = ["Sampler", "NFE", *header]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [f"{row['scale']:g}"]
         cells += [f"{row[c]:.4g}" if row.get(c) is not None else "n/a" for c in columns]
+        if several:
+            cells = [str(row.get("sampler")), str(row.get("nfe")), *cells]
         lines.append("| " + " | ".join(cells) + " |")
     paths.write_text_atomic(files["md"], "\n".join(lines) + "\n")
 
@@ -152,13 +251,22 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
     fig, axes = plt.subplots(
         1, max(len(plotted), 1), figsize=(3.2 * max(len(plotted), 1), 3), squeeze=False
     )
-    scales = [row["scale"] for row in rows]
+    xlabel = {"cfg": "classifier-free scale"}.get(rows[0].get("guidance"), "classifier scale")
     for ax, column in zip(axes[0], plotted, strict=False):
-        values = [row.get(column) for row in rows]
-        ax.plot(scales, [float("nan") if v is None else v for v in values], "o-")
-        ax.set_xlabel("classifier scale")
+        for curve in curves:
+            points = [row for row in rows if _curve(row) == curve]
+            values = [row.get(column) for row in points]
+            ax.plot(
+                [row["scale"] for row in points],
+                [float("nan") if v is None else v for v in values],
+                "o-",
+                label=f"{curve[0]} {curve[1]}" if several else None,
+            )
+        ax.set_xlabel(xlabel)
         ax.set_title(_KNOWN_METRICS.get(column, (column, None))[0])
         ax.grid(alpha=0.3)
+        if several:
+            ax.legend(fontsize="small")
     if not plotted:
         axes[0][0].set_title("no metrics")
     fig.tight_layout()

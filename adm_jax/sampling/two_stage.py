@@ -3,8 +3,9 @@
 The reference (``scripts/super_res_sample.py``) feeds the base ``.npz`` images as ``low_res`` in
 [-1, 1] (``x / 127.5 - 1``) and, for class-conditional upsamplers, their ``arr_1`` labels as
 ``y``; the model upsamples ``low_res`` bilinearly itself. ``sampler.sample`` does this whenever
-the checkpoint is a ``"superres"`` model; this module holds the base-sample reader and a
-helper that chains both stages.
+the checkpoint is a ``"superres"`` model, with any sampler (classifier-free guidance runs the
+upsampler on a doubled batch, ``low_res`` repeated); this module holds the base-sample reader
+and a helper that chains both stages.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def load_base_samples(
 def sample_two_stage(base_config: Any, upsampler_config: Any, workdir: str) -> tuple[str, str]:
     """Runs the base model, then the upsampler on its samples; returns both ``.npz`` paths.
 
-    Each config is a complete sampling config (``--mode=sample``) for its own checkpoint; the
-    upsampler's ``sample.base_samples`` is set to the base run's output.
+    Each config is a complete sampling config (``--mode=sample``) for its own checkpoint, with
+    its own ``sample.sampler`` / ``steps`` / ``cfg_scale`` / ``classifier_scale`` (e.g. a
+    guided DPM-Solver++ base and an unguided DDPM upsampler); the upsampler's
+    ``sample.base_samples`` is set to the base run's output.
     """
     from adm_jax import paths
     from adm_jax.sampling.sampler import output_dir_for, sample
