@@ -2,7 +2,8 @@ r"""Benchmarks: train-step throughput and MFU, sampling speed and guidance overh
 
     python -m adm_jax.bench --config=configs/imagenet128.py \
         [--what=train,sample,maxbatch,flops] [--batch=N] [--steps=N] [--json=out.json] \
-        [--preset=cpu] [--classifier_config=configs/classifier128.py]
+        [--preset=cpu] [--classifier_config=configs/classifier128.py] \
+        [--samplers=ddpm250,ddim25,dpm++10,dpm++20] [--sample_guidance=none,classifier,cfg]
 
 ``--batch`` is per device (default: config.train.batch_size / devices, or the preset's);
 ``--what=flops`` compiles the train step without running it (FLOPs per image from XLA's cost
@@ -35,10 +36,23 @@ _BATCH = flags.DEFINE_integer("batch", None, "Per-device train batch.")
 _STEPS = flags.DEFINE_integer("steps", None, "Timed train steps (after warm-up).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here as JSON.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", None, "Per-device sampling batch.")
-_RESPACINGS = flags.DEFINE_list(
-    "sample_respacings", None, "Samplers to time (default 250,ddim25: DDPM-250 and DDIM-25)."
+_SAMPLERS = flags.DEFINE_list(
+    "samplers",
+    None,
+    "Samplers to time, as sampler + NFE (default ddpm250,ddim25,dpm++10,dpm++20; a bare number "
+    "is DDPM respaced to it).",
+)
+_RESPACINGS = flags.DEFINE_list("sample_respacings", None, "Old name of --samplers.")
+_GUIDANCE = flags.DEFINE_list(
+    "sample_guidance",
+    list(bench_lib.GUIDANCE_KINDS),
+    "Guidance variants to time: none, classifier (needs a classifier config), cfg "
+    "(classifier-free; class-conditional models).",
 )
 _SCALE = flags.DEFINE_float("classifier_scale", None, "Guidance scale (default: config's).")
+_CFG_SCALE = flags.DEFINE_float(
+    "cfg_scale", None, "Classifier-free scale (default: config's, else 3; the cost is the same)."
+)
 _SAMPLE_DTYPE = flags.DEFINE_enum(
     "sample_dtype", None, ["float32", "bfloat16", "float16"], "Sampling compute dtype "
     "(default: config.train.dtype)."
@@ -74,9 +88,12 @@ def main(argv):
         batch_per_device=_BATCH.value,
         num_steps=_STEPS.value,
         classifier_config=classifier_config,
+        samplers=_SAMPLERS.value,
         sample_respacings=_RESPACINGS.value,
         sample_batch_per_device=_SAMPLE_BATCH.value,
         classifier_scale=_SCALE.value,
+        cfg_scale=_CFG_SCALE.value,
+        sample_guidance=_GUIDANCE.value,
         sample_dtype=_SAMPLE_DTYPE.value,
         device_memory_bytes=int(_MEMORY.value * 2**30) if _MEMORY.value else None,
         num_devices=_DEVICES.value,

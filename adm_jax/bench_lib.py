@@ -8,9 +8,11 @@ notebook or a test calls the same functions):
   ``adm_jax.train.loop`` does) on a fixed fake batch (no input pipeline, as flax/examples'
   fake_data_benchmark). Compile time, median step time, images/s, XLA's FLOPs of the compiled
   per-device program, MFU against the device's peak bf16 FLOP/s, peak memory.
-- ``sample_benchmark``: ``adm_jax.diffusion.sample`` (one ``lax.scan``) for DDPM-250 and
-  DDIM-25, with and without classifier guidance; the guidance overhead is the ratio of guided
-  to unguided time per step.
+- ``sample_benchmark``: the program ``--mode=sample`` compiles (``adm_jax.sampling``'s
+  ``BatchSampler``: one ``lax.scan``) for DDPM-250, DDIM-25 and DPM-Solver++(2M) at 10 and 20
+  NFE, unguided, classifier-guided and with classifier-free guidance: time per image and per
+  model evaluation; the guidance overhead is the ratio of guided to unguided time per
+  evaluation.
 - ``max_batch``: the largest per-device train batch whose compiled program fits in device
   memory according to ``compiled.memory_analysis()``, by doubling then bisection, compiling
   only (nothing is allocated or executed).
@@ -75,7 +77,8 @@ class Preset:
     warmup: int = 2
     sample_batch_per_device: int = 8
     sample_repeats: int = 3
-    sample_respacings: tuple[str, ...] = ("250", "ddim25")
+    # Sampler tags (adm_jax.sampling.methods.parse_sampler): DDPM-250, DDIM-25, DPM-Solver++.
+    samplers: tuple[str, ...] = ("ddpm250", "ddim25", "dpm++10", "dpm++20")
     init: str = "real"  # "real": the project's init; "zeros": skip init (values do not matter)
     max_batch_limit: int = 1024
 
@@ -669,34 +672,16 @@ def build_module(config, **overrides):
     return module_from_kwargs("classifier", kwargs, **options)
 
 
-def make_sample_fn(model, diffusion, shape, mesh, *, use_ddim: bool, classifier=None):
-    """jit((params, cls_params, key, labels, scale) -> x_0) around adm_jax.diffusion.sample,
-    the batch sharded over every device and parameters replicated (as
-    adm_jax.sampling.sampler.BatchSampler compiles it)."""
-    from adm_jax import diffusion as dlib
+GUIDANCE_KINDS = ("none", "classifier", "cfg")
 
-    batch_sh = NamedSharding(mesh, P(sharding.BATCH_AXES))
-    rep = NamedSharding(mesh, P())
-    class_cond = getattr(model, "num_classes", None) is not None
 
-    def run(params, cls_params, key, labels, scale):
-        def model_fn(x, t):
-            kw = {"y": labels} if class_cond else {}
-            x = jax.lax.with_sharding_constraint(x, batch_sh)
-            return jax.lax.with_sharding_constraint(
-                model.apply({"params": params}, x, t, **kw), batch_sh
-            )
-
-        guidance = {}
-        if classifier is not None:
-            guidance = dict(
-                classifier_fn=lambda x, t: classifier.apply({"params": cls_params}, x, t),
-                y=labels,
-                classifier_scale=scale,
-            )
-        return dlib.sample(diffusion, model_fn, key, shape, use_ddim=use_ddim, **guidance)
-
-    return jax.jit(run, in_shardings=(rep, rep, rep, batch_sh, rep), out_shardings=batch_sh)
+def _cfg_module(config, dtype):
+    """The config's class-conditional UNet with the null-label row classifier-free guidance
+    needs (built as label-dropout training builds it)."""
+    config = copy.deepcopy(config)
+    if config_lib.class_dropout_prob(config) == 0:
+        config.model.class_dropout_prob = 0.1
+    return build_module(config, dtype=config_lib.DTYPES[dtype], remat=False)
 
 
 def sample_benchmark(
@@ -705,44 +690,82 @@ def sample_benchmark(
     *,
     classifier_config=None,
     batch_per_device: int = 8,
-    respacings: Sequence[str] = ("250", "ddim25"),
+    samplers: Sequence[str] = ("ddpm250", "ddim25", "dpm++20"),
     repeats: int = 3,
     classifier_scale: float = 1.0,
+    cfg_scale: float = 3.0,
+    guidance: Sequence[str] = GUIDANCE_KINDS,
     dtype: str | None = None,
     init: str = "real",
 ) -> dict:
-    """Images/s of DDPM / DDIM sampling (``respacings``: "250" is DDPM-250, "ddim25" DDIM-25)
-    with and without classifier guidance; guidance overhead = guided / unguided s per step."""
+    """Time per image and per model evaluation of each sampler ("ddpm250", "ddim25",
+    "dpm++20", ...), unguided, classifier-guided (with ``classifier_config``) and with
+    classifier-free guidance (class-conditional models), through ``BatchSampler``: the
+    program ``--mode=sample`` compiles. Guidance overhead = guided / unguided time per
+    evaluation."""
+    from adm_jax.sampling import BatchSampler, methods
+
     dtype = dtype or config.train.dtype
+    unknown = sorted(set(guidance) - set(GUIDANCE_KINDS))
+    if unknown:
+        raise ValueError(f"sample_guidance: unknown {unknown}; expected {GUIDANCE_KINDS}")
+    specs = [methods.parse_sampler(s) for s in samplers]
     model = build_module(config, dtype=config_lib.DTYPES[dtype], remat=False)
     params = _params(model, init, mesh)
+    class_cond = getattr(model, "num_classes", None) is not None
     classifier = cls_params = None
-    if classifier_config is not None:
+    if classifier_config is not None and "classifier" in guidance:
         classifier = build_module(classifier_config, dtype=config_lib.DTYPES[dtype], remat=False)
         cls_params = _params(classifier, init, mesh)
+    cfg_model = cfg_params = None
+    if class_cond and "cfg" in guidance:
+        cfg_model = _cfg_module(config, dtype)
+        cfg_params = _params(cfg_model, init, mesh)
     size = config_lib.model_image_size(config)
     batch = batch_per_device * mesh.size
-    shape = (batch, size, size, int(config.data.channels))
     num_classes = getattr(model, "num_classes", None) or getattr(classifier, "out_channels", 1000)
-    labels = jax.device_put(
-        np.random.default_rng(0).integers(0, num_classes, batch).astype(np.int32),
-        NamedSharding(mesh, P(sharding.BATCH_AXES)),
-    )
+    labels = np.random.default_rng(0).integers(0, num_classes, batch).astype(np.int32)
     fwd = forward_flops_per_image(model)
     cls_fwd = forward_flops_per_image(classifier) if classifier is not None else None
+    variants = [
+        (kind, net, net_params)
+        for kind, net, net_params in (
+            ("none", model, params),
+            ("classifier", model if classifier is not None else None, params),
+            ("cfg", cfg_model, cfg_params),
+        )
+        if kind in guidance and net is not None
+    ]
     runs = []
-    for respacing in respacings:
-        use_ddim = respacing.startswith("ddim")
-        diffusion = config_lib.build_diffusion(config, timestep_respacing=respacing)
-        for guided in (False, True) if classifier is not None else (False,):
-            fn = make_sample_fn(
-                model, diffusion, shape, mesh, use_ddim=use_ddim,
-                classifier=classifier if guided else None,
-            )  # fmt: skip
-            args = (params, cls_params, jax.random.PRNGKey(1), labels, np.float32(classifier_scale))
+    for spec in specs:
+        diffusion = config_lib.build_diffusion(config, timestep_respacing=spec.respacing)
+        for kind, net, net_params in variants:
+            guided = kind == "classifier"
+            sampler = BatchSampler(
+                diffusion,
+                lambda p, x, t, y=None, net=net: net.apply({"params": p}, x, t, y=y),
+                image_shape=(size, size, int(config.data.channels)),
+                batch_size=batch,
+                mesh=mesh,
+                classifier_apply=(
+                    (lambda p, x, t: classifier.apply({"params": p}, x, t)) if guided else None
+                ),
+                class_cond=class_cond,
+                method=spec,
+                null_label=net.null_label if kind == "cfg" else None,
+            )
+            args = sampler.arguments(
+                net_params,
+                seed=1,
+                batch_index=0,
+                labels=labels if sampler.needs_labels else None,
+                classifier_params=cls_params if guided else None,
+                scale=classifier_scale if guided else 0.0,
+                cfg_scale=cfg_scale if kind == "cfg" else None,
+            )
             with jax.set_mesh(mesh):
                 t0 = time.perf_counter()
-                compiled = fn.lower(*args).compile()
+                compiled = sampler.program.lower(*args).compile()
                 compile_s = time.perf_counter() - t0
                 jax.block_until_ready(compiled(*args))  # warm-up
                 times = []
@@ -752,38 +775,53 @@ def sample_benchmark(
                     jax.block_until_ready(out)
                     times.append(time.perf_counter() - t0)
             total = statistics.median(times)
+            nfe = sampler.method.steps
             runs.append(
                 {
-                    "sampler": ("DDIM-" if use_ddim else "DDPM-") + str(diffusion.num_timesteps),
-                    "respacing": respacing,
-                    "guided": guided,
-                    "num_steps": diffusion.num_timesteps,
+                    "sampler": sampler.method.label,
+                    "tag": sampler.method.tag,
+                    "method": sampler.method.name,
+                    "nfe": nfe,
+                    "num_steps": nfe,
+                    "guidance": kind,
+                    "guided": kind != "none",
                     "batch": batch,
                     "compile_s": compile_s,
                     "time_s": total,
                     "times_s": times,
-                    "per_step_s": total / diffusion.num_timesteps,
+                    # One batched model evaluation (with its guidance work) per step.
+                    "per_step_s": total / nfe,
+                    "per_image_s": total / batch,
+                    "per_eval_per_image_s": total / nfe / batch,
                     "images_per_s": batch / total,
                     "images_per_s_per_device": batch / total / mesh.size,
-                    "finite": bool(np.isfinite(np.asarray(out)).all()),
+                    "images_nonconstant": bool(np.ptp(np.asarray(out)) > 0),
                 }
             )
     overhead = {}
-    for respacing in respacings:
-        by = {r["guided"]: r for r in runs if r["respacing"] == respacing}
-        if True in by:
-            overhead[respacing] = by[True]["per_step_s"] / by[False]["per_step_s"]
-    expected = (fwd + 2.0 * cls_fwd) / fwd if cls_fwd else None
+    for tag in dict.fromkeys(r["tag"] for r in runs):
+        by = {r["guidance"]: r for r in runs if r["tag"] == tag}
+        if "none" in by and len(by) > 1:
+            base = by["none"]["per_step_s"]
+            overhead[tag] = {k: r["per_step_s"] / base for k, r in by.items() if k != "none"}
+    # Convolution/matmul FLOPs of a guided evaluation over an unguided one: the classifier's
+    # forward plus its input gradient (about one more forward) on top of the UNet forward;
+    # classifier-free guidance runs the UNet on a doubled batch.
+    expected = {}
+    if cls_fwd:
+        expected["classifier"] = (fwd + 2.0 * cls_fwd) / fwd
+    if cfg_model is not None:
+        expected["cfg"] = 2.0
     return {
         "dtype": dtype,
         "init": init,
         "batch_per_device": batch_per_device,
         "classifier_scale": classifier_scale,
+        "cfg_scale": cfg_scale,
         "guided": classifier is not None,
+        "guidance_kinds": [kind for kind, _, _ in variants],
         "runs": runs,
         "guidance_overhead": overhead if overhead else NA,
-        # Convolution/matmul FLOPs of a guided step over an unguided one: the classifier's
-        # forward plus its input gradient (about one more forward) on top of the UNet forward.
         "guidance_overhead_flops_estimate": expected or NA,
         "model_forward_flops_per_image": fwd,
         "classifier_forward_flops_per_image": cls_fwd or NA,
@@ -802,16 +840,20 @@ def run(
     batch_per_device: int | None = None,
     num_steps: int | None = None,
     classifier_config=None,
+    samplers: Sequence[str] | None = None,
     sample_respacings: Sequence[str] | None = None,
     sample_batch_per_device: int | None = None,
     classifier_scale: float | None = None,
+    cfg_scale: float | None = None,
+    sample_guidance: Sequence[str] = GUIDANCE_KINDS,
     sample_dtype: str | None = None,
     device_memory_bytes: int | None = None,
     num_devices: int | None = None,
     init: str | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
-    """Runs the requested parts and returns one JSON-able dict."""
+    """Runs the requested parts and returns one JSON-able dict. ``sample_respacings`` is the
+    old name of ``samplers`` ("250" = "ddpm250")."""
     config, embedded_classifier = split_config(config)
     classifier_config = classifier_config or embedded_classifier
     p = PRESETS[preset]
@@ -856,19 +898,22 @@ def run(
         if config.model.kind != "unet":
             out["sample"] = {"skipped": f"sampling benchmark needs a unet, got {config.model.kind}"}
         else:
-            log("sample: " + ", ".join(sample_respacings or p.sample_respacings))
+            samplers = tuple(samplers or sample_respacings or p.samplers)
+            log("sample: " + ", ".join(samplers))
+            if classifier_scale is None:
+                classifier_scale = float(config.sample.classifier_scale)
+            if cfg_scale is None:  # the cost does not depend on it
+                cfg_scale = config.sample.get("cfg_scale") or 3.0
             out["sample"] = sample_benchmark(
                 config,
                 mesh,
                 classifier_config=classifier_config,
                 batch_per_device=sample_batch_per_device or p.sample_batch_per_device,
-                respacings=tuple(sample_respacings or p.sample_respacings),
+                samplers=samplers,
                 repeats=p.sample_repeats,
-                classifier_scale=(
-                    float(config.sample.classifier_scale)
-                    if classifier_scale is None
-                    else classifier_scale
-                ),
+                classifier_scale=classifier_scale,
+                cfg_scale=float(cfg_scale),
+                guidance=tuple(sample_guidance),
                 dtype=sample_dtype,
                 init=init,
             )
@@ -929,24 +974,31 @@ def format_table(result: dict) -> str:
         ]
     if "sample" in result and "runs" in result["sample"]:
         s = result["sample"]
-        lines += ["", f"sampling ({s['dtype']}, scale {s['classifier_scale']})"]
-        lines.append(
-            f"  {'sampler':<10} {'guided':<6} {'batch':>5} {'compile s':>9} {'s/step':>9} "
-            f"{'img/s':>9} {'img/s/dev':>9}"
-        )
+        lines += [
+            "",
+            f"sampling ({s['dtype']}, classifier scale {s['classifier_scale']}, "
+            f"cfg scale {s['cfg_scale']})",
+            f"  {'sampler':<22} {'guidance':<10} {'NFE':>4} {'batch':>5} {'compile s':>9} "
+            f"{'s/eval':>9} {'s/image':>9} {'img/s/dev':>9}",
+        ]
         for r in s["runs"]:
             lines.append(
-                f"  {r['sampler']:<10} {str(r['guided']):<6} {r['batch']:>5} "
-                f"{r['compile_s']:>9.3g} {r['per_step_s']:>9.3g} {r['images_per_s']:>9.3g} "
+                f"  {r['sampler']:<22} {r['guidance']:<10} {r['nfe']:>4} {r['batch']:>5} "
+                f"{r['compile_s']:>9.3g} {r['per_step_s']:>9.3g} {r['per_image_s']:>9.3g} "
                 f"{r['images_per_s_per_device']:>9.3g}"
             )
         ov = s["guidance_overhead"]
         if isinstance(ov, dict):
-            lines.append(
-                "  guidance overhead (guided / unguided per step): "
-                + ", ".join(f"{k}: {v:.3g}x" for k, v in ov.items())
-                + f"; conv/matmul FLOPs ratio {_fmt(s['guidance_overhead_flops_estimate'])}x"
-            )
+            flops = s["guidance_overhead_flops_estimate"]
+            flops = flops if isinstance(flops, dict) else {}
+            lines.append("  guidance overhead (guided / unguided time per evaluation):")
+            for tag, ratios in ov.items():
+                lines.append(
+                    f"    {tag}: "
+                    + ", ".join(
+                        f"{k} {v:.3g}x (FLOPs {_fmt(flops.get(k))}x)" for k, v in ratios.items()
+                    )
+                )
     if "maxbatch" in result:
         m = result["maxbatch"]
         lines += ["", f"max batch per device: {m['max_batch_per_device']}"]

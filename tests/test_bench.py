@@ -35,9 +35,9 @@ def tiny_result():
         preset="cpu",
         num_steps=2,
         classifier_config=classifier,
-        # Compile time does not depend on the number of steps; one respacing keeps the test
-        # short (the CLI default is DDPM-250 and DDIM-25).
-        sample_respacings=("ddim3",),
+        # Compile time does not depend on the number of steps; one sampler keeps the test
+        # short (the CLI default is DDPM-250, DDIM-25, DPM-Solver++ 10 and 20).
+        samplers=("dpm++3",),
         num_devices=1,  # one device compiles fastest; the mesh code path is the same
     )
 
@@ -67,16 +67,23 @@ def test_train_flops_match_analytic_count(tiny_result):
 
 
 def test_sample_fields(tiny_result):
+    """DPM-Solver++ 3 steps unguided, classifier-guided and classifier-free guided (tiny is
+    class-conditional); time per image and per model evaluation."""
     s = tiny_result["sample"]
-    assert s["guided"] and {r["guided"] for r in s["runs"]} == {False, True}
+    assert s["guided"] and [r["guidance"] for r in s["runs"]] == ["none", "classifier", "cfg"]
     for r in s["runs"]:
-        assert r["sampler"] == "DDIM-3" and r["num_steps"] == 3
-        assert r["per_step_s"] > 0 and r["images_per_s"] > 0 and r["finite"]
-    overhead = s["guidance_overhead"]["ddim3"]
-    guided, unguided = sorted(s["runs"], key=lambda r: r["guided"])[::-1]
-    assert overhead == pytest.approx(guided["per_step_s"] / unguided["per_step_s"])
-    assert overhead > 0 and math.isfinite(overhead)
-    assert s["guidance_overhead_flops_estimate"] > 1.0
+        assert r["sampler"] == "DPM-Solver++(2M)-3" and r["nfe"] == 3 and r["batch"] == 1
+        assert r["per_step_s"] == pytest.approx(r["time_s"] / 3)
+        assert r["per_image_s"] == pytest.approx(r["time_s"])
+        assert r["per_eval_per_image_s"] > 0 and r["images_per_s"] > 0
+    overhead = s["guidance_overhead"]["dpmpp3"]
+    by = {r["guidance"]: r for r in s["runs"]}
+    for kind in ("classifier", "cfg"):
+        assert overhead[kind] == pytest.approx(by[kind]["per_step_s"] / by["none"]["per_step_s"])
+        assert overhead[kind] > 0 and math.isfinite(overhead[kind])
+    flops = s["guidance_overhead_flops_estimate"]
+    assert flops["classifier"] > 1.0 and flops["cfg"] == 2.0
+    assert "classifier " in bench_lib.format_table(tiny_result)
 
 
 def test_json_serialisable(tiny_result):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -106,6 +107,19 @@ def sampler_spec(sample_config: Any, **overrides) -> SamplerSpec:
     if steps:
         respacing = f"ddim{steps}" if name == "ddim" else str(steps)
     return SamplerSpec(name, respacing, 0, float(get("eta", 0.0) or 0.0), False)
+
+
+_TAG = re.compile(r"^(ddpm|ddim|dpm\+\+|dpmpp)?(\d+)$")
+
+
+def parse_sampler(text: str, field: str = "samplers") -> SamplerSpec:
+    """"ddpm250", "ddim25", "dpm++20" (or "dpmpp20") -> SamplerSpec; a bare number or
+    "ddimN" is a timestep_respacing as before ("250" = DDPM-250)."""
+    match = _TAG.match(str(text).strip().lower())
+    if not match:
+        raise ValueError(f"{field}: expected e.g. ddpm250, ddim25 or dpm++20, got {text!r}")
+    name = {"dpmpp": "dpm++", None: "ddpm"}.get(match.group(1), match.group(1))
+    return sampler_spec({"sampler": name, "steps": int(match.group(2))})
 
 
 def check_scale(field: str, value: Any) -> float:
