@@ -113,7 +113,7 @@ _TAG = re.compile(r"^(ddpm|ddim|dpm\+\+|dpmpp)?(\d+)$")
 
 
 def parse_sampler(text: str, field: str = "samplers") -> SamplerSpec:
-    """"ddpm250", "ddim25", "dpm++20" (or "dpmpp20") -> SamplerSpec; a bare number or
+    """Sampler tags: "ddpm250", "ddim25", "dpm++20" (or "dpmpp20"); a bare number or
     "ddimN" is a timestep_respacing as before ("250" = DDPM-250)."""
     match = _TAG.match(str(text).strip().lower())
     if not match:

@@ -1,8 +1,10 @@
 """Batch sampling at scale: ``python -m adm_jax.main --mode=sample``.
 
-One ``jax.jit``-compiled reverse-diffusion ``lax.scan`` serves every batch of a run (and every
-guidance scale of a sweep): parameters, labels, the guidance scale and the batch index are
-traced arguments, so the only compilation happens on the first batch. The global batch is
+``sample.sampler`` picks DDPM, DDIM or DPM-Solver++ (``adm_jax.sampling.methods``). One
+``jax.jit``-compiled reverse-diffusion ``lax.scan`` serves every batch of a run (and every
+guidance scale of a sweep): parameters, labels, the classifier and classifier-free guidance
+scales and the batch index are traced arguments, so the only compilation happens on the first
+batch. The global batch is
 sharded over the mesh's ``("data", "fsdp")`` axes across all devices and processes; parameters
 are replicated.
 
@@ -894,8 +896,10 @@ def sample(config: Any, workdir: str, *, max_batches: int | None = None) -> str 
     """``--mode=sample``: samples ``config.sample.num_samples`` images; returns the ``.npz``.
 
     The model comes from ``config.sample.checkpoint`` (an exported or converted checkpoint, or
-    a training workdir), or from ``workdir`` when that is empty. With an upsampler checkpoint
-    and ``config.sample.base_samples`` this is the second stage of two-stage sampling.
+    a training workdir), or from ``workdir`` when that is empty; the sampler, NFE and guidance
+    from ``sample.sampler`` / ``steps`` / ``classifier_scale`` / ``cfg_scale``. With an
+    upsampler checkpoint and ``config.sample.base_samples`` this is the second stage of
+    two-stage sampling.
     """
     job = build_job(config, workdir)
     num_samples = int(_cfg_get(config.sample, "num_samples", 0) or 0) or job.default_num_samples
