@@ -4,6 +4,7 @@ XLA_FLAGS must be set before JAX initialises its backends, which is why this run
 """
 
 import json
+import logging
 import os
 import pathlib
 import tempfile
@@ -175,6 +176,8 @@ def gcs_bucket():
             mp.setenv("TENSORSTORE_GCS_HTTP_URL", url)
             mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "dummy")
             _forget_gcs_clients()
+            # gcsfs warns at every client that the emulator has no bucket-type API.
+            logging.getLogger("gcsfs").setLevel(logging.ERROR)
             yield "gs://bkt"
     finally:
         _forget_gcs_clients()
