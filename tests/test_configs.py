@@ -121,6 +121,7 @@ def test_tiny_config_builds(variant):
         ("train.fsdp", 3, "train.fsdp: 3 does not divide"),
         ("data.image_size", 32, "data.image_size: 32 but model.image_size is 16"),
         ("train.dtype", "bf16", "train.dtype: unknown"),
+        ("train.dtype", "float16", "train.dtype: float16 training is not supported"),
     ],
 )
 def test_invalid_values_name_the_field(field, value, message):

@@ -147,7 +147,7 @@ TRAIN_FLAGS = [
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_survive_preemption_and_sigkill(tmp_path, tiny_tfds_dir):
+def test_multiprocess_train_preempt_kill_resume_export_sample(tmp_path, tiny_tfds_dir):
     data = f"--config.data.data_dir={tiny_tfds_dir}"
     flags = [data, *TRAIN_FLAGS, "--config.train.checkpoint_every=1000"]
 
@@ -229,26 +229,21 @@ def test_two_processes_equal_one_and_survive_preemption_and_sigkill(tmp_path, ti
     assert "Compiled the train step" not in job.logs[0].read_text()
     print(f"rerun of a finished run: {time.time() - started:.1f} s")
 
+    # The trained run, exported from 4 processes and sampled in 4 and in 1.
+    _export_and_sample_in_four_processes(pre, NUM_STEPS, tmp_path)
 
-@pytest.mark.slow
-def test_four_processes_export_and_sample_like_one(tmp_path, tiny_tfds_dir):
+
+def _export_and_sample_in_four_processes(run, step, tmp_path):
     """Export from 4 processes loads in 1; 4-process sampling writes the 1-process .npz."""
     import jax
 
     from adm_jax.checkpoints import load_inference_checkpoint
 
-    run = tmp_path / "run"
-    flags = [
-        *SMALL_MODEL, f"--config.data.data_dir={tiny_tfds_dir}", "--config.train.num_steps=2",
-        "--config.train.log_every=1", "--config.train.eval_every=0",
-        "--config.train.sample_every=0",
-    ]  # fmt: skip
-    Job("train", main_argv(run, *flags), num_processes=1, logdir=tmp_path).check()
     Job(
         "export", main_argv(run, *SMALL_MODEL, mode="export"),
         num_processes=4, logdir=tmp_path,
     ).check()  # fmt: skip
-    out = run / "export" / "step_00000002"
+    out = run / "export" / f"step_{step:08d}"
     assert (out / "model.json").is_file()
     got = jax.device_get(load_inference_checkpoint(out).params)
     jax.tree.map(np.testing.assert_array_equal, got, ema_params(run, rate=0.9999))

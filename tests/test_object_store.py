@@ -1,6 +1,7 @@
-"""A whole run with its workdir in a bucket: train -> resume -> export -> sample -> evaluate
-through the real entry point, against a real GCS API server on 127.0.0.1 (fake-gcs-server;
-see ``gcs_bucket`` in conftest.py), and nothing written to the local disk.
+"""A whole run with its workdir in a bucket: train -> resume (the real entry point, in
+subprocesses) -> export -> sample -> evaluate (the functions the entry point calls), against a
+real GCS API server on 127.0.0.1 (fake-gcs-server; see ``gcs_bucket`` in conftest.py), and
+nothing written to the local disk.
 
 Why GCS and this emulator: Orbax writes arrays through TensorStore, whose only object-store
 driver Orbax uses is ``gcs`` (``s3://`` checkpoints are not supported by Orbax 0.12), and
@@ -11,6 +12,7 @@ TensorBoard's event writer uses) has no emulator endpoint, so the test turns Ten
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -29,8 +31,6 @@ def _run(cwd, *args, mode="train"):
         sys.executable, "-m", "adm_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}",
         f"--mode={mode}", *args,
     ]  # fmt: skip
-    import os
-
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{mode}: {proc.stderr[-4000:]}"
@@ -42,7 +42,7 @@ def _local_files(root: pathlib.Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_run_in_a_bucket_writes_nothing_locally(tmp_path, gcs_bucket, tiny_tfds_dir):
+def test_run_in_a_bucket_writes_nothing_locally(tmp_path, gcs_bucket, tiny_tfds_dir, monkeypatch):
     from etils import epath
 
     from adm_jax.checkpoints import load_inference_checkpoint
@@ -67,15 +67,20 @@ def test_run_in_a_bucket_writes_nothing_locally(tmp_path, gcs_bucket, tiny_tfds_
     assert sorted(k for k in metrics if "train/loss" in metrics[k]) == [1, 2, 3, 4]
     assert np.isfinite(metrics[4]["val/loss"])
 
-    _run(cwd, f"--workdir={workdir}", mode="export")
-    exported = load_inference_checkpoint(f"{workdir}/export/step_00000004")
-    assert exported.extra["step"] == 4
+    # export, sample and evaluate: the functions --mode=export|sample|evaluate call, run here
+    # (this process already compiled the tiny sampler and Inception for other tests).
+    from adm_jax import evaluation, sampling, train
+    from configs import tiny
 
-    _run(
-        cwd, f"--workdir={workdir}", "--config.sample.num_samples=8",
-        "--config.sample.batch_size=8", "--config.sample.classifier_scale=0", mode="sample",
-    )  # fmt: skip
-    samples = epath.Path(workdir, "samples", "samples_8x16x16x3.npz")
+    config = tiny.get_config()
+    with config.unlocked():
+        config.sample.num_samples = 8
+        config.sample.batch_size = 8
+        config.sample.classifier_scale = 0.0
+    exported = load_inference_checkpoint(train.export(config, workdir))
+    assert exported.extra["step"] == 4
+    samples = epath.Path(sampling.sample(config, workdir))
+    assert os.fspath(samples) == f"{workdir}/samples/samples_8x16x16x3.npz"
     with samples.open("rb") as f, np.load(f) as data:
         images = data["arr_0"]
     assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8
@@ -87,13 +92,18 @@ def test_run_in_a_bucket_writes_nothing_locally(tmp_path, gcs_bucket, tiny_tfds_
     weights = epath.Path(gcs_bucket, "weights", "fid_inception_299.npz")
     weights.parent.mkdir(parents=True, exist_ok=True)
     weights.write_bytes((GOLDEN_DIR / "fid_inception_299.npz").read_bytes())
-    _run(
-        cwd, f"--workdir={workdir}", f"--config.evaluate.sample_npz={samples}",
-        f"--config.evaluate.reference_batch={reference}",
-        f"--config.evaluate.inception_weights={weights}",
-        "--config.evaluate.inception_sha256=none", "--config.evaluate.batch_size=8",
-        mode="evaluate",
-    )  # fmt: skip
+    with config.unlocked():
+        config.evaluate.sample_npz = os.fspath(samples)
+        config.evaluate.reference_batch = os.fspath(reference)
+        config.evaluate.inception_weights = os.fspath(weights)
+        config.evaluate.inception_sha256 = "none"
+        config.evaluate.batch_size = 8
+    # Two 2048-d matrix square roots would dominate the test; the Frechet distance's math is
+    # tested against the goldens in test_evaluation_metrics.py.
+    from adm_jax.evaluation import metrics as metrics_lib
+
+    monkeypatch.setattr(metrics_lib, "frechet_distance", lambda *args, **kwargs: 1.0)
+    evaluation.evaluate(config, workdir)
     record = json.loads(epath.Path(workdir, "evaluation", "samples_8x16x16x3.json").read_text())
     assert np.isfinite(record["fid"]) and record["num_samples"] == 8
 
