@@ -24,7 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
+
+from adm_jax import paths
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -46,13 +47,6 @@ class InferenceCheckpoint:
         return module_from_kwargs(self.kind, self.model_kwargs, **overrides)
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an ``epath.Path``: gs:// and s3:// URIs stay URIs, local paths become
-    absolute (Orbax needs absolute local paths)."""
-    path = epath.Path(path)
-    return path if "://" in os.fspath(path) else path.expanduser().resolve()
-
-
 def replicated_sharding() -> jax.sharding.NamedSharding:
     """Every leaf whole on every device of every process (the default for inference params:
     ``jax.devices()[0]`` belongs to process 0 alone)."""
@@ -61,7 +55,7 @@ def replicated_sharding() -> jax.sharding.NamedSharding:
 
 
 def is_inference_checkpoint(path: str | os.PathLike) -> bool:
-    return (as_path(path) / MODEL_JSON).is_file()
+    return (paths.resolved(path) / MODEL_JSON).is_file()
 
 
 def save_inference_checkpoint(
@@ -76,7 +70,7 @@ def save_inference_checkpoint(
     """Writes ``params`` and the model description to ``path`` (created; must not exist)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    path = as_path(path)
+    path = paths.resolved(path)
     params_path = path / PARAMS_DIR
     if params_path.exists():
         raise ValueError(f"out: {params_path} already exists; choose an empty directory")
@@ -110,7 +104,7 @@ def load_inference_checkpoint(
     applied to every leaf, or a pytree of shardings matching the parameters. The stored arrays
     can come from any mesh or device count.
     """
-    path = as_path(path)
+    path = paths.resolved(path)
     json_path = path / MODEL_JSON
     if not json_path.is_file():
         raise FileNotFoundError(

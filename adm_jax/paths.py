@@ -41,6 +41,11 @@ def absolute(p: PathLike) -> str:
     return os.path.abspath(os.path.expanduser(os.fspath(p)))
 
 
+def resolved(p: PathLike) -> epath.Path:
+    """``epath.Path`` naming ``p`` from anywhere (Orbax needs absolute local paths)."""
+    return path(absolute(p))
+
+
 @contextlib.contextmanager
 def open_atomic(p: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Opens ``p`` for writing (``"wb"`` or ``"w"``); the file appears complete on success.

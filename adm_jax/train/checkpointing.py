@@ -24,21 +24,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from adm_jax import paths
+
 CHECKPOINT_DIR = "checkpoints"
 DATA_ITER_ITEM = "data_iter"  # == adm_jax.data.DATA_ITER_ITEM (grain per-process files)
 JSON_DATA_ITEM = "data"  # iterators with only get_state()/set_state() (tests, custom input)
 ITEMS = ("state", "config", DATA_ITER_ITEM, JSON_DATA_ITEM)
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an ``epath.Path``: gs:// and s3:// stay URIs (``os.path.abspath`` would turn
-    them into local directories named "gs:"), local paths become absolute (Orbax needs it)."""
-    path = epath.Path(path)
-    return path if "://" in os.fspath(path) else path.expanduser().resolve()
-
-
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-    return as_path(workdir) / CHECKPOINT_DIR
+    return paths.resolved(workdir) / CHECKPOINT_DIR
 
 
 def _encode(data_state):

@@ -14,6 +14,7 @@ import ml_collections
 from absl import logging
 
 from adm_jax import checkpoints as inference_lib
+from adm_jax import paths
 from adm_jax.train import checkpointing, config_lib
 
 
@@ -69,7 +70,7 @@ def restore_inference(
 ) -> inference_lib.InferenceCheckpoint:
     """An InferenceCheckpoint from an inference checkpoint directory, or from a training
     workdir (its latest checkpoint's EMA params, or params for EMA-less classifier runs)."""
-    path = checkpointing.as_path(path)
+    path = paths.resolved(path)
     if inference_lib.is_inference_checkpoint(path):
         return inference_lib.load_inference_checkpoint(path, sharding=sharding)
     if path.name == checkpointing.CHECKPOINT_DIR:
@@ -91,7 +92,7 @@ def export(config, workdir: str, out: str | None = None, *, ema_rate=None) -> st
     """Writes the latest checkpoint's EMA params of ``workdir`` as an inference checkpoint
     (default ``WORKDIR/export/step_<N>``) and returns its path. The model description comes
     from the config stored with the checkpoint (``config`` is used only if none is stored)."""
-    workdir = checkpointing.as_path(workdir)
+    workdir = paths.resolved(workdir)
     try:
         run_config = load_run_config(workdir)
     except Exception:  # noqa: BLE001 - fall back to the given config

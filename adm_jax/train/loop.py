@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from adm_jax import paths
 from adm_jax.sampling import io as sample_io
 from adm_jax.sampling.sampler import to_uint8
 from adm_jax.train import (
@@ -104,18 +105,15 @@ class _CompileOnceThenSync:
 
     One compilation per run (the sample grid used to recompile at every ``sample_every``), and
     no process enters the program's collectives while another is still compiling.
-    ``compilations`` counts them (tests assert 1).
     """
 
     def __init__(self, jitted, name: str):
         self._jitted, self._name = jitted, name
         self._compiled = None
-        self.compilations = 0
 
     def __call__(self, *args):
         if self._compiled is None:
             self._compiled = self._jitted.lower(*args).compile()
-            self.compilations += 1
             sync_processes(f"{self._name}_compiled")
         return self._compiled(*args)
 
@@ -159,7 +157,7 @@ def _run(
     mode = "train_classifier" if classifier else "train"
     mesh = mesh or sharding.create_mesh(fsdp=tc.fsdp)
     config_lib.validate_config(config, num_devices=mesh.size, mode=mode)
-    workdir = checkpointing.as_path(workdir)
+    workdir = paths.resolved(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     logging.info("workdir %s; mesh %s; %d devices", workdir, dict(mesh.shape), mesh.size)
 
@@ -184,7 +182,7 @@ def _run(
         train_iter = _data_iterator(
             config, mesh, split=config.data.split, seed=tc.seed, for_classifier=classifier
         )
-    if ckpt.latest_step() is not None:
+    if latest is not None:
         with jax.set_mesh(mesh):
             state, resumed = ckpt.restore_latest_intact(abstract, data_iter=train_iter)
         logging.info("Resumed from %s/%d", ckpt.directory, resumed)
@@ -367,6 +365,6 @@ def _write_samples(sample_fn, config, module, state, writer, workdir, step, last
     images = jax.device_get(to_uint8(images))
     writer.write_images(step, {"samples": sample_io.image_grid(images)[None]})
     if jax.process_index() == 0:
-        out_dir = checkpointing.as_path(workdir) / "samples"
+        out_dir = paths.resolved(workdir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         sample_io.save_image_grid(out_dir / f"step_{step:08d}.png", images)
