@@ -11,6 +11,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: gpu.sh CONFIG [flags for adm_jax.main]}
 shift
-. launch/gpu_env.sh
+JAX_VERSION=$(grep -E '^jax==' requirements.txt | cut -d= -f3)
+
+if [ ! -d .venv ]; then
+  python3 -m venv .venv
+  . .venv/bin/activate
+  pip install -q -r requirements.txt -e .
+  pip install -q "jax[cuda12]==$JAX_VERSION"
+fi
+. .venv/bin/activate
+
+# Let XLA use most of the GPU memory, and keep the autotuner's picks between runs.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 nvidia-smi -L || true
 exec python -m adm_jax.main --config="$CONFIG" "$@"

@@ -20,6 +20,14 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 CONFIG=${1:?usage: sbatch launch/slurm_gpu.sh CONFIG [flags for adm_jax.main]}
 shift
-. launch/gpu_env.sh
+JAX_VERSION=$(grep -E '^jax==' requirements.txt | cut -d= -f3)
+if [ ! -d .venv ]; then  # on the shared file system: installed once, used by every node
+  python3 -m venv .venv
+  . .venv/bin/activate
+  pip install -q -r requirements.txt -e .
+  pip install -q "jax[cuda12]==$JAX_VERSION"
+fi
+. .venv/bin/activate
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 # --kill-on-bad-exit: one failed task ends the step instead of leaving the others waiting.
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 python -m adm_jax.main --config="$CONFIG" "$@"
