@@ -28,6 +28,7 @@ from adm_jax.diffusion.gaussian import (
 )
 from adm_jax.diffusion.losses import (
     approx_standard_normal_cdf,
+    bpd_terms,
     calc_bpd_loop,
     discretized_gaussian_log_likelihood,
     mean_flat,
@@ -72,6 +73,7 @@ __all__ = [
     "LossSecondMomentState",
     "approx_standard_normal_cdf",
     "betas_for_alpha_bar",
+    "bpd_terms",
     "calc_bpd_loop",
     "classifier_free_model_fn",
     "classifier_guidance_grad",

@@ -127,32 +127,74 @@ def training_losses(diffusion: Diffusion, model_fn, x_start, t, noise, *, channe
     return terms
 
 
+def bpd_terms(
+    diffusion: Diffusion, model_fn, x_start, t, noise, *, clip_denoised=True, channel_axis=-1
+):
+    """One step of the bound at steps t with noise eps (one iteration of the reference's
+    `calc_bpd_loop`): x_t = q_sample(x_0, t, eps), then per example (B,) "vb" (the bound term
+    `vb_terms_bpd` in bits/dim, full model output: no stop-gradient, no T/1000 rescaling),
+    "xstart_mse" = mean (x_0_theta - x_0)^2 and "mse" = mean (eps(x_0_theta) - eps)^2, eps
+    re-derived from the (clipped, if clip_denoised) predicted x_0. model_fn(x_t, timestep_map[t]).
+    """
+    x_t = gaussian.q_sample(diffusion, x_start, t, noise)
+    out = gaussian.p_mean_variance(
+        diffusion, model_fn, x_t, t, clip_denoised=clip_denoised, channel_axis=channel_axis
+    )
+    eps = gaussian.predict_eps_from_xstart(diffusion, x_t, t, out["pred_xstart"])
+    return {
+        "vb": vb_terms_bpd(diffusion, out, x_start, x_t, t),
+        "xstart_mse": mean_flat((out["pred_xstart"] - x_start) ** 2),
+        "mse": mean_flat((eps - noise) ** 2),
+    }
+
+
 def calc_bpd_loop(
-    diffusion: Diffusion, model_fn, x_start, key, *, clip_denoised=True, channel_axis=-1
+    diffusion: Diffusion,
+    model_fn,
+    x_start,
+    key=None,
+    *,
+    noise=None,
+    clip_denoised=True,
+    channel_axis=-1,
 ):
     """The full variational bound in bits per dim (DDPM eq. 5), one `lax.scan` over t.
 
-    Step t uses noise normal(fold_in(key, t)). Returns per-example total_bpd and prior_bpd
-    and (B, T) vb, xstart_mse, mse whose column j is timestep T - 1 - j (reference order).
+    Iteration j evaluates step t = T - 1 - j (the reference's loop order) with `bpd_terms`;
+    its noise is normal(fold_in(key, t)), or noise[j] when `noise` (T, *x_start.shape) is given
+    instead of a key. Returns per-example total_bpd = sum_t vb + prior_bpd and prior_bpd (B,),
+    and (B, T) vb, xstart_mse, mse whose column j is step T - 1 - j.
     """
-    batch = jnp.shape(x_start)[0]
+    if (key is None) == (noise is None):
+        raise ValueError("calc_bpd_loop: give exactly one of key and noise")
+    num_steps = diffusion.num_timesteps
+    batch, shape = jnp.shape(x_start)[0], jnp.shape(x_start)
+    if noise is not None and jnp.shape(noise) != (num_steps, *shape):
+        raise ValueError(
+            f"calc_bpd_loop: noise must have shape {(num_steps, *shape)} (T, *x_start.shape), "
+            f"got {jnp.shape(noise)}"
+        )
 
-    def body(_, t_scalar):
+    def body(_, xs):
+        t_scalar, step_noise = xs
+        if step_noise is None:
+            step_noise = jax.random.normal(
+                jax.random.fold_in(key, t_scalar), shape, jnp.result_type(x_start)
+            )
         t = jnp.full((batch,), t_scalar, jnp.int32)
-        noise = jax.random.normal(
-            jax.random.fold_in(key, t_scalar), jnp.shape(x_start), jnp.result_type(x_start)
+        terms = bpd_terms(
+            diffusion,
+            model_fn,
+            x_start,
+            t,
+            step_noise,
+            clip_denoised=clip_denoised,
+            channel_axis=channel_axis,
         )
-        x_t = gaussian.q_sample(diffusion, x_start, t, noise)
-        out = gaussian.p_mean_variance(
-            diffusion, model_fn, x_t, t, clip_denoised=clip_denoised, channel_axis=channel_axis
-        )
-        vb = vb_terms_bpd(diffusion, out, x_start, x_t, t)
-        xstart_mse = mean_flat((out["pred_xstart"] - x_start) ** 2)
-        eps = gaussian.predict_eps_from_xstart(diffusion, x_t, t, out["pred_xstart"])
-        return None, (vb, xstart_mse, mean_flat((eps - noise) ** 2))
+        return None, (terms["vb"], terms["xstart_mse"], terms["mse"])
 
-    steps = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-    _, (vb, xstart_mse, mse) = jax.lax.scan(body, None, steps)
+    steps = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
+    _, (vb, xstart_mse, mse) = jax.lax.scan(body, None, (steps, noise))
     vb, xstart_mse, mse = vb.T, xstart_mse.T, mse.T
     prior = prior_bpd(diffusion, x_start)
     return {
