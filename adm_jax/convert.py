@@ -29,49 +29,80 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from adm_jax import paths
 from adm_jax.models import (
     KINDS,
+    NUM_CLASSES,
     abstract_params,
     count_params,
     module_from_kwargs,
     parse_flags,
     reference_kwargs_from_flags,
+    with_shape,
 )
 
 # Submodules that the reference implements as kernel-size-1 ``conv_nd(1, ...)`` over tokens.
 CONV1D_MODULES = ("qkv", "proj_out", "qkv_proj", "c_proj")
 _INDEXED_NAME = re.compile(r"(.*?)((?:_\d+)+)")
-_MAX_LISTED = 25
+_MODULE_PREFIX = "module."  # torch.nn.DataParallel / DistributedDataParallel state_dicts
+# The README flag behind each reference constructor argument, per kind (for mismatch hints).
+_UNET_FLAGS = {
+    "model_channels": "num_channels",
+    "out_channels": "learn_sigma",
+    "num_classes": "class_cond",
+    "num_res_blocks": "num_res_blocks",
+    "channel_mult": "channel_mult",
+    "attention_resolutions": "attention_resolutions",
+    "use_scale_shift_norm": "use_scale_shift_norm",
+    "resblock_updown": "resblock_updown",
+}
+_FLAG_NAMES = {
+    "unet": _UNET_FLAGS,
+    "superres": {**_UNET_FLAGS, "channel_mult": "large_size"},  # sr_create_model's table
+    "classifier": {
+        "model_channels": "classifier_width",
+        "num_res_blocks": "classifier_depth",
+        "channel_mult": "image_size",  # create_classifier's table
+        "attention_resolutions": "classifier_attention_resolutions",
+        "use_scale_shift_norm": "classifier_use_scale_shift_norm",
+        "resblock_updown": "classifier_resblock_updown",
+        "pool": "classifier_pool",
+    },
+}
 
 
 class StateDictMismatchError(ValueError):
-    """The state_dict does not fit the architecture; names every offending key."""
+    """The state_dict does not fit the architecture.
 
-    def __init__(self, missing, unexpected, mis_shaped, context: str = ""):
+    ``missing``, ``unexpected`` and ``mis_shaped`` (key -> (file shape, expected shape)) list
+    every offending key; the message is ONE line: the first of them (in the reference's key
+    order), the README flag most likely responsible (``hint``) and how many keys differ.
+    """
+
+    def __init__(self, missing, unexpected, mis_shaped, context: str = "", hint: str = ""):
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mis_shaped = dict(mis_shaped)  # key -> (checkpoint shape, expected shape)
-        parts = []
-        if self.missing:
-            parts.append(f"missing keys ({len(self.missing)}): {_listing(self.missing)}")
-        if self.unexpected:
-            parts.append(f"unexpected keys ({len(self.unexpected)}): {_listing(self.unexpected)}")
-        if self.mis_shaped:
-            shown = [f"{k} {tuple(a)} vs expected {tuple(b)}" for k, (a, b) in mis_shaped.items()]
-            parts.append(f"mis-shaped keys ({len(shown)}): {_listing(shown)}")
-        prefix = f"state_dict does not fit the model{context}"
-        super().__init__(prefix + "; " + "; ".join(parts))
-
-
-def _listing(items) -> str:
-    items = list(items)
-    text = ", ".join(items[:_MAX_LISTED])
-    if len(items) > _MAX_LISTED:
-        text += f", ... and {len(items) - _MAX_LISTED} more"
-    return text
+        self.hint = hint
+        keys = sorted({*self.missing, *self.unexpected, *self.mis_shaped}, key=_natural_order)
+        self.first = keys[0] if keys else None
+        if self.first in self.mis_shaped:
+            got, want = self.mis_shaped[self.first]
+            what = f"{self.first} is {tuple(got)} in the file, expected {tuple(want)}"
+        elif self.first in self.missing:
+            what = f"{self.first} is missing from the file"
+        else:
+            what = f"{self.first} is in the file but not in this model"
+        counts = (
+            f"{len(keys)} {'key differs' if len(keys) == 1 else 'keys differ'} "
+            f"({len(self.missing)} missing, {len(self.unexpected)} "
+            f"unexpected, {len(self.mis_shaped)} mis-shaped)"
+        )
+        hint = f"; likely cause: {hint}" if hint else ""
+        super().__init__(f"state_dict does not fit the model{context}: {what}{hint}; {counts}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +163,16 @@ def _natural_order(key: str):
 
 
 def check_state_dict(
-    spec: Mapping[str, TorchParam], state_dict: Mapping[str, Any], context: str = ""
+    spec: Mapping[str, TorchParam],
+    state_dict: Mapping[str, Any],
+    context: str = "",
+    *,
+    kind: str | None = None,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> None:
-    """Raises one StateDictMismatchError naming every missing, unexpected and mis-shaped key."""
+    """Raises one StateDictMismatchError (one line; every key in its attributes) unless the
+    state_dict has exactly the keys and shapes of ``spec``. ``kind`` and ``kwargs`` (the
+    constructor arguments ``spec`` was made from) let the message name the likely flag."""
     missing = [k for k in spec if k not in state_dict]
     unexpected = [k for k in state_dict if k not in spec]
     mis_shaped = {
@@ -143,7 +181,179 @@ def check_state_dict(
         if k in state_dict and tuple(np.shape(state_dict[k])) != spec[k].torch_shape
     }
     if missing or unexpected or mis_shaped:
-        raise StateDictMismatchError(missing, unexpected, mis_shaped, context)
+        file_shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+        expected = {k: p.torch_shape for k, p in spec.items()}
+        hint = likely_flag(file_shapes, expected, kind=kind, kwargs=kwargs)
+        raise StateDictMismatchError(missing, unexpected, mis_shaped, context, hint)
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``(state_dict, stripped)``: keys without the ``module.`` prefix that
+    ``torch.nn.DataParallel``/``DistributedDataParallel`` add, when EVERY key has it (then
+    no key can be a reference name, so removing it cannot change which tensor goes where)."""
+    state_dict = dict(state_dict)
+    stripped = False
+    while state_dict and all(k.startswith(_MODULE_PREFIX) for k in state_dict):
+        state_dict = {k[len(_MODULE_PREFIX) :]: v for k, v in state_dict.items()}
+        stripped = True
+    return state_dict, stripped
+
+
+# ----------------------------------------------------------------------------------------------
+# Which flag makes a checkpoint not fit: compare the structure of the file with the model's.
+
+
+def _block_count(shapes, prefix: str) -> int:
+    indices = [int(k.split(".")[1]) for k in shapes if k.startswith(prefix + ".")]
+    return max(indices) + 1 if indices else 0
+
+
+def _out_width(shapes, block: int) -> int | None:
+    """Output width of input block ``block``: its ResBlock's last conv or Downsample's op."""
+    for leaf in ("0.out_layers.3.weight", "0.op.weight"):
+        shape = shapes.get(f"input_blocks.{block}.{leaf}")
+        if shape:
+            return shape[0]
+    return None
+
+
+def _structure(shapes) -> dict[str, Any]:
+    """The architecture facts a state_dict's shapes reveal (same function on file and model)."""
+    stem = shapes.get("input_blocks.0.0.weight") or (None, None)
+    n_in = _block_count(shapes, "input_blocks")
+    emb = shapes.get("input_blocks.1.0.emb_layers.1.weight")
+    width_1 = _out_width(shapes, 1)
+    return {
+        "decoder": any(k.startswith("output_blocks.") for k in shapes),
+        "in_channels": stem[1],
+        "model_channels": stem[0],
+        "out_channels": (shapes.get("out.2.weight") or (None,))[0],
+        "label_emb": shapes.get("label_emb.weight"),
+        "input_blocks": n_in,
+        "widths": tuple(_out_width(shapes, i) for i in range(1, n_in)),
+        "attention": tuple(i for i in range(n_in) if f"input_blocks.{i}.1.qkv.weight" in shapes),
+        "scale_shift": None if emb is None or not width_1 else emb[0] == 2 * width_1,
+        "skips": tuple(
+            i for i in range(n_in) if f"input_blocks.{i}.0.skip_connection.weight" in shapes
+        ),
+        "downsample_ops": tuple(
+            i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in shapes
+        ),
+        "updown_resblocks": not any(k.endswith(".op.weight") for k in shapes),
+        "pool": tuple(sorted(k for k in shapes if k.startswith("out."))),
+    }
+
+
+def _fits_layout(structure, num_res_blocks: int, levels: int) -> bool:
+    """Whether input blocks as ``_structure`` found them can be ``levels`` levels of
+    ``num_res_blocks`` ResBlocks each plus a downsampler: downsamplers keep the width and have
+    no attention or skip connection, and the width changes only at a level's first block."""
+    n, per = structure["input_blocks"], num_res_blocks + 1
+    if num_res_blocks < 1 or n != levels * per:
+        return False
+    widths = (structure["model_channels"], *structure["widths"])  # widths[i]: block i's output
+    for i in range(2, n):
+        if i % per == 0:  # a downsampler
+            if i in structure["attention"] or i in structure["skips"] or widths[i] != widths[i - 1]:
+                return False
+        elif i % per != 1 and widths[i] != widths[i - 1]:  # not a level's first ResBlock
+            return False
+    return True
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(_fmt(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def likely_flag(
+    file_shapes: Mapping[str, tuple],
+    expected_shapes: Mapping[str, tuple],
+    *,
+    kind: str | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+) -> str:
+    """The README flag most likely responsible for a checkpoint that does not fit, with the
+    value the file suggests where the shapes tell it ("" when nothing stands out).
+
+    Checked from the most to the least far-reaching difference (a different width changes
+    every shape, so it is named before anything else).
+    """
+    got, want = _structure(file_shapes), _structure(expected_shapes)
+    kind = kind or ("unet" if want["decoder"] else "classifier")
+    flags = _FLAG_NAMES.get(kind, _UNET_FLAGS)
+    kwargs = dict(kwargs or {})
+
+    def flag(arg: str, value: Any = None) -> str:
+        name = flags.get(arg, arg)
+        if value is None:
+            return f"--{name}"
+        if arg == "channel_mult" and name != arg:  # derived from --image_size / --large_size
+            return f"--{name} (the file's {arg} is {_fmt(value)})"
+        return f"--{name} (the file suggests {_fmt(value)})"
+
+    if got["decoder"] != want["decoder"]:
+        file_kind = "a diffusion UNet/upsampler" if got["decoder"] else "a classifier"
+        return f"--kind (the file holds {file_kind}, the model is a {kind})"
+    if got["in_channels"] != want["in_channels"] and got["in_channels"]:
+        if got["in_channels"] == 2 * (want["in_channels"] or 0):
+            return "--kind superres (the file is an upsampler)"
+        if 2 * got["in_channels"] == want["in_channels"]:
+            return "--kind unet (the file is a base model, not an upsampler)"
+        return f"--kind (the file takes {got['in_channels']} input channels)"
+    if got["model_channels"] != want["model_channels"] and got["model_channels"]:
+        return flag("model_channels", got["model_channels"])
+    if got["out_channels"] != want["out_channels"] and got["out_channels"] and kind != "classifier":
+        learned = got["out_channels"] == 2 * (want["in_channels"] or 3)
+        return flag("out_channels", learned)
+    if (got["label_emb"] is None) != (want["label_emb"] is None):
+        return flag("num_classes", got["label_emb"] is not None)
+    if got["label_emb"] != want["label_emb"]:
+        return f"the number of classes (the file has {got['label_emb'][0]})"
+    nrb = kwargs.get("num_res_blocks")
+    levels = len(kwargs.get("channel_mult", ())) or None
+    if got["input_blocks"] != want["input_blocks"]:
+        # input blocks = levels * (num_res_blocks + 1): the stem, then per level the
+        # ResBlocks and a Downsample (none after the last level).
+        n, ops = got["input_blocks"], got["downsample_ops"]
+        if ops:  # plain Downsample convs mark the level ends exactly
+            file_nrb, file_levels = ops[0] - 1, len(ops) + 1
+        else:  # ResBlock downsamplers: keep the layouts that the widths and attention allow
+            layouts = {(n // lv - 1, lv) for lv in (levels, n // (nrb + 1) if nrb else None) if lv}
+            layouts = [(r, lv) for r, lv in sorted(layouts) if _fits_layout(got, r, lv)]
+            if len(layouts) != 1:
+                return f"{flag('num_res_blocks')} or {flag('channel_mult')} (number of levels)"
+            ((file_nrb, file_levels),) = layouts
+        if file_nrb != nrb:
+            return flag("num_res_blocks", file_nrb)
+        return f"{flag('channel_mult')} (the file has {file_levels} levels, the model {levels})"
+    if got["widths"] != want["widths"]:
+        base = got["model_channels"]
+        if nrb and base and got["input_blocks"] % (nrb + 1) == 0:
+            firsts = [
+                got["widths"][lvl * (nrb + 1)] for lvl in range(len(got["widths"]) // (nrb + 1) + 1)
+            ]
+            if all(w is not None for w in firsts):
+                return flag("channel_mult", tuple(w / base for w in firsts))
+        return flag("channel_mult")
+    if got["attention"] != want["attention"]:
+        size = kwargs.get("image_size")
+        if nrb and size:
+            res = sorted(
+                {size // 2 ** ((i - 1) // (nrb + 1)) for i in got["attention"]}, reverse=True
+            )
+            return flag("attention_resolutions", tuple(res) if res else "none")
+        return flag("attention_resolutions")
+    if got["scale_shift"] != want["scale_shift"] and got["scale_shift"] is not None:
+        return flag("use_scale_shift_norm", got["scale_shift"])
+    if got["updown_resblocks"] != want["updown_resblocks"]:
+        return flag("resblock_updown", got["updown_resblocks"])
+    if got["pool"] != want["pool"] and kind == "classifier":
+        return flag("pool")
+    return ""
 
 
 def convert_tensor(param: TorchParam, value: Any) -> np.ndarray:
@@ -173,10 +383,14 @@ def convert_state_dict(
 ) -> dict[str, Any]:
     """The ``params`` pytree (jax arrays, float32) for a reference state_dict.
 
-    Raises StateDictMismatchError when the checkpoint does not fit ``kwargs``.
+    Raises StateDictMismatchError when the checkpoint does not fit ``kwargs``. Keys saved
+    through DataParallel/DDP (all prefixed ``module.``) are taken without the prefix.
     """
+    state_dict, stripped = strip_module_prefix(state_dict)
+    if stripped:
+        logging.warning("state_dict: stripped the 'module.' prefix (DataParallel/DDP) of its keys")
     spec = state_dict_spec(kind, kwargs)
-    check_state_dict(spec, state_dict, context=f" (kind {kind!r})")
+    check_state_dict(spec, state_dict, context=f" (kind {kind!r})", kind=kind, kwargs=kwargs)
     flat = {
         param.flax_path: jnp.asarray(value) for _, param, value in iter_converted(spec, state_dict)
     }
@@ -202,6 +416,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     file = paths.path(path)
     path = os.fspath(file)
+    if not file.exists():
+        raise FileNotFoundError(f"{path}: no such file")
     suffix = file.suffix.lower()
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
@@ -293,20 +509,41 @@ def main(argv: list[str] | None = None) -> str:
         default=None,
         help="default: classifier_* flags -> classifier, large_size -> superres, else unet",
     )
+    parser.add_argument(
+        "--in_channels",
+        type=int,
+        default=3,
+        help="image channels the model was trained on (the reference's models: 3)",
+    )
+    parser.add_argument(
+        "--num_classes",
+        type=int,
+        default=NUM_CLASSES,
+        help="label range of a class-conditional model or classifier (the reference's: 1000)",
+    )
     args = parser.parse_args(argv)
 
     started = time.time()
     flags = parse_flags(args.flags)
     kind = args.kind or infer_kind(flags)
-    model_kwargs = reference_kwargs_from_flags(kind, flags)
+    model_kwargs = with_shape(
+        kind,
+        reference_kwargs_from_flags(kind, flags),
+        in_channels=args.in_channels,
+        num_classes=args.num_classes,
+    )
     diffusion_kwargs = diffusion_kwargs_from_flags(flags)
     how = "given" if args.kind else "inferred from the flags; override with --kind"
     print(f"[convert] kind {kind!r} ({how})", flush=True)
     print(f"[convert] reading {args.checkpoint}", flush=True)
-    state_dict = load_state_dict(args.checkpoint)
+    state_dict, stripped = strip_module_prefix(load_state_dict(args.checkpoint))
+    if stripped:
+        print("[convert] keys carry a 'module.' prefix (saved from DataParallel/DDP): stripped it")
     print(f"[convert] {len(state_dict)} tensors; mapping to {kind} parameters", flush=True)
     spec = state_dict_spec(kind, model_kwargs)
-    check_state_dict(spec, state_dict, context=f" (kind {kind!r}, {how})")
+    check_state_dict(
+        spec, state_dict, context=f" (kind {kind!r}, {how})", kind=kind, kwargs=model_kwargs
+    )
     flat = {}
     for _, param, value in iter_converted(spec, state_dict):
         flat[param.flax_path] = value

@@ -3,6 +3,7 @@ from a reference state_dict to an inference checkpoint that reproduces the golde
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from adm_jax.convert import (
     infer_kind,
     load_state_dict,
     main,
+    strip_module_prefix,
 )
 from adm_jax.models import parse_flags, reference_kwargs_from_flags
 
@@ -43,7 +45,7 @@ def test_flags_reproduce_the_golden_constructor_kwargs(golden):
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()} == expected
 
 
-def test_mismatched_checkpoint_raises_one_error_naming_every_key(golden):
+def test_mismatched_checkpoint_raises_one_line_and_keeps_every_key(golden):
     meta, _, state_dict = golden_state_dict(golden, "unet_learnsigma")
     broken = dict(state_dict)
     del broken["out.2.bias"]
@@ -58,14 +60,90 @@ def test_mismatched_checkpoint_raises_one_error_naming_every_key(golden):
     assert err.unexpected == ["label_emb.weight"]
     assert err.mis_shaped == {"time_embed.0.weight": ((128, 64), (128, 32))}
     message = str(err)
-    for key in ("out.2.bias", "input_blocks.3.1.qkv.weight", "label_emb.weight"):
-        assert key in message
-    assert "time_embed.0.weight (128, 64) vs expected (128, 32)" in message
+    assert "\n" not in message
+    # The first offending key in the reference's order, then the likely flag, then counts.
+    assert message.startswith(
+        "state_dict does not fit the model (kind 'unet'): input_blocks.3.1.qkv.weight is "
+        "missing from the file; likely cause: --class_cond (the file suggests True); "
+    )
+    assert message.endswith("4 keys differ (2 missing, 1 unexpected, 1 mis-shaped)")
 
     # A classifier checkpoint offered as a UNet: one error, not a KeyError half-way.
     _, _, classifier_sd = golden_state_dict(golden, "classifier_encoder")
-    with pytest.raises(StateDictMismatchError, match="out.2.qkv_proj.weight"):
+    with pytest.raises(StateDictMismatchError, match="likely cause: --kind") as info:
         convert_state_dict("unet", meta["constructor"]["kwargs"], classifier_sd)
+    assert "out.2.qkv_proj.weight" in info.value.unexpected
+
+
+@pytest.mark.parametrize(
+    "flag, value, first, hint",
+    [
+        (
+            "num_channels",
+            "64",
+            "input_blocks.0.0.bias is (32,) in the file, expected (64,)",
+            "--num_channels (the file suggests 32)",
+        ),
+        (
+            "learn_sigma",
+            "False",
+            "out.2.bias is (6,) in the file, expected (3,)",
+            "--learn_sigma (the file suggests True)",
+        ),
+        (
+            "class_cond",
+            "True",
+            "label_emb.weight is missing from the file",
+            "--class_cond (the file suggests False)",
+        ),
+        (
+            "num_res_blocks",
+            "2",
+            "input_blocks.3.0.emb_layers.1.bias is (128,) in the file, expected (64,)",
+            "--num_res_blocks (the file suggests 1)",
+        ),
+        (
+            "attention_resolutions",
+            "16",
+            "input_blocks.5.1.norm.bias is in the file but not in this model",
+            "--attention_resolutions (the file suggests 16,8)",
+        ),
+    ],
+)
+def test_mismatch_names_the_likely_flag(golden, flag, value, first, hint):
+    """A checkpoint converted with one README flag wrong: ONE line naming the first offending
+    parameter (shape in the file vs expected) and that flag, with the file's value."""
+    _, _, state_dict = golden_state_dict(golden, "unet_learnsigma")
+    flags = re.sub(rf"--{flag} \S+", f"--{flag} {value}", UNET_LEARNSIGMA_FLAGS)
+    assert flags != UNET_LEARNSIGMA_FLAGS
+    with pytest.raises(StateDictMismatchError) as info:
+        convert_state_dict("unet", reference_kwargs_from_flags("unet", flags), state_dict)
+    message = str(info.value)
+    assert "\n" not in message and first in message and f"likely cause: {hint};" in message
+
+
+def test_data_parallel_prefix_is_stripped(golden):
+    meta, _, state_dict = golden_state_dict(golden, "classifier_encoder_adaptive")
+    kwargs = meta["constructor"]["kwargs"]
+    prefixed = {f"module.{k}": v for k, v in state_dict.items()}
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        convert_state_dict("classifier", kwargs, prefixed),
+        convert_state_dict("classifier", kwargs, state_dict),
+    )
+    assert strip_module_prefix(prefixed) == (state_dict, True)
+    # Only when EVERY key has it: a reference name is never altered.
+    partly = {**state_dict, "module.extra": np.zeros(1)}
+    assert strip_module_prefix(partly) == (partly, False)
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    for name in ("model.pt", "model.npz", "model.safetensors"):
+        with pytest.raises(FileNotFoundError) as info:
+            load_state_dict(tmp_path / name)
+        assert str(info.value) == f"{tmp_path / name}: no such file"
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        main(["--checkpoint", str(tmp_path / "x.pt"), "--out", str(tmp_path / "out")])
 
 
 def test_load_state_dict_formats(golden, tmp_path):
@@ -79,6 +157,7 @@ def test_load_state_dict_formats(golden, tmp_path):
         for key, value in state_dict.items():
             np.testing.assert_array_equal(loaded[key], value)
 
+    (tmp_path / "model.h5").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported file type"):
         load_state_dict(tmp_path / "model.h5")
     if importlib.util.find_spec("torch") is None:
@@ -109,10 +188,13 @@ def test_kind_is_inferred_from_the_flags():
     assert infer_kind(parse_flags("--classifier_scale 1.0 --image_size 64")) == "unet"
 
 
-def test_cli_round_trip_reproduces_the_golden_output(golden, tmp_path):
+def test_cli_round_trip_reproduces_the_golden_output(golden, tmp_path, capsys):
     meta, arrays, state_dict = golden_state_dict(golden, "unet_learnsigma")
     np.savez(tmp_path / "model.npz", **state_dict)
-    save_file(state_dict, str(tmp_path / "model.safetensors"))
+    # As saved from a DataParallel/DDP-wrapped model: every key prefixed "module.".
+    save_file(
+        {f"module.{k}": v for k, v in state_dict.items()}, str(tmp_path / "model.safetensors")
+    )
 
     # The real entry point, as a user runs it.
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -131,6 +213,7 @@ def test_cli_round_trip_reproduces_the_golden_output(golden, tmp_path):
         ["--checkpoint", str(tmp_path / "model.safetensors"), "--flags", UNET_LEARNSIGMA_FLAGS]
         + ["--out", str(tmp_path / "from_safetensors"), "--kind", "unet"]
     )
+    assert "'module.' prefix (saved from DataParallel/DDP): stripped it" in capsys.readouterr().out
 
     ckpt = checkpoints.load_inference_checkpoint(tmp_path / "from_npz")
     other = checkpoints.load_inference_checkpoint(tmp_path / "from_safetensors")

@@ -226,3 +226,98 @@ def test_evaluate_with_every_path_in_gcs(tmp_path, images, golden, gcs_bucket, m
     )
     assert {k: record[k] for k in local} == local
     assert record["fid"] > 0 and record["num_reference"] == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: one line naming the file, before any feature is computed.
+
+
+def _one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "case, arrays, expected",
+    [
+        ("no_arr_0", {"images": np.zeros((2, 8, 8, 3), np.uint8)}, "it holds ['images']"),
+        ("float01", {"arr_0": np.random.default_rng(0).random((2, 8, 8, 3))}, "uint8 0..255 NHWC"),
+        ("nchw", {"arr_0": np.zeros((2, 3, 8, 8), np.uint8)}, "(2, 3, 8, 8) is channels-first"),
+        ("rgba", {"arr_0": np.zeros((2, 8, 8, 4), np.uint8)}, "4 channels"),
+    ],
+)
+def test_evaluate_refuses_bad_sample_files(tmp_path, images, case, arrays, expected):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images)
+    bad = tmp_path / f"{case}.npz"
+    np.savez(bad, **arrays)
+    # inception_params=None: the check must come before the network is even set up.
+    with pytest.raises(ValueError) as err:
+        run.evaluate_npz(bad, ref, inception_params=None)
+    message = _one_line(err)
+    assert str(bad) in message and expected in message, message
+    # The same file as a reference batch.
+    with pytest.raises(ValueError) as err:
+        run.evaluate_npz(ref, bad, inception_params=None)
+    if case == "no_arr_0":  # a reference batch may hold statistics instead of images
+        assert "neither images (arr_0) nor statistics" in _one_line(err)
+    else:
+        assert str(bad) in _one_line(err) and expected in str(err.value)
+
+
+def test_evaluate_refuses_files_that_are_not_npz(tmp_path, images):
+    good = tmp_path / "good.npz"
+    np.savez(good, images)
+    text = tmp_path / "samples.npz"
+    text.write_text("arr_0 = ...")
+    for sample, ref in ((text, good), (good, text)):
+        with pytest.raises(ValueError) as err:
+            run.evaluate_npz(sample, ref, inception_params=None)
+        assert str(text) in _one_line(err) and "not an .npz" in str(err.value)
+    config = ml_collections.ConfigDict(
+        {"evaluate": {"sample_npz": str(tmp_path / "absent.npz"), "reference_batch": str(good)}}
+    )
+    with pytest.raises(ValueError) as err:
+        run.evaluate(config, tmp_path / "work")
+    assert _one_line(err) == f"evaluate.sample_npz: {tmp_path / 'absent.npz'}: no such file"
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
+def test_grey_images_are_scored_as_grey_rgb(tmp_path, images):
+    """(N, H, W, 1) samples pass, and are what the same grey image on three channels gives."""
+    import jax.numpy as jnp
+
+    grey = images[..., :1]
+    preprocess = jax.jit(inception.preprocess, static_argnames="resize")
+    for resize in ("tf", "torch"):
+        np.testing.assert_array_equal(
+            np.asarray(preprocess(grey[:2], resize=resize)),
+            np.asarray(preprocess(np.repeat(grey[:2], 3, -1), resize=resize)),
+        )
+    with pytest.raises(ValueError, match="3 \\(RGB\\) or 1 \\(grey\\)"):
+        inception.preprocess(jnp.zeros((1, 8, 8, 2), jnp.uint8))
+
+    def features_after_preprocess(resize="tf", outputs=features.EVAL_OUTPUTS):
+        def fn(variables, x):  # the real input path, then a cheap stand-in for the network
+            x = inception.preprocess(x, resize)[:, ::100, ::100, :]  # (B, 3, 3, 3)
+            pool = jnp.concatenate([x.mean((1, 2)), x.std((1, 2))], axis=-1)
+            spatial = x.reshape(len(x), -1)
+            return {
+                "pool3": pool,
+                "spatial_features_2023": spatial,
+                "softmax_nobias": jax.nn.softmax(pool[:, :4], axis=-1),
+            }
+
+        return fn
+
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images)
+    np.savez(tmp_path / "grey.npz", grey)
+    np.savez(tmp_path / "rgb.npz", np.repeat(grey, 3, -1))
+    patched = pytest.MonkeyPatch()
+    with patched.context() as mp:
+        mp.setattr(features, "inception_fn", features_after_preprocess)
+        got = run.evaluate_npz(tmp_path / "grey.npz", ref, inception_params={}, batch_size=8)
+        want = run.evaluate_npz(tmp_path / "rgb.npz", ref, inception_params={}, batch_size=8)
+    assert got == want and got["num_samples"] == 6

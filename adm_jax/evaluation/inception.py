@@ -299,15 +299,27 @@ def resize_bilinear_torch(x, size=INCEPTION_SIZE):
 
 
 def preprocess(images, resize="tf"):
-    """uint8-range NHWC images (0..255, any size) -> 299x299 network input in [-1, 1]."""
+    """uint8-range NHWC images (0..255, any size) -> 299x299 network input in [-1, 1].
+
+    Grey images (C = 1) become the same grey image on all three channels: the network takes
+    RGB, and a grey pixel is R = G = B. Tiled after the per-channel resize (the same numbers,
+    a third of the work).
+    """
+    channels = images.shape[-1]
+    if images.ndim != 4 or channels not in (1, 3):
+        raise ValueError(
+            f"images: expected NHWC with 3 (RGB) or 1 (grey) channels, got shape {images.shape}"
+        )
     x = images.astype(jnp.float32)
     if resize == "tf":
-        return (resize_bilinear_tf(x) - 128.0) * (1.0 / 128.0)
-    if resize == "torch":
-        return 2.0 * resize_bilinear_torch(x / 255.0) - 1.0
-    raise ValueError(
-        f"resize must be 'tf' (reference evaluator) or 'torch' (pytorch-fid): {resize!r}"
-    )
+        x = (resize_bilinear_tf(x) - 128.0) * (1.0 / 128.0)
+    elif resize == "torch":
+        x = 2.0 * resize_bilinear_torch(x / 255.0) - 1.0
+    else:
+        raise ValueError(
+            f"resize must be 'tf' (reference evaluator) or 'torch' (pytorch-fid): {resize!r}"
+        )
+    return jnp.repeat(x, 3, axis=-1) if channels == 1 else x
 
 
 @functools.partial(jax.jit, static_argnames=("resize",))

@@ -4,148 +4,49 @@ A reference batch (the published ``VIRTUAL_*.npz``) holds ``arr_0`` (uint8 NHWC 
 optional), ``mu``/``sigma`` (pool3 statistics) and ``mu_s``/``sigma_s`` (spatial statistics).
 A sample batch holds ``arr_0`` (and ``arr_1`` labels for conditional models).
 
-Sample files reach tens of GB, so images are read in batches: an uncompressed npz member is
-read in place (one seek to its data, then sequential reads; np.savez stores members
-uncompressed), a compressed one is streamed through the zip decompressor, never loading the
-whole array. Every path may be local or in a bucket (``gs://``, ``s3://``; ``adm_jax.paths``).
+Sample files reach tens of GB, so images are read in batches (``open_npz_array``, shared with
+``adm_jax.sampling.io``, which the sampler writes with) and checked to be uint8 NHWC with 1 or
+3 channels before any feature is computed. Every path may be local or in a bucket (``gs://``,
+``s3://``; ``adm_jax.paths``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from adm_jax import paths
+from adm_jax.sampling.io import (
+    NpzArray,
+    NpzKeyError,
+    check_images,
+    list_image_files,
+    open_images,
+    open_npz_array,
+    read_image,
+)
 
-_NPY_READERS = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
-
-
-@dataclasses.dataclass
-class NpzArray:
-    """One array of an .npz/.npy file, readable in row batches without loading it whole."""
-
-    path: str
-    key: str
-    shape: tuple
-    dtype: np.dtype
-    _open: Callable[[], contextlib.AbstractContextManager]  # -> object with read_rows(n)
-
-    def __len__(self):
-        return self.shape[0]
-
-    def read_batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        with self._open() as reader:
-            for start in range(0, self.shape[0], batch_size):
-                yield reader(min(batch_size, self.shape[0] - start))
-
-    def read(self) -> np.ndarray:
-        return np.concatenate(list(self.read_batches(max(len(self), 1))), axis=0)
-
-
-def _read_exact(f, size):
-    chunks, got = [], 0
-    while got < size:
-        chunk = f.read(size - got)
-        if not chunk:
-            raise ValueError(f"unexpected end of array data: expected {size} bytes, got {got}")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def _row_reader_from_stream(f, shape, dtype):
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-
-    def read_rows(n):
-        data = _read_exact(f, n * row_bytes)
-        return np.frombuffer(data, dtype=dtype).reshape([n, *shape[1:]])
-
-    return read_rows
-
-
-def _row_reader_from_array(arr):
-    pos = [0]
-
-    def read_rows(n):
-        out = np.array(arr[pos[0] : pos[0] + n])
-        pos[0] += n
-        return out
-
-    return read_rows
-
-
-def _read_npy_header(f, where):
-    version = np.lib.format.read_magic(f)
-    if version not in _NPY_READERS:
-        raise ValueError(f"{where}: unsupported .npy version {version}")
-    return _NPY_READERS[version](f)  # shape, fortran_order, dtype
-
-
-def open_npz_array(path, key: str = "arr_0") -> NpzArray:
-    """Opens ``key`` of an .npz (or a plain .npy) for streaming batch reads."""
-    path = paths.path(path)
-    name = os.fspath(path)
-    member = f"{key}.npy"
-    data_offset = None  # where the raw array bytes start in the file, when stored verbatim
-    if path.suffix == ".npy":
-        with path.open("rb") as f:
-            shape, fortran, dtype = _read_npy_header(f, name)
-            data_offset = f.tell()
-    else:
-        with path.open("rb") as raw:
-            with zipfile.ZipFile(raw) as zf:
-                if member not in zf.namelist():
-                    raise KeyError(f"missing {key} in npz file {name} (has {zf.namelist()})")
-                info = zf.getinfo(member)
-                with zf.open(member) as f:
-                    shape, fortran, dtype = _read_npy_header(f, f"{name}:{member}")
-                    header_len = f.tell()
-            if info.compress_type == zipfile.ZIP_STORED:
-                # The member's bytes lie verbatim in the file (the local header has
-                # variable-length extras).
-                raw.seek(info.header_offset)
-                local = raw.read(30)
-                name_len = int.from_bytes(local[26:28], "little")
-                extra_len = int.from_bytes(local[28:30], "little")
-                data_offset = info.header_offset + 30 + name_len + extra_len + header_len
-    if fortran or dtype.hasobject or not shape:
-        with path.open("rb") as f:
-            loaded = np.load(f)
-            arr = loaded if path.suffix == ".npy" else loaded[key]
-
-        @contextlib.contextmanager
-        def open_loaded():
-            yield _row_reader_from_array(arr)
-
-        return NpzArray(name, key, arr.shape, arr.dtype, open_loaded)
-
-    if data_offset is not None:
-
-        @contextlib.contextmanager
-        def open_raw():
-            with path.open("rb") as f:
-                f.seek(data_offset)
-                yield _row_reader_from_stream(f, shape, dtype)
-
-        return NpzArray(name, key, shape, dtype, open_raw)
-
-    @contextlib.contextmanager
-    def open_stream():
-        with path.open("rb") as raw, zipfile.ZipFile(raw) as zf, zf.open(member) as f:
-            f.read(header_len)
-            yield _row_reader_from_stream(f, shape, dtype)
-
-    return NpzArray(name, key, shape, dtype, open_stream)
+__all__ = [  # the readers live in sampling.io; evaluation code imports them from here too
+    "ImageSpool",
+    "NpzArray",
+    "NpzKeyError",
+    "ReferenceBatch",
+    "check_images",
+    "iterate_image_folder",
+    "iterate_npz_images",
+    "iterate_tfds_images",
+    "load_reference_batch",
+    "open_images",
+    "open_npz_array",
+    "write_npz",
+    "write_reference_batch",
+]
 
 
 def iterate_npz_images(path, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
@@ -179,14 +80,33 @@ class ReferenceBatch:
 
 
 def load_reference_batch(path) -> ReferenceBatch:
-    """Reads a ``VIRTUAL_*.npz``-style file (statistics eagerly, images lazily)."""
-    with paths.path(path).open("rb") as raw, np.load(raw) as f:
-        keys = set(f.files)
-        stats = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
-        resize = str(f[RESIZE_KEY]) if RESIZE_KEY in keys else "tf"
-    images = open_npz_array(path, "arr_0") if "arr_0" in keys else None
+    """Reads a ``VIRTUAL_*.npz``-style file (statistics eagerly, images lazily).
+
+    One-line errors name the file: not an npz, neither images nor statistics (with the keys it
+    has), images that are not uint8 NHWC with 1 or 3 channels.
+    """
+    name = os.fspath(path)
+    with paths.path(path).open("rb") as raw:
+        if raw.read(4) != b"PK\x03\x04":
+            raise ValueError(
+                f"{name}: not an .npz file (no zip archive); expected a reference batch "
+                "(arr_0 uint8 NHWC images and/or mu, sigma statistics)"
+            )
+        raw.seek(0)
+        try:
+            f = np.load(raw)
+        except zipfile.BadZipFile as err:
+            raise ValueError(f"{name}: damaged .npz file ({err})") from None
+        with f:
+            keys = set(f.files)
+            stats = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
+            resize = str(f[RESIZE_KEY]) if RESIZE_KEY in keys else "tf"
+    images = open_images(path) if "arr_0" in keys else None
     if images is None and "mu" not in stats:
-        raise KeyError(f"{path} has neither images (arr_0) nor statistics (mu, sigma)")
+        raise NpzKeyError(
+            f"{name}: neither images (arr_0) nor statistics (mu, sigma) in this reference batch "
+            f"(it holds {sorted(keys)})"
+        )
     return ReferenceBatch(images=images, resize=resize, **stats)
 
 
@@ -270,23 +190,6 @@ def write_reference_batch(path, mu, sigma, mu_s=None, sigma_s=None, *, images=No
 # Generic image sources (uint8 NHWC batches) for building reference batches.
 
 
-def _center_crop(pil_image, image_size):
-    # ADM's center_crop_arr: BOX-halve while large, BICUBIC to the short side, centre crop.
-    from PIL import Image  # noqa: PLC0415
-
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(
-            tuple(x // 2 for x in pil_image.size), resample=Image.Resampling.BOX
-        )
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(
-        tuple(round(x * scale) for x in pil_image.size), resample=Image.Resampling.BICUBIC
-    )
-    arr = np.array(pil_image)
-    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return arr[y : y + image_size, x : x + image_size]
-
-
 def _batched(items: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
     buf = []
     for item in items:
@@ -301,23 +204,15 @@ def _batched(items: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarra
 def iterate_image_folder(
     folder, image_size: int, batch_size: int = 256, *, limit: int | None = None
 ) -> Iterator[np.ndarray]:
-    """uint8 NHWC batches from an image folder (recursive, sorted, ADM centre crop, RGB)."""
-    from PIL import Image  # noqa: PLC0415
-
-    exts = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
+    """uint8 NHWC RGB batches from an image folder (recursive, the reference's order, ADM
+    centre crop; ``adm_jax.sampling.io.read_image``). One-line errors name the folder or
+    file: no such folder, no images, an unreadable image."""
     folder = paths.path(folder)
-    files = [f for f in paths.walk_files(folder) if os.path.splitext(f)[1].lower() in exts]
-    files.sort(key=lambda f: f.split("/"))  # pathlib's order: by path component
+    files = list_image_files(folder)
     if limit is not None:
         files = files[:limit]
-
-    def images():
-        for rel in files:
-            with (folder / rel).open("rb") as f, Image.open(f) as im:
-                im.load()
-                yield _center_crop(im.convert("RGB"), image_size)
-
-    return _batched(images(), batch_size)
+    images = (read_image(folder / rel, size=image_size, channels=3) for rel in files)
+    return _batched(images, batch_size)
 
 
 def iterate_tfds_images(
@@ -334,6 +229,8 @@ def iterate_tfds_images(
     import tensorflow_datasets as tfds  # noqa: PLC0415  (keeps TF off the import path)
     from PIL import Image  # noqa: PLC0415
 
+    from adm_jax.data.preprocessing import center_crop_arr  # imports TFDS as well
+
     ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
     if limit is not None:
         ds = ds.take(limit)
@@ -344,7 +241,7 @@ def iterate_tfds_images(
             if img.shape[-1] == 1:
                 img = np.repeat(img, 3, axis=-1)
             if img.shape[:2] != (image_size, image_size):
-                img = _center_crop(Image.fromarray(img), image_size)
+                img = center_crop_arr(Image.fromarray(img), image_size)
             yield img
 
     return _batched(images(), batch_size)

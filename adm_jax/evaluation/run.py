@@ -100,11 +100,14 @@ def evaluate_npz(
 
     Uses the reference batch's stored statistics when they were made with the same ``resize``
     path (the published ones: "tf"), else recomputes them from its images. Precision/recall
-    need the reference images (``arr_0``); without them they are None.
+    need the reference images (``arr_0``); without them they are None. Grey images
+    (N, H, W, 1) are scored as the same grey image on three channels (the network takes RGB).
     Returns ``{fid, sfid, inception_score, precision, recall, num_samples, num_reference}``.
     """
-    extractor = FeatureExtractor(inception_params, resize=resize, batch_size=batch_size, mesh=mesh)
+    # Both files are checked (uint8 NHWC, 1 or 3 channels) before any feature is computed.
+    samples = rb.open_images(sample_npz)
     ref = rb.load_reference_batch(reference_npz)
+    extractor = FeatureExtractor(inception_params, resize=resize, batch_size=batch_size, mesh=mesh)
     ref_feats = None
     if ref.images is not None:
         ref_feats = extractor(
@@ -123,7 +126,6 @@ def evaluate_npz(
             f"{reference_npz}: statistics were computed with resize={ref.resize!r}, not "
             f"{resize!r}, and there are no images (arr_0) to recompute them"
         )
-    samples = rb.open_npz_array(sample_npz, "arr_0")
     sample_feats = extractor(
         samples.read_batches(extractor.batch_size), total=len(samples), desc="sample features"
     )
@@ -175,6 +177,9 @@ def evaluate(config, workdir) -> dict:
         raise ValueError(
             "config.evaluate.sample_npz and config.evaluate.reference_batch are required"
         )
+    for field, value in (("sample_npz", sample_npz), ("reference_batch", reference)):
+        if not paths.path(value).exists():
+            raise ValueError(f"evaluate.{field}: {value}: no such file")
     sha = _cfg_get(ev, "inception_sha256", inception.WEIGHTS_SHA256)
     variables = inception.load_inception_variables(
         _cfg_get(ev, "inception_weights"), sha256=None if str(sha).lower() == "none" else sha

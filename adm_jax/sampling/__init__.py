@@ -5,6 +5,8 @@ and evaluates a grid of guidance scales x samplers x NFE (the paper's Table 4 / 
 ``sampler_spec`` / ``sample_images`` pick and run DDPM, DDIM or DPM-Solver++.
 """
 
+import warnings
+
 from adm_jax.sampling.io import (
     image_grid,
     load_samples_npz,
@@ -29,6 +31,12 @@ from adm_jax.sampling.sampler import (
 )
 from adm_jax.sampling.sweep import guidance_sweep, sampler_grid, write_sweep_report
 from adm_jax.sampling.two_stage import load_base_samples, sample_two_stage
+
+# ``python -m adm_jax.sampling.io`` (the image conversion CLI) runs a module this package has
+# already imported; runpy's warning about that is noise here (io keeps no module state).
+warnings.filterwarnings(
+    "ignore", r"'adm_jax\.sampling\.io' found in sys\.modules", RuntimeWarning, "runpy"
+)
 
 __all__ = [
     "SAMPLERS",

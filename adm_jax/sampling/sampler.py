@@ -455,6 +455,28 @@ def _module_overrides(config: Any) -> dict[str, Any]:
     return {"dtype": jnp.dtype(dtype)} if dtype else {}
 
 
+def check_counts(sc: Any) -> None:
+    """``sample.batch_size`` > 0 and ``sample.num_samples`` >= 0 (0: one sample per base
+    sample, for an upsampler), as one-line ValueErrors naming the field, before any work."""
+    for field, minimum in (("batch_size", 1), ("num_samples", 0)):
+        value = _cfg_get(sc, field, minimum)
+        value = minimum if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(
+                f"sample.{field}: expected an integer >= {minimum}, got {value!r}"
+                + (
+                    " (0 = every base sample, only with sample.base_samples)"
+                    if minimum == 0
+                    else ""
+                )
+            )
+    if not _cfg_get(sc, "num_samples", 0) and not _cfg_get(sc, "base_samples", ""):
+        raise ValueError(
+            "sample.num_samples: 0 samples every base sample once, which needs "
+            "sample.base_samples (an upsampler's input); give a positive count"
+        )
+
+
 def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> SamplingJob:
     """Loads the model (+ classifier, + base samples), validates everything, compiles nothing.
 
@@ -464,6 +486,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     from adm_jax.sampling import two_stage
 
     sc = config.sample
+    check_counts(sc)
     mesh = mesh if mesh is not None else make_mesh(int(sc.batch_size))
     replicated = NamedSharding(mesh, P())
 
