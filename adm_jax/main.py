@@ -21,7 +21,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo")
+MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo", "nll")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
@@ -122,6 +122,10 @@ def _run_mode(config, workdir: str, mode: str) -> None:
             from adm_jax import evaluation
 
             evaluation.evaluate(config, workdir)
+        elif mode == "nll":
+            from adm_jax import evaluation
+
+            evaluation.nll(config, workdir)
     except ValueError as err:
         raise app.UsageError(str(err)) from err
 

@@ -210,6 +210,20 @@ def get_config() -> ml_collections.ConfigDict:
             distance="float32",  # precision/recall distances: "float32" | "float64"
         )
     )
+
+    # --mode=nll (adm_jax.evaluation.nll): bits/dim on a data split, as the reference's
+    # scripts/image_nll.py (its defaults: 1000 images, clip_denoised True, all T steps).
+    config.nll = ml_collections.ConfigDict(
+        dict(
+            checkpoint="",  # training workdir or inference checkpoint; "" = sample.checkpoint
+            split="",  # TFDS split of config.data; "" = data.eval_split (else data.split)
+            num_samples=1000,  # the split's first N images; 0 = all of it
+            batch_size=64,  # global, over all devices
+            clip_denoised=True,
+            timestep_respacing="",  # "" = the full T-step bound; "250" etc. a respaced one
+            seed=0,  # noise of batch b: fold_in(PRNGKey(seed), b)
+        )
+    )
     return config
 
 

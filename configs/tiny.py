@@ -70,4 +70,7 @@ def get_config(variant: str = "unet"):
     config.sample.batch_size = 4
     config.sample.num_samples = 4
     config.sample.timestep_respacing = "ddim4"
+    config.nll.num_samples = 0  # the whole (tiny) split
+    config.nll.batch_size = 8
+    config.nll.timestep_respacing = "4"
     return config

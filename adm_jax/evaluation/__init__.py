@@ -1,9 +1,11 @@
-"""Evaluation as in the paper: FID Inception (Flax), FID/sFID/IS/precision/recall.
+"""Evaluation as in the paper: FID Inception (Flax), FID/sFID/IS/precision/recall, and
+bits/dim on a data split (``nll``, the reference's image_nll.py).
 
 Numbers follow openai/guided-diffusion ``evaluations/evaluator.py``; see docs/evaluation.md.
 No TensorFlow on the import path (TFDS is imported only by ``iterate_tfds_images``).
 """
 
+from adm_jax.evaluation.bpd import BpdProgram, NllSettings, nll, nll_settings
 from adm_jax.evaluation.features import EVAL_OUTPUTS, FeatureExtractor, inception_fn
 from adm_jax.evaluation.inception import (
     WEIGHTS_SHA256,
@@ -41,10 +43,12 @@ from adm_jax.evaluation.reference_batch import (
 from adm_jax.evaluation.run import create_reference_batch, evaluate, evaluate_npz, format_table
 
 __all__ = [
+    "BpdProgram",
     "EVAL_OUTPUTS",
     "FIDInceptionV3",
     "FeatureExtractor",
     "ImageSpool",
+    "NllSettings",
     "NpzArray",
     "ReferenceBatch",
     "WEIGHTS_SHA256",
@@ -66,6 +70,8 @@ __all__ = [
     "load_reference_batch",
     "manifold_radii",
     "metrics_from_features",
+    "nll",
+    "nll_settings",
     "open_npz_array",
     "precision_recall",
     "preprocess",
