@@ -127,12 +127,8 @@ class BpdProgram:
             model_fn = lambda x, t: constrain(model_apply(params, constrain(x), t, y))
             out = dm.calc_bpd_loop(diffusion, model_fn, images, key, clip_denoised=clip_denoised)
             w = mask.astype(jnp.float32)
-            sums = {"num_images": jnp.sum(w)}
-            for name in ("total_bpd", "prior_bpd"):
-                sums[name] = jnp.dot(w, out[name])
-            for name in TERMS:
-                sums[name] = jnp.dot(w, out[name])
-            return sums
+            sums = {name: jnp.dot(w, out[name]) for name in ("total_bpd", "prior_bpd", *TERMS)}
+            return {"num_images": jnp.sum(w), **sums}
 
         b, r = self.batch_sharding, self.replicated
         self._jitted = jax.jit(run, in_shardings=(r, b, b, b, r), out_shardings=r)
