@@ -4,13 +4,20 @@ r"""Benchmarks: train-step throughput and MFU, sampling speed and guidance overh
         [--what=train,sample,maxbatch,flops] [--batch=N] [--steps=N] [--json=out.json] \
         [--preset=cpu] [--classifier_config=configs/classifier128.py] \
         [--samplers=ddpm250,ddim25,dpm++10,dpm++20] [--sample_guidance=none,classifier,cfg]
+    python -m adm_jax.bench --config=configs/imagenet256.py --what=aot \
+        --topology=v4-8,v5e-8,v5p-8,v6e-8 [--aot_max_compiles=4] [--config.train.remat=...]
 
 ``--batch`` is per device (default: config.train.batch_size / devices, or the preset's);
 ``--what=flops`` compiles the train step without running it (FLOPs per image from XLA's cost
 analysis next to the analytic and published counts: works on a CPU for any config).
 ``--preset=cpu`` makes a run fit a small CPU in minutes (use it with configs/tiny.py):
 batch 1 per device, 3 timed steps, zero-filled parameters, one timed sampling run each.
-Any config field can be overridden (``--config.train.dtype=float32``). See
+``--what=aot`` needs no TPU, only libtpu (``pip install libtpu``, the version ``jax[tpu]``
+pins): it compiles the train step and the guided sampling program for each TPU slice of
+``--topology`` (v4-8, v5e-8 = v5litepod-8, v5p-8, v6e-8, any power-of-two size) on the
+config's mesh and batch (``--batch``: per chip), and reports per-chip HBM use, whether it fits,
+the largest per-chip batch that fits, FLOPs per chip and XLA's estimated step time with the
+MFU it implies. Any config field can be overridden (``--config.train.dtype=float32``). See
 docs/benchmarks.md for measured figures and the accelerator commands.
 """
 
@@ -30,7 +37,9 @@ _CLASSIFIER = flags.DEFINE_string(
     "configs/classifier128.py for configs/imagenet128.py, configs/tiny.py:classifier for tiny; "
     "'none' to skip guidance).",
 )
-_WHAT = flags.DEFINE_list("what", ["train", "sample"], "Any of train, sample, maxbatch, flops.")
+_WHAT = flags.DEFINE_list(
+    "what", ["train", "sample"], "Any of train, sample, maxbatch, flops, aot."
+)
 _PRESET = flags.DEFINE_enum("preset", "", list(bench_lib.PRESETS), "Sizes preset ('' or cpu).")
 _BATCH = flags.DEFINE_integer("batch", None, "Per-device train batch.")
 _STEPS = flags.DEFINE_integer("steps", None, "Timed train steps (after warm-up).")
@@ -62,6 +71,13 @@ _MEMORY = flags.DEFINE_float(
 )
 _DEVICES = flags.DEFINE_integer("num_devices", None, "Use the first N devices (default: all).")
 _INIT = flags.DEFINE_enum("init", None, ["real", "zeros"], "Parameter init (default: preset's).")
+_TOPOLOGY = flags.DEFINE_list(
+    "topology", None, "--what=aot: TPU slices to compile for (v4-8, v5e-8, v5p-8, v6e-8, ...)."
+)
+_AOT_MAX_COMPILES = flags.DEFINE_integer(
+    "aot_max_compiles", 4, "--what=aot: compiles for the largest-batch search (0: no search)."
+)
+_AOT_SAMPLE = flags.DEFINE_bool("aot_sample", True, "--what=aot: also compile the sampler.")
 
 
 def main(argv):
@@ -70,15 +86,20 @@ def main(argv):
     if config is None:
         raise app.UsageError("--config is required")
     what = tuple(_WHAT.value)
-    unknown = set(what) - {"train", "sample", "maxbatch", "flops"}
+    unknown = set(what) - {"train", "sample", "maxbatch", "flops", "aot"}
     if unknown:
         raise app.UsageError(f"--what: unknown {sorted(unknown)}")
+    if set(what) == {"aot"}:
+        # Compiling for a TPU slice runs nothing locally: keep JAX off a local TPU (a training
+        # run may hold it) and quiet libtpu's search for one.
+        jax.config.update("jax_platforms", "cpu")
     classifier_config = None
     spec = _CLASSIFIER.value
-    if spec is None and "sample" in what:
+    samples = "sample" in what or ("aot" in what and _AOT_SAMPLE.value)
+    if spec is None and samples:
         config_file = config_flags.get_config_filename(flags.FLAGS["config"])
         spec = bench_lib.default_classifier_spec(config_file)
-    if spec and spec.lower() != "none" and "sample" in what:
+    if spec and spec.lower() != "none" and samples:
         classifier_config = bench_lib.load_config(spec)
         logging.info("guidance classifier: %s", spec)
     result = bench_lib.run(
@@ -98,6 +119,9 @@ def main(argv):
         device_memory_bytes=int(_MEMORY.value * 2**30) if _MEMORY.value else None,
         num_devices=_DEVICES.value,
         init=_INIT.value,
+        topology=_TOPOLOGY.value,
+        aot_max_compiles=_AOT_MAX_COMPILES.value,
+        aot_sample=_AOT_SAMPLE.value,
         log=lambda s: logging.info("%s", s),
     )
     result["command"] = {
@@ -105,12 +129,14 @@ def main(argv):
         "classifier_config": spec,
         "what": list(what),
         "preset": _PRESET.value,
+        "topology": _TOPOLOGY.value,
     }
-    print(bench_lib.format_table(result))
-    if _JSON.value and jax.process_index() == 0:
+    if _JSON.value and jax.process_index() == 0:  # first: compile-only runs take hours
         out = paths.path(_JSON.value)  # local or gs://
         out.parent.mkdir(parents=True, exist_ok=True)
         paths.write_text_atomic(out, bench_lib.to_json(result))
+    print(bench_lib.format_table(result))
+    if _JSON.value and jax.process_index() == 0:
         print(f"\nwrote {_JSON.value}")
 
 

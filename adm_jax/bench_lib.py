@@ -34,11 +34,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -409,15 +411,21 @@ def initial_state(setup: TrainSetup, init: str = "real"):
     return state
 
 
-def compile_train_step(setup: TrainSetup):
-    """(lowered, compiled, lower_s, compile_s) from abstract inputs only."""
+def lower_train_step(setup: TrainSetup):
+    """(lowered, lower_s) from abstract inputs only."""
     with jax.set_mesh(setup.mesh):
         t0 = time.perf_counter()
         lowered = setup.jitted.lower(setup.abstract_state, abstract_batch(setup))
-        t1 = time.perf_counter()
+    return lowered, time.perf_counter() - t0
+
+
+def compile_train_step(setup: TrainSetup):
+    """(lowered, compiled, lower_s, compile_s) from abstract inputs only."""
+    lowered, lower_s = lower_train_step(setup)
+    with jax.set_mesh(setup.mesh):
+        t0 = time.perf_counter()
         compiled = lowered.compile()
-        t2 = time.perf_counter()
-    return lowered, compiled, t1 - t0, t2 - t1
+    return lowered, compiled, lower_s, time.perf_counter() - t0
 
 
 def _flops_fields(setup: TrainSetup, compiled, lowered=None) -> dict:
@@ -471,7 +479,7 @@ def train_benchmark(
         "global_batch": setup.global_batch,
         "grad_accum_steps": int(setup.config.train.grad_accum_steps),
         "dtype": setup.config.train.dtype,
-        "remat": bool(setup.config.train.remat),
+        "remat": setup.config.train.remat,
         "mesh": dict(mesh.shape),
         "init": init,
         "steps_timed": num_steps,
@@ -551,11 +559,19 @@ def flops_report(config, mesh, *, batch_per_device: int = 1, compile: bool = Tru
 
 
 def find_max_batch(
-    fits: Callable[[int], bool], *, start: int = 1, limit: int = 1024, resolution: float = 0.0
+    fits: Callable[[int], bool],
+    *,
+    start: int = 1,
+    limit: int = 1024,
+    resolution: float = 0.0,
+    max_probes: int | None = None,
 ) -> dict:
-    """Largest b in [start, limit] with fits(b), assuming fits is monotone: doubling, then
-    bisection until the bracket is within max(1, resolution * lo). Returns {"max_batch",
-    "first_failing", "probes": [(b, fits)]}; max_batch 0 if even ``start`` fails."""
+    """Largest b in [1, limit] with fits(b), assuming fits is monotone: from ``start``,
+    doubling while it fits (halving while it does not), then bisection until the bracket is
+    within max(1, resolution * lo). At most ``max_probes`` calls (each may be a compile of
+    minutes): then the bracket reached so far comes back with "exact" False. Returns
+    {"max_batch", "first_failing", "probes": [(b, fits)], "exact"}; max_batch 0 if even 1 fails
+    (or nothing that fits was found within the probes)."""
     probes = []
 
     def probe(b):
@@ -563,24 +579,40 @@ def find_max_batch(
         probes.append((b, ok))
         return ok
 
-    if not probe(start):
-        return {"max_batch": 0, "first_failing": start, "probes": probes}
-    lo, hi = start, None
-    while hi is None:
-        nxt = min(lo * 2, limit)
-        if nxt == lo:
-            return {"max_batch": lo, "first_failing": None, "probes": probes}
+    def budget():
+        return max_probes is None or len(probes) < max_probes
+
+    def close(lo, hi):
+        return lo > 0 and hi - lo <= max(1, int(resolution * lo))
+
+    lo, hi = 0, None  # largest known to fit (0: none), smallest known to fail (None: none)
+    if probe(min(max(1, start), limit)):
+        lo = probes[-1][0]
+    else:
+        hi = probes[-1][0]
+    while budget() and (hi is None or lo == 0):
+        if hi is None:  # everything so far fits: double up to the limit
+            nxt = min(lo * 2, limit)
+            if nxt == lo:
+                break
+        elif hi == 1:  # nothing fits
+            break
+        else:  # nothing fits yet: halve down
+            nxt = hi // 2
         if probe(nxt):
             lo = nxt
         else:
             hi = nxt
-    while hi - lo > max(1, int(resolution * lo)):
+    while budget() and hi is not None and lo > 0 and not close(lo, hi):
         mid = (lo + hi) // 2
         if probe(mid):
             lo = mid
         else:
             hi = mid
-    return {"max_batch": lo, "first_failing": hi, "probes": probes}
+    exact = (
+        (hi is None and lo == limit) or (hi == 1 and lo == 0) or (hi is not None and close(lo, hi))
+    )
+    return {"max_batch": lo, "first_failing": hi, "probes": probes, "exact": bool(exact)}
 
 
 def max_batch(
@@ -667,7 +699,7 @@ def build_module(config, **overrides):
             size // int(r) for r in str(m.classifier_attention_resolutions).split(",")
         ),
     )
-    options = dict(dtype=config_lib.DTYPES[config.train.dtype], remat=bool(config.train.remat))
+    options = dict(dtype=config_lib.DTYPES[config.train.dtype], remat=config.train.remat)
     options.update(overrides)
     return module_from_kwargs("classifier", kwargs, **options)
 
@@ -682,6 +714,29 @@ def _cfg_module(config, dtype):
     if config_lib.class_dropout_prob(config) == 0:
         config.model.class_dropout_prob = 0.1
     return build_module(config, dtype=config_lib.DTYPES[dtype], remat=False)
+
+
+def batch_sampler(config, diffusion, net, spec, *, mesh, batch: int, guidance: str, classifier):
+    """``--mode=sample``'s ``BatchSampler`` (one compiled ``lax.scan`` over the sampler's steps)
+    for ``net``; ``guidance``: "none", "classifier" (guided by ``classifier``) or "cfg"
+    (``net`` carries the null label)."""
+    from adm_jax.sampling import BatchSampler
+
+    size = config_lib.model_image_size(config)
+    guided = guidance == "classifier"
+    return BatchSampler(
+        diffusion,
+        lambda p, x, t, y=None: net.apply({"params": p}, x, t, y=y),
+        image_shape=(size, size, int(config.data.channels)),
+        batch_size=batch,
+        mesh=mesh,
+        classifier_apply=(
+            (lambda p, x, t: classifier.apply({"params": p}, x, t)) if guided else None
+        ),
+        class_cond=getattr(net, "num_classes", None) is not None,
+        method=spec,
+        null_label=net.null_label if guidance == "cfg" else None,
+    )
 
 
 def sample_benchmark(
@@ -703,7 +758,7 @@ def sample_benchmark(
     classifier-free guidance (class-conditional models), through ``BatchSampler``: the
     program ``--mode=sample`` compiles. Guidance overhead = guided / unguided time per
     evaluation."""
-    from adm_jax.sampling import BatchSampler, methods
+    from adm_jax.sampling import methods
 
     dtype = dtype or config.train.dtype
     unknown = sorted(set(guidance) - set(GUIDANCE_KINDS))
@@ -721,7 +776,6 @@ def sample_benchmark(
     if class_cond and "cfg" in guidance:
         cfg_model = _cfg_module(config, dtype)
         cfg_params = _params(cfg_model, init, mesh)
-    size = config_lib.model_image_size(config)
     batch = batch_per_device * mesh.size
     num_classes = getattr(model, "num_classes", None) or getattr(classifier, "out_channels", 1000)
     labels = np.random.default_rng(0).integers(0, num_classes, batch).astype(np.int32)
@@ -741,19 +795,10 @@ def sample_benchmark(
         diffusion = config_lib.build_diffusion(config, timestep_respacing=spec.respacing)
         for kind, net, net_params in variants:
             guided = kind == "classifier"
-            sampler = BatchSampler(
-                diffusion,
-                lambda p, x, t, y=None, net=net: net.apply({"params": p}, x, t, y=y),
-                image_shape=(size, size, int(config.data.channels)),
-                batch_size=batch,
-                mesh=mesh,
-                classifier_apply=(
-                    (lambda p, x, t: classifier.apply({"params": p}, x, t)) if guided else None
-                ),
-                class_cond=class_cond,
-                method=spec,
-                null_label=net.null_label if kind == "cfg" else None,
-            )
+            sampler = batch_sampler(
+                config, diffusion, net, spec, mesh=mesh, batch=batch, guidance=kind,
+                classifier=classifier,
+            )  # fmt: skip
             args = sampler.arguments(
                 net_params,
                 seed=1,
@@ -829,6 +874,503 @@ def sample_benchmark(
 
 
 # --------------------------------------------------------------------------------------------
+# Compile-only fit on a TPU slice, without a TPU (libtpu + jax.experimental.topologies).
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    """One Cloud TPU generation: what a slice name means and what one chip holds."""
+
+    name: str  # slice-name and topology prefix: v4, v5e, v5p, v6e
+    hbm_bytes: int  # per chip
+    peak_bf16_flops: float  # per chip, dense
+    torus_dims: int  # 3 (v4, v5p) or 2 (v5e, v6e)
+    cores_in_name: int  # "v4-8" / "v5p-8" count TensorCores (2 per chip); v5e / v6e count chips
+    chip_config: str  # "megacore": one JAX device per chip (both TensorCores), as JAX runs v4/v5p
+
+
+# HBM per chip and peak dense bf16 FLOP/s per chip, from the Cloud TPU system-architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): v4 32 GiB / 275 TFLOP/s, v5e 16 GiB / 197,
+# v5p 95 GiB / 459, v6e 32 GiB / 918 (the same peaks as adm_jax.train.metrics.PEAK_FLOPS).
+# Nominal capacities: the runtime keeps a little of each chip's HBM for itself.
+TPU_GENERATIONS = {
+    "v4": TpuGeneration("v4", 32 * 2**30, 275e12, 3, 2, "megacore"),
+    "v5e": TpuGeneration("v5e", 16 * 2**30, 197e12, 2, 1, "default"),
+    "v5p": TpuGeneration("v5p", 95 * 2**30, 459e12, 3, 2, "megacore"),
+    "v6e": TpuGeneration("v6e", 32 * 2**30, 918e12, 2, 1, "default"),
+}
+TPU_ALIASES = {"v5litepod": "v5e"}  # Cloud TPU's accelerator type for v5e slices
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    """A single TPU slice by its Cloud TPU name ("v5p-8") and chip torus ``shape``."""
+
+    name: str
+    generation: TpuGeneration
+    shape: tuple[int, ...]
+
+    @property
+    def num_chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def topology(self) -> str:
+        """The name ``jax.experimental.topologies.get_topology_desc`` takes ("v5p:2x2x1")."""
+        return f"{self.generation.name}:" + "x".join(str(d) for d in self.shape)
+
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        """Torus wrap-around links: full 4x4x4 cubes and up (v4, v5p), 16-chip rows (v5e, v6e)."""
+        if len(self.shape) == 3:
+            return (self.num_chips >= 64,) * 3
+        return (self.shape[0] == 16, self.shape[1] == 16, False)
+
+    @property
+    def chips_per_host_bounds(self) -> tuple[int, int, int]:
+        return (min(2, self.shape[0]), min(2, self.shape[1]), 1)
+
+
+def parse_tpu_slice(name: str) -> TpuSlice:
+    """A Cloud TPU accelerator type ("v4-8", "v5e-8" or "v5litepod-8", "v5p-8", "v6e-8"; any
+    power-of-two size) -> the slice's chips and torus shape (v4-8 = v5p-8 = 2x2x1, 4 chips;
+    v5e-8 = v6e-8 = 2x4, 8 chips)."""
+    expected = "a slice name like v4-8, v5e-8 (v5litepod-8), v5p-8 or v6e-8"
+    prefix, sep, count = str(name).strip().lower().partition("-")
+    generation = TPU_GENERATIONS.get(TPU_ALIASES.get(prefix, prefix))
+    if generation is None or not sep or not count.isdigit():
+        raise ValueError(f"--topology: expected {expected}, got {name!r}")
+    chips, rem = divmod(int(count), generation.cores_in_name)
+    if rem or chips < 1 or chips & (chips - 1):
+        raise ValueError(f"--topology: {name!r} is not a power-of-two slice ({expected})")
+    if generation.torus_dims == 3:
+        if chips < 4:
+            raise ValueError(
+                f"--topology: the smallest {generation.name} slice is {generation.name}-8 "
+                f"(4 chips), got {name!r}"
+            )
+        shape = [2, 2, 1]
+    else:
+        if chips > 256:
+            raise ValueError(f"--topology: {generation.name} slices have at most 256 chips")
+        shape = [1, 1]
+    while math.prod(shape) < chips:  # double the last of the smallest dimensions
+        i = max(j for j, d in enumerate(shape) if d == min(shape))
+        shape[i] *= 2
+    return TpuSlice(f"{generation.name}-{count}", generation, tuple(shape))
+
+
+def libtpu_available() -> bool:
+    """Whether the TPU compiler (the ``libtpu`` package) is installed: compile-only runs for
+    a TPU slice need it, a TPU does not."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+@functools.cache
+def topology_devices(tpu_slice: TpuSlice) -> tuple:
+    """Compile-only devices of ``tpu_slice`` (``jax.experimental.topologies``): enough for
+    ``jit(...).lower(...).compile()`` with shardings on them, nothing runs."""
+    from jax.experimental import topologies
+
+    # Compile-only: no TPU is opened, so a second process that loaded libtpu (a training run,
+    # or any JAX process on a machine with libtpu installed) is no reason to refuse.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        devices = topologies.get_topology_desc(
+            tpu_slice.topology,
+            platform="tpu",
+            chip_config_name=tpu_slice.generation.chip_config,
+            chips_per_host_bounds=tpu_slice.chips_per_host_bounds,
+            num_slices=1,
+            wrap=tpu_slice.wrap,
+        ).devices
+    except Exception as err:  # noqa: BLE001 - JaxRuntimeError / RuntimeError by jax version
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        hint = "" if libtpu_available() else "; install libtpu (the version jax[tpu] pins)"
+        raise RuntimeError(
+            f"--topology: cannot describe {tpu_slice.name} ({tpu_slice.topology}): {reason}{hint}"
+        ) from err
+    if len(devices) != tpu_slice.num_chips:
+        raise RuntimeError(
+            f"--topology: {tpu_slice.topology} gave {len(devices)} devices, expected "
+            f"{tpu_slice.num_chips} (one per chip)"
+        )
+    return tuple(devices)
+
+
+def topology_mesh(tpu_slice: TpuSlice, fsdp: int):
+    """The train loop's ("data", "fsdp") mesh (``sharding.create_mesh``) over the slice's chips,
+    in the torus order ``jax.make_mesh`` gives real devices."""
+    from jax.experimental import mesh_utils
+
+    devices = list(topology_devices(tpu_slice))
+    ordered = mesh_utils.create_device_mesh((len(devices) // fsdp, fsdp), devices)
+    return sharding.create_mesh(fsdp=fsdp, devices=list(ordered.flat))
+
+
+def cost_analysis(compiled) -> dict:
+    """XLA's cost analysis of a compiled per-device program: "flops", "bytes accessed" and, for
+    TPU, "optimal_seconds" (the compiler's cost-model estimate of its run time)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - NotImplementedError on some backends
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    keys = ("flops", "bytes accessed", "optimal_seconds", "transcendentals")
+    return {k: float(v) for k, v in (cost or {}).items() if k in keys}
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = r"([\d.]+)([KMGT]?)B?"
+# Two wordings of the TPU compiler's out-of-HBM refusal (libtpu versions differ):
+# "Ran out of memory in memory space hbm. Used 40.1G of 30.75G hbm. ..."
+# "Ran out of memory on HBM, the total memory required for HLO temporaries (171.69G) exceeds
+# available HBM (95.74G)."
+_HBM_OOM = (
+    re.compile(rf"Used {_SIZE} of {_SIZE} hbm"),
+    re.compile(rf"HLO temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)"),
+)
+_HBM_TOTAL = re.compile(rf"Total hbm usage >= {_SIZE}")
+
+
+def hbm_oom(err: Exception) -> dict | None:
+    """The TPU compiler's refusal of a program that does not fit one chip's HBM, as bytes:
+    what it needs at least (``hbm_required_bytes``) and the capacity the compiler allows
+    (the chip's HBM less the runtime's reserve); None for any other error."""
+    text = str(err)
+    match = next((m for p in _HBM_OOM if (m := p.search(text))), None)
+    if "RESOURCE_EXHAUSTED" not in text or match is None:
+        return None
+    size = lambda m, i: int(float(m.group(i)) * _UNITS[m.group(i + 1)])  # noqa: E731
+    total = _HBM_TOTAL.search(text)
+    return {
+        "compile_error": text.strip().splitlines()[0][:300],
+        "hbm_required_bytes": size(total, 1) if total else size(match, 1),
+        "compiler_hbm_capacity_bytes": size(match, 3),
+    }
+
+
+def _compile_or_oom(lowered, mesh):
+    """(compiled or None, hbm_oom(...) or None, compile_s): the compiler's out-of-HBM refusal
+    is a result (the program does not fit), any other error propagates."""
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = lowered.compile()
+    except Exception as err:  # noqa: BLE001 - XlaRuntimeError / JaxRuntimeError by version
+        oom = hbm_oom(err)
+        if oom is None:
+            raise
+        return None, oom, time.perf_counter() - t0
+    return compiled, None, time.perf_counter() - t0
+
+
+def _fit_fields(compiled, tpu_slice: TpuSlice, oom: dict | None = None) -> dict:
+    hbm = tpu_slice.generation.hbm_bytes
+    if compiled is None:  # refused by the compiler: it does not fit
+        return {
+            "memory": None,
+            "hbm_bytes": hbm,
+            "hbm_used_fraction": oom["hbm_required_bytes"] / hbm,
+            "fits": False,
+            **oom,
+            "flops_per_chip": None,
+            "bytes_accessed_per_chip": None,
+            "xla_estimated_seconds": None,
+        }
+    mem = memory_analysis(compiled)
+    if mem is None:
+        raise RuntimeError("compiled.memory_analysis() reports nothing for this TPU program")
+    cost = cost_analysis(compiled)
+    return {
+        "memory": mem,
+        "hbm_bytes": hbm,
+        "hbm_used_fraction": mem["total_bytes"] / hbm,
+        "fits": mem["total_bytes"] <= hbm,
+        "flops_per_chip": cost.get("flops"),
+        "bytes_accessed_per_chip": cost.get("bytes accessed"),
+        # XLA's TPU cost model, not a measurement: what the compiler expects one run to take.
+        "xla_estimated_seconds": cost.get("optimal_seconds"),
+    }
+
+
+def _config_batch_per_chip(config, num_chips: int, what: str) -> int:
+    micro = int(config.train.batch_size) // int(config.train.grad_accum_steps)
+    if micro % num_chips:
+        raise ValueError(
+            f"train.batch_size: {what} batch {micro} is not a multiple of the {num_chips} chips; "
+            "pass --batch (per chip)"
+        )
+    return micro // num_chips
+
+
+def aot_train(config, tpu_slice: TpuSlice, mesh, batch_per_chip: int) -> dict:
+    """Compiles the project's train step (``train_setup``: the train loop's jitted, sharded,
+    donated step) for ``tpu_slice`` from abstract inputs: per-chip HBM, FLOPs, and XLA's
+    estimate of the step time with the MFU it implies."""
+    setup = train_setup(config, mesh, batch_per_chip)
+    lowered, lower_s = lower_train_step(setup)
+    compiled, oom, compile_s = _compile_or_oom(lowered, mesh)
+    accum = int(setup.config.train.grad_accum_steps)
+    # XLA's cost analysis counts a loop body once: with microbatches (a lax.scan), the FLOPs
+    # and the estimate cover one microbatch and the update.
+    images = batch_per_chip
+    out = {
+        "batch_per_chip": batch_per_chip,
+        "global_batch": setup.global_batch * accum,
+        "grad_accum_steps": accum,
+        "mesh": dict(mesh.shape),
+        "dtype": setup.config.train.dtype,
+        "remat": setup.config.train.remat,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+    }
+    out.update(_fit_fields(compiled, tpu_slice, oom))
+    fwd = forward_flops_per_image(setup.module)
+    out["model_flops_per_image"] = 3.0 * fwd
+    flops, est = out["flops_per_chip"], out["xla_estimated_seconds"]
+    out["flops_per_image_xla"] = flops / images if flops else None
+    peak = tpu_slice.generation.peak_bf16_flops
+    out["xla_estimated_images_per_s_per_chip"] = images / est if est else None
+    out["xla_estimated_mfu"] = flops / est / peak if (est and flops) else None
+    out["xla_estimated_mfu_model"] = 3.0 * fwd * images / est / peak if est else None
+    return out
+
+
+def aot_max_batch(
+    config,
+    tpu_slice: TpuSlice,
+    mesh,
+    *,
+    known: dict[int, dict],
+    max_compiles: int = 4,
+    resolution: float = 1 / 8,
+    limit: int = 4096,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Largest per-chip train batch whose compiled step fits one chip's HBM: doubling or halving
+    from the batch already compiled (``known``: per-chip batch -> {"total_bytes", "fits"}),
+    then bisection, with at most ``max_compiles`` more compiles."""
+    hbm = tpu_slice.generation.hbm_bytes
+    sizes = {b: dict(v, compile_s=None) for b, v in known.items()}
+
+    def fits(b):
+        if b not in sizes:
+            n = sum(1 for v in sizes.values() if v["compile_s"] is not None) + 1
+            log(f"  {tpu_slice.name} max batch: compiling batch {b}/chip ({n}/{max_compiles})")
+            lowered, _ = lower_train_step(train_setup(config, mesh, b))
+            compiled, oom, compile_s = _compile_or_oom(lowered, mesh)
+            if compiled is None:
+                total, ok = oom["hbm_required_bytes"], False
+            else:
+                total = memory_analysis(compiled)["total_bytes"]
+                ok = total <= hbm
+            sizes[b] = {"total_bytes": total, "fits": ok, "compile_s": compile_s}
+            log(
+                f"  {tpu_slice.name} batch {b}/chip: {total / 2**30:.2f} GiB of "
+                f"{hbm / 2**30:.0f} GiB{'' if ok else ' (does not fit)'}, compiled in "
+                f"{compile_s:.0f} s"
+            )
+        return sizes[b]["fits"]
+
+    start = max(known) if known else 1
+    found = find_max_batch(
+        fits, start=start, limit=limit, resolution=resolution, max_probes=max_compiles + len(known)
+    )
+    return {
+        "max_batch_per_chip": found["max_batch"],
+        "first_failing_batch_per_chip": found["first_failing"],
+        "exact": found["exact"],
+        "resolution": resolution,
+        "max_compiles": max_compiles,
+        "compiles": sum(1 for v in sizes.values() if v["compile_s"] is not None),
+        "bytes_by_batch": {str(b): v for b, v in sorted(sizes.items())},
+        "probes": found["probes"],
+    }
+
+
+def _abstract_replicated(module, mesh):
+    from adm_jax.models import abstract_params
+
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract_params(module)
+    )
+
+
+def aot_sample(
+    config,
+    tpu_slice: TpuSlice,
+    *,
+    classifier_config=None,
+    batch_per_chip: int,
+    dtype: str | None = None,
+) -> dict:
+    """Compiles ``--mode=sample``'s program (``BatchSampler``: the config's sampler as one
+    ``lax.scan``, classifier-guided when ``classifier_config`` is given, else classifier-free
+    guided when config.sample.cfg_scale is set) for ``tpu_slice`` on sampling's (chips, 1)
+    mesh, from abstract parameters."""
+    from adm_jax.sampling import methods
+
+    if config.model.kind != "unet":
+        return {"skipped": f"the sampling fit needs a unet, got {config.model.kind}"}
+    dtype = dtype or config.train.dtype
+    spec = methods.sampler_spec(config.sample)
+    diffusion = config_lib.build_diffusion(config, timestep_respacing=spec.respacing)
+    mesh = topology_mesh(tpu_slice, fsdp=1)
+    classifier = None
+    if classifier_config is not None:
+        guidance = "classifier"
+        net = build_module(config, dtype=config_lib.DTYPES[dtype], remat=False)
+        classifier = build_module(classifier_config, dtype=config_lib.DTYPES[dtype], remat=False)
+    elif config.sample.get("cfg_scale") is not None and config.model.get("class_cond"):
+        guidance = "cfg"
+        net = _cfg_module(config, dtype)
+    else:
+        guidance = "none"
+        net = build_module(config, dtype=config_lib.DTYPES[dtype], remat=False)
+    batch = batch_per_chip * mesh.size
+    sampler = batch_sampler(
+        config, diffusion, net, spec, mesh=mesh, batch=batch, guidance=guidance,
+        classifier=classifier,
+    )  # fmt: skip
+    scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
+    labels = None
+    if sampler.needs_labels:
+        labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sampler.batch_sharding)
+    args = (
+        _abstract_replicated(net, mesh),
+        _abstract_replicated(classifier, mesh) if classifier is not None else None,
+        scalar(jnp.uint32),  # seed
+        scalar(jnp.int32),  # batch index
+        labels,
+        scalar(jnp.float32),  # classifier scale (traced)
+        scalar(jnp.float32),  # classifier-free scale (traced)
+        None,  # low_res (upsamplers only)
+    )
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        lowered = sampler.program.lower(*args)
+        lower_s = time.perf_counter() - t0
+    compiled, oom, compile_s = _compile_or_oom(lowered, mesh)
+    nfe = sampler.method.steps
+    out = {
+        "sampler": sampler.method.label,
+        "nfe": nfe,
+        "guidance": guidance,
+        "batch_per_chip": batch_per_chip,
+        "global_batch": batch,
+        "mesh": dict(mesh.shape),
+        "dtype": dtype,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+    }
+    # The sampler is one lax.scan over its steps and XLA's cost analysis counts a loop body
+    # once: the FLOPs and the estimated time are those of one step (one guided evaluation).
+    out.update(_fit_fields(compiled, tpu_slice, oom))
+    fwd = forward_flops_per_image(net)
+    cls_fwd = forward_flops_per_image(classifier) if classifier is not None else 0.0
+    # Convolution + matmul FLOPs of one guided evaluation: the UNet forward (twice for
+    # classifier-free guidance), the classifier's forward and its input gradient (~2 forwards).
+    per_eval = fwd * (2.0 if guidance == "cfg" else 1.0) + 2.0 * cls_fwd
+    out["model_flops_per_image_per_eval"] = per_eval
+    out["model_flops_per_chip_per_eval"] = per_eval * batch_per_chip
+    return out
+
+
+def _total_bytes(part: dict) -> int:
+    """Per-chip bytes of a compiled program, or what the compiler said a refused one needs."""
+    return part["memory"]["total_bytes"] if part["memory"] else part["hbm_required_bytes"]
+
+
+def aot_report(
+    config,
+    slices: Sequence[str],
+    *,
+    classifier_config=None,
+    batch_per_chip: int | None = None,
+    sample: bool = True,
+    sample_batch_per_chip: int | None = None,
+    sample_dtype: str | None = None,
+    max_compiles: int = 4,
+    resolution: float = 1 / 8,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """For each TPU slice: the train step compiled at the config's batch (or ``batch_per_chip``)
+    on the config's mesh, its per-chip HBM use and whether it fits, the largest per-chip batch
+    that fits (``max_compiles`` more compiles at most; 0 skips the search), FLOPs per chip and
+    XLA's estimated step time with the MFU it implies; then the guided sampling program at
+    config.sample.batch_size. Nothing is allocated: parameters are ``jax.eval_shape``'d."""
+    parsed = [parse_tpu_slice(s) for s in slices]
+    results = []
+    for tpu_slice in parsed:
+        gen = tpu_slice.generation
+        devices = topology_devices(tpu_slice)
+        fsdp = math.gcd(int(config.train.fsdp), tpu_slice.num_chips)
+        mesh = topology_mesh(tpu_slice, fsdp)
+        entry = {
+            "slice": tpu_slice.name,
+            "topology": tpu_slice.topology,
+            "chips": tpu_slice.num_chips,
+            "device_kind": devices[0].device_kind,
+            "hbm_bytes_per_chip": gen.hbm_bytes,
+            "peak_bf16_flops_per_chip": gen.peak_bf16_flops,
+            "config_fsdp": int(config.train.fsdp),
+        }
+        if fsdp != int(config.train.fsdp):
+            entry["fsdp_note"] = (
+                f"train.fsdp {int(config.train.fsdp)} does not divide {tpu_slice.num_chips} "
+                f"chips: fsdp {fsdp}"
+            )
+        b = batch_per_chip or _config_batch_per_chip(config, tpu_slice.num_chips, "the config's")
+        log(f"{tpu_slice.name} ({tpu_slice.topology}): train step, batch {b}/chip, mesh "
+            f"{dict(mesh.shape)}: compiling")  # fmt: skip
+        train = aot_train(config, tpu_slice, mesh, b)
+        log(
+            f"{tpu_slice.name}: train step {_total_bytes(train) / 2**30:.2f} GiB of "
+            f"{gen.hbm_bytes / 2**30:.0f} GiB ({'fits' if train['fits'] else 'does not fit'}), "
+            f"compiled in {train['compile_s']:.0f} s"
+        )
+        entry["train"] = train
+        if max_compiles > 0:
+            entry["max_batch"] = aot_max_batch(
+                config,
+                tpu_slice,
+                mesh,
+                known={b: {"total_bytes": _total_bytes(train), "fits": train["fits"]}},
+                max_compiles=max_compiles,
+                resolution=resolution,
+                log=log,
+            )
+        if sample and config.model.kind == "unet":
+            sb = sample_batch_per_chip or max(
+                1, -(-int(config.sample.batch_size) // tpu_slice.num_chips)
+            )
+            log(f"{tpu_slice.name}: sampling program, batch {sb}/chip: compiling")
+            entry["sample"] = aot_sample(
+                config,
+                tpu_slice,
+                classifier_config=classifier_config,
+                batch_per_chip=sb,
+                dtype=sample_dtype,
+            )
+            s = entry["sample"]
+            log(
+                f"{tpu_slice.name}: sampling {_total_bytes(s) / 2**30:.2f} GiB, "
+                f"compiled in {s['compile_s']:.0f} s"
+            )
+        results.append(entry)
+    return {"slices": results, "note": AOT_NOTE}
+
+
+AOT_NOTE = (
+    "compile-only (no TPU): memory from compiled.memory_analysis(); FLOPs from XLA's cost "
+    "analysis; step time is XLA's TPU cost-model estimate (optimal_seconds), not a measurement"
+)
+
+
+# --------------------------------------------------------------------------------------------
 # Everything.
 
 
@@ -850,12 +1392,21 @@ def run(
     device_memory_bytes: int | None = None,
     num_devices: int | None = None,
     init: str | None = None,
+    topology: Sequence[str] | None = None,
+    aot_max_compiles: int = 4,
+    aot_sample: bool = True,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Runs the requested parts and returns one JSON-able dict. ``sample_respacings`` is the
-    old name of ``samplers`` ("250" = "ddpm250")."""
+    old name of ``samplers`` ("250" = "ddpm250"). ``aot`` compiles for the TPU slices of
+    ``topology`` (``batch_per_device`` and ``sample_batch_per_device`` are then per chip)."""
     config, embedded_classifier = split_config(config)
     classifier_config = classifier_config or embedded_classifier
+    if "aot" in what:
+        if not topology:
+            raise ValueError("--topology: --what=aot needs TPU slices, e.g. v5p-8")
+        for name in topology:  # a bad name fails before any compile
+            parse_tpu_slice(name)
     p = PRESETS[preset]
     mesh = make_mesh(config, num_devices)
     n = mesh.size
@@ -867,8 +1418,21 @@ def run(
             "kind": config.model.kind,
             "image_size": config_lib.model_image_size(config),
             "train_dtype": config.train.dtype,
+            "remat": config.train.remat,
         },
     }
+    if "aot" in what:
+        out["aot"] = aot_report(
+            config,
+            topology,
+            classifier_config=classifier_config if aot_sample else None,
+            batch_per_chip=batch_per_device,
+            sample=aot_sample,
+            sample_batch_per_chip=sample_batch_per_device,
+            sample_dtype=sample_dtype,
+            max_compiles=aot_max_compiles,
+            log=log,
+        )
     if "maxbatch" in what:
         log("maxbatch: compile-only doubling + bisection")
         out["maxbatch"] = max_batch(
@@ -931,6 +1495,71 @@ def _fmt(v, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
     if isinstance(v, str):
         return v
     return f"{v / scale:.{digits}g}{unit}"
+
+
+def _gib(v) -> str:
+    return "-" if v is None else f"{v / 2**30:.2f}"
+
+
+def _max_batch_cell(m: dict | None) -> str:
+    """ "37" when the search closed, "32-47" (fits, first failing - 1) or "<16" otherwise."""
+    if not m:
+        return "-"
+    lo, hi = m["max_batch_per_chip"], m["first_failing_batch_per_chip"]
+    if m["exact"] or hi is None:
+        return str(lo)
+    return f"<{hi}" if lo == 0 else f"{lo}-{hi - 1}"
+
+
+def _mem_cells(part: dict, hbm: int) -> str:
+    mem = part["memory"]
+    if mem is None:  # the compiler refused it: what it said the program needs
+        return f"- | - | >{_gib(part['hbm_required_bytes'])} / {hbm / 2**30:.0f} (compiler: OOM)"
+    return (
+        f"{_gib(mem['argument_bytes'])} | {_gib(mem['temp_bytes'])} "
+        f"| {_gib(mem['total_bytes'])} / {hbm / 2**30:.0f}"
+    )
+
+
+def format_aot(aot: dict, label: str = "") -> str:
+    """Markdown tables (train step, sampling) of ``aot_report``'s result; ``label`` names the
+    model in a first column (several reports then concatenate into one table)."""
+    first = "| model " if label else ""
+    cell = f"| {label} " if label else ""
+    train = [
+        f"{first}| slice | chips | batch/chip | args GiB | temp GiB | total GiB / HBM | fits "
+        "| max batch/chip | GFLOP/chip/step | XLA est. step ms | est. MFU | compile s |",
+        ("|---" * (12 + bool(label))) + "|",
+    ]
+    sample = [
+        f"{first}| slice | sampler | guidance | batch/chip | args GiB | temp GiB "
+        "| total GiB / HBM | fits | GFLOP/chip/step | XLA est. ms/step | compile s |",
+        ("|---" * (11 + bool(label))) + "|",
+    ]
+    for e in aot["slices"]:
+        t, hbm = e["train"], e["hbm_bytes_per_chip"]
+        est = t.get("xla_estimated_seconds")
+        train.append(
+            f"{cell}| {e['slice']} | {e['chips']} | {t['batch_per_chip']} "
+            f"| {_mem_cells(t, hbm)} | {'yes' if t['fits'] else 'NO'} "
+            f"| {_max_batch_cell(e.get('max_batch'))} "
+            f"| {_fmt(t.get('flops_per_chip'), '', 1e9, 4)} "
+            f"| {_fmt(est * 1e3 if est else None, '', 1, 4)} "
+            f"| {_fmt(t.get('xla_estimated_mfu_model'), '', 1, 2)} | {t['compile_s']:.0f} |"
+        )
+        s = e.get("sample")
+        if s and "fits" in s:
+            est = s.get("xla_estimated_seconds")
+            sample.append(
+                f"{cell}| {e['slice']} | {s['sampler']} | {s['guidance']} | {s['batch_per_chip']} "
+                f"| {_mem_cells(s, hbm)} | {'yes' if s['fits'] else 'NO'} "
+                f"| {_fmt(s.get('flops_per_chip'), '', 1e9, 4)} "
+                f"| {_fmt(est * 1e3 if est else None, '', 1, 3)} | {s['compile_s']:.0f} |"
+            )
+    lines = train
+    if len(sample) > 2:
+        lines += [""] + sample
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:
@@ -999,6 +1628,14 @@ def format_table(result: dict) -> str:
                         f"{k} {v:.3g}x (FLOPs {_fmt(flops.get(k))}x)" for k, v in ratios.items()
                     )
                 )
+    if "aot" in result:
+        lines += [
+            "",
+            f"TPU slices, compile-only ({result['aot']['note']}); MFU = 3 x analytic forward "
+            "FLOPs / XLA's estimated step time / peak bf16",
+            "",
+            format_aot(result["aot"]),
+        ]
     if "maxbatch" in result:
         m = result["maxbatch"]
         lines += ["", f"max batch per device: {m['max_batch_per_device']}"]
@@ -1025,16 +1662,26 @@ __all__ = [
     "NA",
     "PEAK_BF16_FLOPS",
     "PRESETS",
+    "TPU_GENERATIONS",
     "analytic_flops",
+    "aot_max_batch",
+    "aot_report",
+    "aot_sample",
+    "aot_train",
     "default_classifier_spec",
     "find_max_batch",
     "flops_report",
+    "format_aot",
     "format_table",
     "forward_flops_per_image",
+    "libtpu_available",
     "load_config",
     "max_batch",
+    "parse_tpu_slice",
     "published_entry",
     "run",
     "sample_benchmark",
+    "topology_devices",
+    "topology_mesh",
     "train_benchmark",
 ]

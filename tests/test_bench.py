@@ -127,3 +127,121 @@ def test_max_batch_not_available_without_memory_limit():
     mesh = bench_lib.make_mesh(config, 1)
     out = bench_lib.max_batch(config, mesh)
     assert out["max_batch_per_device"] == bench_lib.NOT_AVAILABLE
+
+
+# --------------------------------------------------------------------------------------------
+# Compile-only fit on TPU slices (needs libtpu, not a TPU; skipped where it is not installed).
+
+requires_libtpu = pytest.mark.skipif(
+    not bench_lib.libtpu_available(), reason="libtpu (the TPU compiler) is not installed"
+)
+
+
+@pytest.mark.parametrize(
+    "name, chips, topology",
+    [
+        ("v4-8", 4, "v4:2x2x1"),
+        ("v4-32", 16, "v4:2x2x4"),
+        ("v5p-8", 4, "v5p:2x2x1"),
+        ("v5p-128", 64, "v5p:4x4x4"),
+        ("v5e-8", 8, "v5e:2x4"),
+        ("v5litepod-16", 16, "v5e:4x4"),
+        ("v6e-1", 1, "v6e:1x1"),
+        ("v6e-256", 256, "v6e:16x16"),
+    ],
+)
+def test_parse_tpu_slice(name, chips, topology):
+    """Cloud TPU names count TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e."""
+    s = bench_lib.parse_tpu_slice(name)
+    assert (s.num_chips, s.topology) == (chips, topology)
+    assert s.wrap == ((True,) * 3 if topology == "v5p:4x4x4" else s.wrap)
+    assert not any(bench_lib.parse_tpu_slice("v5p-8").wrap)
+
+
+@pytest.mark.parametrize("name", ["v5p", "v5p-6", "v4-4", "v3-8", "tpu-8", "v6e-512", "v5e-x"])
+def test_parse_tpu_slice_rejects(name):
+    with pytest.raises(ValueError, match="--topology"):
+        bench_lib.parse_tpu_slice(name)
+
+
+def test_aot_needs_topology():
+    config = bench_lib.load_config(str(CONFIGS / "tiny.py"))
+    with pytest.raises(ValueError, match="--topology"):
+        bench_lib.run(config, what=("aot",), num_devices=1)
+    with pytest.raises(ValueError, match="--topology"):
+        bench_lib.run(config, what=("aot",), topology=["v5p-7"], num_devices=1)
+
+
+@requires_libtpu
+def test_topology_devices_and_peaks():
+    """One compile-only device per chip, of the right kind; the HBM/peak table agrees with
+    the peaks the train loop's MFU uses."""
+    from adm_jax.train import metrics
+
+    kinds = {"v4-8": "TPU v4", "v5e-8": "TPU v5 lite", "v5p-8": "TPU v5", "v6e-8": "TPU v6 lite"}
+    for name, kind in kinds.items():
+        s = bench_lib.parse_tpu_slice(name)
+        devices = bench_lib.topology_devices(s)
+        assert len(devices) == s.num_chips and devices[0].device_kind == kind
+        assert metrics.peak_flops_per_device(devices[0]) == s.generation.peak_bf16_flops
+
+
+def _aot_config():
+    """configs/tiny.py without dropout and with one EMA (a shorter TPU compile: about a minute
+    per program on a shared 2-core CPU)."""
+    config = bench_lib.load_config(str(CONFIGS / "tiny.py"))
+    config.model.dropout = 0.0
+    config.train.ema_rate = "0.9999"
+    config.train.dtype = "bfloat16"
+    config.sample.timestep_respacing = "ddim2"
+    return config
+
+
+@requires_libtpu
+@pytest.mark.slow
+def test_aot_report_fields_consistent():
+    """Train step (on the config's mesh: fsdp 2 over v5p-8's 4 chips, batch 8 -> 2 per chip)
+    and the guided sampling program compiled for a TPU slice without a TPU: memory parts add
+    up, fits == total <= HBM, the largest batch is at least the one that fits, FLOPs > 0,
+    the compiler's step-time estimate and its MFU are positive."""
+    config = _aot_config()
+    classifier = bench_lib.load_config(str(CONFIGS / "tiny.py") + ":classifier")
+    logs = []
+    result = bench_lib.run(
+        config,
+        what=("aot",),
+        topology=["v5p-8"],
+        classifier_config=classifier,
+        aot_max_compiles=1,
+        num_devices=1,
+        log=logs.append,
+    )
+    (e,) = result["aot"]["slices"]
+    assert e["slice"] == "v5p-8" and e["chips"] == 4 and e["device_kind"] == "TPU v5"
+    hbm = 95 * 2**30
+    assert e["hbm_bytes_per_chip"] == hbm
+    t = e["train"]
+    assert t["mesh"] == {"data": 2, "fsdp": 2} and t["batch_per_chip"] == 2
+    assert t["global_batch"] == 8 and t["compile_s"] > 0
+    for part in (t, e.get("sample")):
+        mem = part["memory"]
+        assert 0 < mem["temp_bytes"] + mem["argument_bytes"] <= mem["total_bytes"]
+        assert part["fits"] == (mem["total_bytes"] <= hbm)
+        assert part["flops_per_chip"] > 0 and part["xla_estimated_seconds"] > 0
+    assert t["fits"]
+    assert 0 < t["xla_estimated_mfu_model"] < 1 and 0 < t["xla_estimated_mfu"] < 1
+    assert t["flops_per_image_xla"] == pytest.approx(t["flops_per_chip"] / 2)
+    m = e["max_batch"]
+    assert m["compiles"] == 1 and m["probes"][:2] == [(2, True), (4, True)]
+    assert m["max_batch_per_chip"] >= t["batch_per_chip"]
+    # More examples per chip cost more memory.
+    sizes = m["bytes_by_batch"]
+    assert sizes["4"]["total_bytes"] > sizes["2"]["total_bytes"]
+    assert sizes["4"]["compile_s"] > 0 and sizes["2"]["compile_s"] is None
+    s = e["sample"]
+    assert s["guidance"] == "classifier" and s["nfe"] == 2
+    assert s["mesh"] == {"data": 4, "fsdp": 1} and s["global_batch"] == 4
+    assert any("compiling" in line for line in logs)
+    table = bench_lib.format_table(result)
+    assert "| v5p-8 | 4 | 2 |" in table and "XLA est." in table
+    json.loads(bench_lib.to_json(result))
