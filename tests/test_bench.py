@@ -137,31 +137,71 @@ requires_libtpu = pytest.mark.skipif(
 )
 
 
+F, T = False, True
+
+
 @pytest.mark.parametrize(
-    "name, chips, topology",
+    "name, chips, topology, wrap",
     [
-        ("v4-8", 4, "v4:2x2x1"),
-        ("v4-32", 16, "v4:2x2x4"),
-        ("v5p-8", 4, "v5p:2x2x1"),
-        ("v5p-128", 64, "v5p:4x4x4"),
-        ("v5e-8", 8, "v5e:2x4"),
-        ("v5litepod-16", 16, "v5e:4x4"),
-        ("v6e-1", 1, "v6e:1x1"),
-        ("v6e-256", 256, "v6e:16x16"),
+        ("v4-8", 4, "v4:2x2x1", (F, F, F)),
+        ("v4-32", 16, "v4:2x2x4", (F, F, F)),
+        ("v5p-8", 4, "v5p:2x2x1", (F, F, F)),
+        ("v5p-128", 64, "v5p:4x4x4", (T, T, T)),
+        ("v5e-8", 8, "v5e:2x4", (F, F, F)),
+        ("v5litepod-16", 16, "v5e:4x4", (F, F, F)),
+        ("v6e-1", 1, "v6e:1x1", (F, F, F)),
+        ("v6e-256", 256, "v6e:16x16", (T, T, F)),
     ],
 )
-def test_parse_tpu_slice(name, chips, topology):
-    """Cloud TPU names count TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e."""
+def test_parse_tpu_slice(name, chips, topology, wrap):
+    """Cloud TPU names count TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e; full
+    cubes (v4/v5p) and 16-chip rows (v5e/v6e) wrap around."""
     s = bench_lib.parse_tpu_slice(name)
-    assert (s.num_chips, s.topology) == (chips, topology)
-    assert s.wrap == ((True,) * 3 if topology == "v5p:4x4x4" else s.wrap)
-    assert not any(bench_lib.parse_tpu_slice("v5p-8").wrap)
+    assert (s.num_chips, s.topology, s.wrap) == (chips, topology, wrap)
 
 
 @pytest.mark.parametrize("name", ["v5p", "v5p-6", "v4-4", "v3-8", "tpu-8", "v6e-512", "v5e-x"])
 def test_parse_tpu_slice_rejects(name):
     with pytest.raises(ValueError, match="--topology"):
         bench_lib.parse_tpu_slice(name)
+
+
+def test_hbm_oom_parses_both_compiler_wordings():
+    """The TPU compiler's out-of-HBM refusal becomes bytes (a "does not fit" result); any
+    other compile error is not swallowed."""
+    new_style = RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (100.5G) exceeds available HBM (95.74G)."
+    )
+    oom = bench_lib.hbm_oom(new_style)
+    assert oom["hbm_required_bytes"] == int(100.5 * 2**30)
+    assert oom["compiler_hbm_capacity_bytes"] == int(95.74 * 2**30)
+    old_style = RuntimeError(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+        "hbm. Used 40.00G of 30.75G hbm. Exceeded hbm capacity by 9.25G.\n\n"
+        "Total hbm usage >= 41.25G:\n    reserved 1.25G\n    program 40.00G"
+    )
+    oom = bench_lib.hbm_oom(old_style)
+    assert oom["hbm_required_bytes"] == int(41.25 * 2**30)
+    assert oom["compiler_hbm_capacity_bytes"] == int(30.75 * 2**30)
+    assert bench_lib.hbm_oom(RuntimeError("INTERNAL: Used 1G of 2G hbm")) is None
+    assert bench_lib.hbm_oom(RuntimeError("RESOURCE_EXHAUSTED: host memory")) is None
+
+
+def test_find_max_batch_from_a_failing_start_and_probe_cap():
+    """The AOT search starts at the config's batch: halving when it does not fit, and at most
+    max_probes compiles, with an inexact bracket when the cap cuts it short."""
+    fits = lambda b: b <= 37  # noqa: E731
+    down = bench_lib.find_max_batch(fits, start=256)
+    assert down["max_batch"] == 37 and down["first_failing"] == 38 and down["exact"]
+    assert [b for b, _ in down["probes"][:4]] == [256, 128, 64, 32]
+    capped = bench_lib.find_max_batch(fits, start=256, max_probes=5)
+    assert len(capped["probes"]) == 5 and not capped["exact"]
+    assert capped["max_batch"] == 32 and capped["first_failing"] == 48
+    up = bench_lib.find_max_batch(fits, start=4, max_probes=3)
+    assert up["probes"] == [(4, True), (8, True), (16, True)] and up["max_batch"] == 16
+    assert up["first_failing"] is None and not up["exact"]
+    assert bench_lib.find_max_batch(lambda b: False, start=8)["max_batch"] == 0
 
 
 def test_aot_needs_topology():
