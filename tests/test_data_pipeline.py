@@ -193,12 +193,52 @@ def test_too_many_corrupt_images_raise(tmp_path, sharding):
     name = data.build_image_folder_dataset(str(root), str(tmp_path), "all_bad", label_from=None)
     cfg = make_config(str(tmp_path), name, class_cond=False)
     it = data.create_train_iterator(cfg, global_batch_size=8, sharding=sharding, seed=0)
-    with pytest.raises(data.TooManyCorruptImagesError, match="max_skipped_fraction"):
+    with pytest.raises(data.TooManyCorruptImagesError, match="max_skipped_fraction") as e:
         next(it)
+    assert "(last skipped: x_" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="'class_cond' needs class labels"):
         data.create_train_iterator(
             make_config(str(tmp_path), name), global_batch_size=8, sharding=sharding, seed=0
         )
+
+
+def test_labels_checked_against_the_model(folder_ds, sharding, tmp_path):
+    """More dataset classes than the model has fail when the dataset is opened; a label out of
+    range inside a dataset (TFDS's -1, "no label") when its record is read."""
+    kwargs = dict(global_batch_size=GLOBAL_BATCH, sharding=sharding, num_classes=1)
+    with pytest.raises(data.DatasetLabelsError) as e:
+        data.create_train_iterator(make_config(*folder_ds), seed=0, **kwargs)
+    assert str(e.value).startswith(
+        "dataset 'tiny_folder' has 2 classes (labels 0..1) but model.num_classes is 1"
+    )
+    with pytest.raises(data.DatasetLabelsError, match="has 2 classes"):
+        data.create_eval_iterator(make_config(*folder_ds), **kwargs)
+    next(data.create_train_iterator(make_config(*folder_ds, class_cond=False), seed=0, **kwargs))
+
+    from adm_jax.data import builders
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(png, format="PNG")
+
+    def generate():
+        return {
+            "train": (
+                (i, {"image": png.getvalue(), "file_name": f"x_{i}.png".encode(),
+                     "label": -1 if i == 2 else i % 2})
+                for i in range(4)
+            )
+        }  # fmt: skip
+
+    builders._make_builder_cls(
+        "minus_one", "1.0.0", generate, builders._features(["a", "b"]), "a record labelled -1"
+    )(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    cfg = make_config(str(tmp_path), "minus_one")
+    it = data.create_train_iterator(cfg, seed=0, **{**kwargs, "num_classes": 2})
+    with pytest.raises(data.DatasetLabelsError) as e:
+        next(it)
+    assert str(e.value) == (
+        "dataset 'minus_one': record x_2.png has label -1, outside [0, model.num_classes=2)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from adm_jax.data.builders import (
 from adm_jax.data.pipeline import (
     DATA_CONFIG_FIELDS,
     DATA_ITER_ITEM,
+    DatasetLabelsError,
     DatasetNotPreparedError,
     TooManyCorruptImagesError,
     TrainIterator,
@@ -33,6 +34,7 @@ __all__ = [
     "DATA_CONFIG_FIELDS",
     "DATA_ITER_ITEM",
     "DEMO_DATASET_NAME",
+    "DatasetLabelsError",
     "DatasetNotPreparedError",
     "DecodeAndPreprocess",
     "TooManyCorruptImagesError",

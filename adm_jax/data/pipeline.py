@@ -24,6 +24,7 @@ only valid for the same dataset, shard layout (process count), batch size, seed 
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -31,9 +32,11 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import logging
 
+from adm_jax import paths
 from adm_jax.data import builders
-from adm_jax.data.preprocessing import VALID_KEY, DecodeAndPreprocess
+from adm_jax.data.preprocessing import ERROR_KEY, FILE_NAME_KEY, VALID_KEY, DecodeAndPreprocess
 
 DATA_ITER_ITEM = "data_iter"
 # Below this many records read, a few corrupt images are not yet evidence of a broken dataset.
@@ -45,7 +48,14 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 
 class TooManyCorruptImagesError(RuntimeError):
-    """More than ``max_skipped_fraction`` of the records read could not be decoded."""
+    """More than ``max_skipped_fraction`` of the records read could not be decoded; the
+    message names the last files skipped."""
+
+
+class DatasetLabelsError(ValueError):
+    """The dataset's labels do not fit the model: more classes than ``model.num_classes``,
+    or a label outside ``[0, num_classes)`` (it would index past the class embedding or the
+    classifier's logits and train on NaN or garbage)."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -154,6 +164,11 @@ def open_data_source(name: str, data_dir: str | None, split: str):
     """
     import tensorflow_datasets as tfds
 
+    if data_dir and not paths.path(data_dir).is_dir():
+        raise DatasetNotPreparedError(
+            f"data.data_dir {data_dir}: no such directory; expected a TFDS data_dir holding "
+            f"dataset {name!r}: {_prepare_hint(name, data_dir)}"
+        )
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -195,13 +210,40 @@ def _num_classes(features) -> int | None:
     return None
 
 
-def _check_labels(cfg, features, for_classifier: bool) -> None:
-    if (cfg["class_cond"] or for_classifier) and _num_classes(features) is None:
+def _check_labels(cfg, features, for_classifier: bool, num_classes: int | None) -> int | None:
+    """Checks that the dataset has the labels the model needs; returns the label range to
+    check each record against (None: labels are not used)."""
+    if not (cfg["class_cond"] or for_classifier):
+        return None
+    dataset_classes = _num_classes(features)
+    if dataset_classes is None:
         field = "class_cond" if cfg["class_cond"] else "for_classifier"
         raise ValueError(
             f"data config field {field!r} needs class labels but dataset {cfg['name']!r} has no "
             f"'label' ClassLabel feature"
         )
+    if num_classes is not None and dataset_classes > num_classes:
+        raise DatasetLabelsError(
+            f"dataset {cfg['name']!r} has {dataset_classes} classes (labels 0.."
+            f"{dataset_classes - 1}) but model.num_classes is {num_classes}: labels >= "
+            f"{num_classes} are outside the model; set --config.model.num_classes="
+            f"{dataset_classes} or use a dataset with at most {num_classes} classes"
+        )
+    return num_classes
+
+
+def _check_label(label, num_classes: int | None, dataset: str, name: str) -> None:
+    if num_classes is not None and not 0 <= int(label) < num_classes:
+        raise DatasetLabelsError(
+            f"dataset {dataset!r}: record {name or '(no file_name)'} has label {int(label)}, "
+            f"outside [0, model.num_classes={num_classes})"
+        )
+
+
+def _log_skipped(ex) -> str:
+    name = str(ex.get(FILE_NAME_KEY, "")) or "(a record without file_name)"
+    logging.warning("data: skipping undecodable image %s (%s)", name, ex.get(ERROR_KEY, ""))
+    return name
 
 
 # ----------------------------------------------------------------------------- skipping
@@ -211,14 +253,26 @@ class _SkipAndBatchIterDataset(grain.IterDataset):
     """Batches valid records, dropping corrupt ones and reporting how many were dropped.
 
     Each batch carries ``_num_read`` / ``_num_skipped`` so the counts survive grain's worker
-    processes and reach the main process.
+    processes and reach the main process. Each skipped file is logged by name (a warning, from
+    the worker process), and labels are checked against ``num_classes`` (None: not used).
     """
 
-    def __init__(self, parent, batch_size: int, drop_remainder: bool, max_skipped_fraction):
+    def __init__(
+        self,
+        parent,
+        batch_size: int,
+        drop_remainder: bool,
+        max_skipped_fraction,
+        *,
+        num_classes: int | None = None,
+        dataset: str = "",
+    ):
         super().__init__(parent)
         self._batch_size = batch_size
         self._drop_remainder = drop_remainder
         self._max_skipped_fraction = max_skipped_fraction
+        self._num_classes = num_classes
+        self._dataset = dataset
 
     def __iter__(self):
         return _SkipAndBatchIterator(
@@ -226,6 +280,8 @@ class _SkipAndBatchIterDataset(grain.IterDataset):
             self._batch_size,
             self._drop_remainder,
             self._max_skipped_fraction,
+            num_classes=self._num_classes,
+            dataset=self._dataset,
         )
 
     def __str__(self):
@@ -233,13 +289,18 @@ class _SkipAndBatchIterDataset(grain.IterDataset):
 
 
 class _SkipAndBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, batch_size, drop_remainder, max_skipped_fraction):
+    def __init__(
+        self, parent, batch_size, drop_remainder, max_skipped_fraction, *, num_classes, dataset
+    ):
         super().__init__(parent)
         self._batch_size = batch_size
         self._drop_remainder = drop_remainder
         self._max_skipped_fraction = max_skipped_fraction
+        self._num_classes = num_classes
+        self._dataset = dataset
         self._read = 0  # Since this iterator was created; only feeds the fraction check.
         self._skipped = 0
+        self._last_skipped = collections.deque(maxlen=3)  # file names, for the error
 
     def __next__(self):
         images, labels, read, skipped = [], [], 0, 0
@@ -253,8 +314,10 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
             read += 1
             if not ex[VALID_KEY]:
                 skipped += 1
+                self._last_skipped.append(_log_skipped(ex))
                 self._check(read, skipped)
                 continue
+            _check_label(ex["label"], self._num_classes, self._dataset, ex.get(FILE_NAME_KEY))
             images.append(ex["image"])
             labels.append(ex["label"])
         self._read += read
@@ -274,7 +337,8 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
         ):
             raise TooManyCorruptImagesError(
                 f"{total_skipped} of {total_read} records read could not be decoded, more than "
-                f"data.max_skipped_fraction={self._max_skipped_fraction}; the dataset looks broken"
+                f"data.max_skipped_fraction={self._max_skipped_fraction}; the dataset looks "
+                f"broken (last skipped: {', '.join(self._last_skipped)})"
             )
 
     def get_state(self):
@@ -454,6 +518,7 @@ def create_train_iterator(
     seed: int,
     split: str | None = None,
     for_classifier: bool = False,
+    num_classes: int | None = None,
 ) -> TrainIterator:
     """Infinite, shuffled (per epoch, by ``seed``), augmented training batches.
 
@@ -467,11 +532,14 @@ def create_train_iterator(
       for_classifier: classifier training: labels are required. (The reference's
         ``classifier_train.py`` always random-crops; the classifier configs say so with
         ``data.random_crop=True``, which a data set of centred digits may turn off.)
+      num_classes: the model's label range (``model.num_classes``) when labels are used:
+        a dataset with more classes fails here (DatasetLabelsError), and each record's label
+        is checked as it is read.
     """
     cfg = validate_data_config(data_config)
     local_bs = _local_batch_size(global_batch_size)
     source, features = open_data_source(cfg["name"], cfg["data_dir"], split or cfg["split"])
-    _check_labels(cfg, features, for_classifier)
+    label_range = _check_labels(cfg, features, for_classifier, num_classes)
 
     ds = grain.MapDataset.source(source)
     if len(ds) == 0:
@@ -493,7 +561,10 @@ def create_train_iterator(
     ds = ds.random_map(transform, seed=seed)  # per-record randomness from the global index
     ds = _process_rows(ds, global_batch_size)
     it = ds.to_iter_dataset(_read_options(cfg["num_workers"]))
-    it = _SkipAndBatchIterDataset(it, local_bs, True, cfg["max_skipped_fraction"])
+    it = _SkipAndBatchIterDataset(
+        it, local_bs, True, cfg["max_skipped_fraction"], num_classes=label_range,
+        dataset=cfg["name"],
+    )  # fmt: skip
     it = _mp_prefetch(it, cfg["num_workers"])
     return TrainIterator(it, sharding, local_bs)
 
@@ -519,6 +590,8 @@ def create_eval_iterator(
     sharding: jax.sharding.Sharding,
     split: str | None = None,
     num_examples: int | None = None,
+    num_classes: int | None = None,
+    for_classifier: bool = False,
 ) -> Iterator[dict[str, jax.Array]]:
     """One ordered pass (center crop, no flip) for validation losses.
 
@@ -529,11 +602,13 @@ def create_eval_iterator(
     process yields the same number of batches). Each process reads
     ``len(split) // process_count`` records; the last ``len(split) % process_count`` records
     of the split are dropped, so every process runs the same number of eval steps.
+    ``num_classes`` / ``for_classifier``: labels are checked as in ``create_train_iterator``.
     """
     cfg = validate_data_config(data_config)
     local_bs = _local_batch_size(global_batch_size)
     split = split or cfg["eval_split"] or cfg["split"]
-    ds, _ = _finite_dataset(cfg, split, shard=True, as_float=True, num_examples=num_examples)
+    ds, features = _finite_dataset(cfg, split, shard=True, as_float=True, num_examples=num_examples)
+    label_range = _check_labels(cfg, features, for_classifier, num_classes)
     it = ds.to_iter_dataset(_read_options(cfg["num_workers"])).batch(local_bs)
     it = _mp_prefetch(it, cfg["num_workers"])
     batch_sharding = _batch_sharding(sharding)
@@ -541,6 +616,13 @@ def create_eval_iterator(
     def gen():
         for batch in it:
             n = len(batch["label"])
+            for i in range(n):
+                if not batch[VALID_KEY][i]:
+                    _log_skipped({k: batch[k][i] for k in (FILE_NAME_KEY, ERROR_KEY)})
+                else:
+                    _check_label(
+                        batch["label"][i], label_range, cfg["name"], batch[FILE_NAME_KEY][i]
+                    )
             pad = local_bs - n
             out = {
                 "image": np.pad(batch["image"], [(0, pad)] + [(0, 0)] * 3),

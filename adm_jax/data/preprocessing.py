@@ -19,6 +19,10 @@ from PIL import Image
 
 # Records whose image cannot be decoded carry this flag set to False; the pipeline drops them.
 VALID_KEY = "_valid"
+# The record's file name (TFDS "file_name" feature, "" without one) and, for a record that
+# could not be decoded, the decoder's error ("" otherwise): the pipeline logs skipped files.
+FILE_NAME_KEY = "_file_name"
+ERROR_KEY = "_error"
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
@@ -83,6 +87,16 @@ def decode_image(data: bytes | np.ndarray, channels: int) -> Image.Image:
         return img.convert("RGB" if channels == 3 else "L")
 
 
+def file_name(element) -> str:
+    """The record's ``file_name`` feature as text ("" when the dataset has none)."""
+    name = element.get("file_name", "") if hasattr(element, "get") else ""
+    if isinstance(name, np.ndarray):
+        name = name.item() if name.size == 1 else ""
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", errors="replace")
+    return str(name)
+
+
 def to_float(arr: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1], as the reference (``x / 127.5 - 1``)."""
     return arr.astype(np.float32) / 127.5 - 1
@@ -93,7 +107,8 @@ class DecodeAndPreprocess(grain.transforms.RandomMap):
     """Grain transform: TFDS record -> {"image", "label", VALID_KEY}.
 
     Runs in grain workers, so decoding stays out of TensorFlow. Undecodable images yield a zero
-    image with ``VALID_KEY`` False instead of raising, so one bad file never kills a pod run.
+    image with ``VALID_KEY`` False instead of raising, so one bad file never kills a pod run;
+    ``FILE_NAME_KEY`` and ``ERROR_KEY`` say which file and why, for the pipeline's warning.
     The image is HWC (C = ``channels``), uint8 or, with ``as_float``, float32 in [-1, 1].
     """
 
@@ -105,11 +120,13 @@ class DecodeAndPreprocess(grain.transforms.RandomMap):
 
     def random_map(self, element, rng: np.random.Generator):
         label = np.int32(element.get("label", 0))
+        error = ""
         try:
             pil_image = decode_image(element["image"], self.channels)
-        except Exception:  # noqa: BLE001 - any decoder failure means "corrupt record".
+        except Exception as err:  # noqa: BLE001 - any decoder failure means "corrupt record".
             arr = np.zeros((self.image_size, self.image_size, self.channels), np.uint8)
             valid = False
+            error = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
         else:
             if self.random_crop:
                 arr = random_crop_arr(pil_image, self.image_size, rng=rng)
@@ -122,4 +139,10 @@ class DecodeAndPreprocess(grain.transforms.RandomMap):
             arr = np.ascontiguousarray(arr)
             valid = True
         image = to_float(arr) if self.as_float else arr
-        return {"image": image, "label": label, VALID_KEY: np.bool_(valid)}
+        return {
+            "image": image,
+            "label": label,
+            VALID_KEY: np.bool_(valid),
+            FILE_NAME_KEY: file_name(element),
+            ERROR_KEY: error,
+        }

@@ -11,6 +11,11 @@ Saves are asynchronous (training continues while arrays are written). Orbax writ
 into a temporary directory and renames it when complete, and only finalized step directories
 count as checkpoints: a save interrupted by SIGKILL/preemption never hides the previous
 checkpoint, and its leftovers are removed at the next start (``cleanup_tmp_directories``).
+
+A save that fails (disk full, permissions, a bucket error) raises ``CheckpointSaveError``
+with Orbax's reason: from ``save`` itself, or for an asynchronous write from the next
+``check_for_errors`` (cheap; the loop calls it every step), ``save``, ``wait`` or ``close``.
+Orbax alone would only report it at the next save, possibly thousands of steps later.
 """
 
 from __future__ import annotations
@@ -30,6 +35,16 @@ CHECKPOINT_DIR = "checkpoints"
 DATA_ITER_ITEM = "data_iter"  # == adm_jax.data.DATA_ITER_ITEM (grain per-process files)
 JSON_DATA_ITEM = "data"  # iterators with only get_state()/set_state() (tests, custom input)
 ITEMS = ("state", "config", DATA_ITER_ITEM, JSON_DATA_ITEM)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message names the step, directory and reason."""
+
+
+def _first_line(err: BaseException, limit: int = 400) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -75,6 +90,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._pending: int | None = None  # step of an asynchronous save not yet checked
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -85,9 +101,45 @@ class Checkpointer:
     def save(self, step: int, state, *, data_iter=None, config=None, force=False) -> bool:
         """Starts an (async) save of ``state`` (+ the iterator position) at ``step``; returns
         whether a save was started."""
+        self._finish_pending()
         items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config or {}))
         items.update(_data_save_args(data_iter))
-        return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        try:
+            started = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many types
+            raise self._save_error(int(step), err) from err
+        if started:
+            self._pending = int(step)
+            if not self.manager.is_saving_in_progress():  # synchronous, or already done
+                self._finish_pending()
+        return started
+
+    def _save_error(self, step: int, err: BaseException) -> CheckpointSaveError:
+        try:
+            good = [s for s in self.all_steps() if s != step]
+        except Exception:  # noqa: BLE001
+            good = []
+        return CheckpointSaveError(
+            f"checkpoint: saving step {step} to {self.directory} failed "
+            f"({type(err).__name__}: {_first_line(err)}); the run stopped, last good "
+            f"checkpoint: {max(good) if good else 'none'}"
+        )
+
+    def _finish_pending(self) -> None:
+        """Waits for the pending asynchronous save; CheckpointSaveError if it failed."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._save_error(step, err) from err
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointSaveError if an asynchronous save has finished and failed; returns
+        at once while it is still writing (call it every step)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self._finish_pending()
 
     def restore(self, abstract_state, step: int | None = None, *, data_iter=None):
         """(state, config_dict) of ``step`` (default: latest) onto the shardings carried by
@@ -183,11 +235,15 @@ class Checkpointer:
         return self.manager.reached_preemption(int(step))
 
     def wait(self) -> None:
+        self._finish_pending()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for a running save (CheckpointSaveError if it failed), then closes."""
+        try:
+            self._finish_pending()
+        finally:
+            self.manager.close()
 
 
 def tree_to_host(tree):
