@@ -8,14 +8,19 @@ ImageNet configs (TFDS ArrayRecord + grain input, ``train_and_evaluate``, ``trai
 ``guidance_sweep``); only the dataset and the metrics' feature extractor are the demo's own:
 
   1. ``prepare_demo_dataset``: MNIST digits -> TFDS ``mnist_demo`` (train 4500 / test 500);
-  2. a small unconditional UNet, learned sigma, hybrid loss (``WORKDIR/diffusion``);
+  2. ONE small class-conditional UNet on grey digits (``model.in_channels=1``), learned sigma,
+     hybrid loss, label dropout: its null label makes it the unconditional model too
+     (``WORKDIR/diffusion``);
   3. its noisy classifier p_phi(y | x_t, t), EncoderUNet + attention pool (``WORKDIR/classifier``);
   4. an INDEPENDENT clean-digit CNN (``WORKDIR/judge``): its penultimate features are the
      feature space of FID / precision / recall, its predictions judge whether a guided sample
      shows its target digit. It is not the guidance classifier, so guidance cannot "fool" it;
-  5. classifier-guided sampling at every ``sample.sweep_scales`` with random target digits
-     (``WORKDIR/samples/scale_S``: samples .npz, ``grid.png`` with one row per target digit);
-  6. metrics per scale, plus the same metrics for real training digits (the ceiling at this
+  5. sampling with random target digits, one ``guidance_sweep`` per row group
+     (``row_groups``): the unconditional model with classifier guidance, the conditional
+     model with classifier guidance (both halves of Table 4), classifier-free guidance, and
+     DPM-Solver++ at 10 and 20 model evaluations (``WORKDIR/samples/<group>/[<sampler>/]scale_S``:
+     samples .npz, ``grid.png`` with one row per target digit);
+  6. metrics per row, plus the same metrics for real training digits (the ceiling at this
      sample size) -> ``WORKDIR/metrics.{md,json}``, ``WORKDIR/loss.png``, the printed table.
 
 These FID / precision / recall numbers use the judge's 128-d features, NOT Inception features:
@@ -366,25 +371,60 @@ def _train_stage(stage, fn, run_config, run_dir: str) -> None:
 
 
 def _sample_config(config, workdir: str, dirs: Mapping[str, str]) -> ml_collections.ConfigDict:
-    """The sweep's config: checkpoints from stages 2-3, random target digits 0..9."""
+    """The sweeps' base config: checkpoints from stages 2-3, random target digits 0..9."""
     out = diffusion_config(config, workdir)
     sc = out.sample
     sc.checkpoint = dirs["diffusion"]
     sc.classifier_checkpoint = dirs["classifier"]
     sc.output_dir = dirs["samples"]
-    # Random targets, fixed by the seed, spelled out: the classifier has 1000 outputs (the
-    # reference's NUM_CLASSES), so "random" would draw labels the digits never have.
+    # Random targets, fixed by the seed and spelled out, so that every row of the table
+    # draws the same digits.
     rng = np.random.default_rng(int(sc.seed))
     targets = rng.integers(0, int(config.demo.num_classes), int(sc.num_samples))
     sc.class_labels = ",".join(str(int(y)) for y in targets)
     return out
 
 
+def row_groups(config) -> list[dict[str, Any]]:
+    """The table's groups of rows, each one ``guidance_sweep`` into ``samples/<name>``.
+
+    The diffusion model is class-conditional with label dropout, so it is also the
+    unconditional model (its null label: classifier-free scale 0): the two halves of the
+    paper's Table 4 come from one network.
+    """
+    dc, sc = config.demo, config.sample
+    groups = [
+        dict(name="uncond", model="unconditional", guidance="classifier",
+             scales=dc.uncond_scales, cfg_scale=0.0),
+        dict(name="cond", model="conditional", guidance="classifier",
+             scales=sc.sweep_scales, cfg_scale=None),
+        dict(name="cfg", model="conditional", guidance="classifier-free",
+             scales=dc.cfg_scales, cfg_scale=None),
+        dict(name="fast", model="conditional", guidance="classifier",
+             scales=str(dc.fast_scale) if dc.fast_steps else "", cfg_scale=None,
+             samplers=dc.fast_sampler, steps=dc.fast_steps),
+    ]  # fmt: skip
+    return [g for g in groups if str(g["scales"]).strip()]
+
+
+def _group_config(sample_cfg, group: Mapping[str, Any], samples_dir: str):
+    out = copy.deepcopy(sample_cfg)
+    sc = out.sample
+    sc.output_dir = str(paths.path(samples_dir) / group["name"])
+    sc.sweep_scales = str(group["scales"])
+    sc.cfg_scale = group["cfg_scale"]
+    if group["guidance"] == "classifier-free":
+        sc.classifier_checkpoint = ""
+        sc.classifier_scale = 0.0
+    sc.sweep_samplers = group.get("samplers", "")
+    sc.sweep_steps = group.get("steps", "")
+    return out
+
+
 def _digit_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10):
     """One row per target digit (its first ``per_row`` samples), blank where there are none.
 
-    Shows the channel mean, the grey digit the judge sees (the networks model the grey digits
-    as three equal channels; the raw RGB samples are in the sampler's ``samples_*.png``).
+    Shows the channel mean: the grey digit itself (1 channel), as the judge sees it.
     """
     images = np.round(np.mean(images, axis=-1, keepdims=True)).astype(np.uint8)
     _, h, w, c = images.shape
@@ -472,7 +512,8 @@ def real_reference_row(
     out = classify_digits(judge_module, judge_params, images[idx])
     m = metrics_from_features(real_features, out["features"], nhood_size=nhood_size)
     return {
-        "scale": "real digits",
+        "model": "real digits",
+        "scale": "",
         "fid": float(m["fid"]),
         "precision": float(m["precision"]),
         "recall": float(m["recall"]),
@@ -485,16 +526,22 @@ def format_table(
 ) -> str:
     """The Table 4-style markdown table of the sweep (``reference``: a last row, real digits)."""
     lines = [
-        "| Scale | FID (judge features) | Precision | Recall | Target accuracy |",
-        "|---:|---:|---:|---:|---:|",
+        "| Model | Guidance | Sampler | Scale | FID (judge features) | Precision | Recall "
+        "| Target accuracy |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in [*rows, *([reference] if reference else [])]:
         scale = f"{r['scale']:g}" if isinstance(r["scale"], (int, float)) else r["scale"]
+        sampler = f"{_SAMPLER_NAMES.get(r['sampler'], r['sampler'])}-{r['nfe']}" if (
+            r.get("sampler")) else ""  # fmt: skip
         lines.append(
-            f"| {scale} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} "
-            f"| {r['accuracy']:.3f} |"
+            f"| {r.get('model', '')} | {r.get('guidance', '')} | {sampler} | {scale} "
+            f"| {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['accuracy']:.3f} |"
         )
     return "\n".join(lines)
+
+
+_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++"}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -583,20 +630,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     judge_module, judge_params, judge_meta = _load_judge(dirs["judge"])
     real = classify_digits(judge_module, judge_params, test_images)
 
-    # 5-6. Guided sampling at every scale (resumable shards) and the metrics per scale.
+    # 5-6. Guided sampling for every row group (resumable shards) and the metrics per row.
     sample_cfg = _sample_config(config, workdir, dirs)
-    scales = sample_cfg.sample.sweep_scales
-    with stages(5, f"guided sampling + metrics at scales {scales}"):
-        rows = sampling.guidance_sweep(
-            sample_cfg,
-            dirs["diffusion"],
-            metrics_fn=_metrics_fn(config, judge_module, judge_params, real["features"]),
-        )
+    groups = row_groups(config)
+    metrics_fn = _metrics_fn(config, judge_module, judge_params, real["features"])
+    rows = []
+    with stages(5, f"sampling + metrics: {', '.join(g['name'] for g in groups)}"):
+        for group in groups:
+            _say(f"    {group['model']} model, {group['guidance']} guidance, "
+                 f"scales {group['scales']}")  # fmt: skip
+            for r in sampling.guidance_sweep(
+                _group_config(sample_cfg, group, dirs["samples"]),
+                dirs["diffusion"],
+                metrics_fn=metrics_fn,
+            ):
+                r.update(group=group["name"], model=group["model"], guidance=group["guidance"])
+                rows.append(r)
 
     with stages(6, "write the table and plots"):
-        rows = [{k: v for k, v in r.items() if k != "samples"} for r in rows]
+        prefix = str(workdir).rstrip("/") + "/"
         for r in rows:  # relative to the workdir
-            r["grid"] = f"samples/scale_{r['scale']:g}/grid.png"
+            grid = str(paths.path(r.pop("samples")).parent / "grid.png")
+            r["grid"] = grid[len(prefix) :] if grid.startswith(prefix) else grid
         real_row = real_reference_row(
             judge_module,
             judge_params,
@@ -611,10 +666,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             "num_reference_digits": len(test_images),
             "judge_test_accuracy": judge_meta["test_accuracy"],
             "num_samples_per_scale": int(sample_cfg.sample.num_samples),
-            "sampler": (
-                f"{'DDIM' if sample_cfg.sample.use_ddim else 'DDPM'} "
-                f"{sample_cfg.sample.timestep_respacing}"
-            ),
         }
         table = format_table(rows, real_row)
         out = paths.path(workdir)
@@ -633,7 +684,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         f"{judge_meta['test_accuracy']:.3f}. {NOT_INCEPTION}"
     )
     _say(
-        f"Grids: {workdir}/samples/scale_*/grid.png; table: {workdir}/metrics.md; "
+        f"Grids: {workdir}/samples/<group>/scale_*/grid.png; table: {workdir}/metrics.md; "
         f"loss curves: {workdir}/loss.png; this run: {stages.wall() / 60:.1f} min"
     )
     return rows

@@ -83,10 +83,27 @@ DEMO_SMOKE_OVERRIDES = {
     "sample.batch_size": 8,
     "sample.timestep_respacing": "ddim2",
     "sample.sweep_scales": "0,10",
+    "demo.uncond_scales": "10",
+    "demo.cfg_scales": "3",
+    "demo.fast_steps": "3",
     "demo.judge_steps": 3,
     "demo.judge_width": 4,
     "demo.judge_features": 8,
 }
+
+
+@pytest.fixture(scope="session")
+def demo_smoke_run(tmp_path_factory):
+    """``(workdir, rows)`` of one demo run on DEMO_SMOKE_OVERRIDES, shared by the demo test and
+    the notebook test (each of them then reruns it, which must redo nothing). Tests using it
+    carry ``@pytest.mark.xdist_group("demo")`` so that one worker runs them."""
+    from adm_jax import demo
+    from configs import demo as demo_config
+
+    config = demo_config.get_config()
+    config.update_from_flattened_dict(DEMO_SMOKE_OVERRIDES)
+    workdir = tmp_path_factory.mktemp("demo_smoke") / "demo"
+    return workdir, demo.run(config, str(workdir))
 
 
 def assert_close(actual, expected, *, case, quantity, rtol, atol):

@@ -24,12 +24,19 @@ def _tiny_demo_config():
     return config
 
 
-def test_demo_runs_every_stage_and_reruns_nothing(tmp_path, monkeypatch):
+@pytest.mark.xdist_group("demo")
+def test_demo_runs_every_stage_and_reruns_nothing(demo_smoke_run, monkeypatch):
     config = _tiny_demo_config()
-    workdir = tmp_path / "demo"
-    rows = demo.run(config, str(workdir))
+    workdir, rows = demo_smoke_run
 
-    assert [r["scale"] for r in rows] == [0.0, 10.0]
+    groups = [(r["group"], r["sampler"], r["nfe"], r["scale"]) for r in rows]
+    assert groups == [
+        ("uncond", "ddpm", 2, 10.0),
+        ("cond", "ddpm", 2, 0.0),
+        ("cond", "ddpm", 2, 10.0),
+        ("cfg", "ddpm", 2, 3.0),
+        ("fast", "dpm++", 3, 1.0),
+    ]
     for row in rows:
         for name in ("fid", "precision", "recall", "accuracy"):
             assert np.isfinite(row[name]), (row, name)
@@ -40,13 +47,13 @@ def test_demo_runs_every_stage_and_reruns_nothing(tmp_path, monkeypatch):
     assert "| real digits |" in (workdir / "metrics.md").read_text()
     with open(workdir / "metrics.json") as f:
         metrics = json.load(f)
-    assert len(metrics["rows"]) == 2
+    assert len(metrics["rows"]) == 5
     # Real training digits against the held-out ones: the ceiling row of the table.
     real_row = metrics["real_digits_row"]
     assert 0.0 < real_row["precision"] <= 1.0 and 0.0 < real_row["recall"] <= 1.0, real_row
     assert np.isfinite(real_row["fid"]) and 0.0 <= real_row["accuracy"] <= 1.0
-    shards = sorted((workdir / "samples").glob("scale_*/shards/batch_*.npz"))
-    assert len(shards) == 4  # 2 scales x 16 samples / batch 8
+    shards = sorted((workdir / "samples").glob("**/scale_*/shards/batch_*.npz"))
+    assert len(shards) == 10  # 5 rows x 16 samples / batch 8
     mtimes = [os.path.getmtime(p) for p in shards]
 
     # A rerun finds every stage's outputs: no training, no judge, no sampling.

@@ -1,6 +1,8 @@
 """Launch paths: the Colab notebook is valid and its code runs on CPU; the scripts parse."""
 
+import json
 import os
+import shutil
 import subprocess
 
 import nbformat
@@ -46,10 +48,13 @@ def _tiny_reference_checkpoint(path, kind, flags):
 
 
 @pytest.mark.slow
-def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch):
+@pytest.mark.xdist_group("demo")
+def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch, demo_smoke_run):
     """Runs every cell a CPU can run, in order, with small parameters: the demo on a smoke
-    config, then conversion of and guided sampling from a (random, tiny) reference-format
-    checkpoint in place of the downloaded OpenAI one."""
+    config (in a copy of the shared smoke run's workdir, so it completes at once), then
+    conversion of and guided sampling from a (random, tiny) reference-format checkpoint in
+    place of the downloaded OpenAI one, DPM-Solver++, and classifier-free guidance."""
+    shutil.copytree(demo_smoke_run[0], tmp_path / "demo")
     model_flags = (
         "--image_size 64 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
         "--attention_resolutions 32 --class_cond True --learn_sigma True "
@@ -71,6 +76,7 @@ def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch):
         "CONVERTED_DIR": str(tmp_path / "converted"),
         "LABELS": [1, 2],
         "TIMESTEP_RESPACING": "ddim3",
+        "DPM_STEPS": 3,
     }
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
@@ -84,7 +90,10 @@ def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch):
             namespace.update(overrides)
     assert (tmp_path / "demo" / "openai_guided_samples.png").stat().st_size > 0
     assert (tmp_path / "converted" / "model" / "model.json").exists()
-    assert len(namespace["rows"]) == len(DEMO_SMOKE_OVERRIDES["sample.sweep_scales"].split(","))
+    assert (tmp_path / "demo" / "openai_dpm_solver_3.png").stat().st_size > 0
+    assert (tmp_path / "demo" / "demo_classifier_free.png").stat().st_size > 0
+    with open(tmp_path / "demo" / "metrics.json") as f:
+        assert len(namespace["rows"]) == len(json.load(f)["rows"]) == 5
 
 
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "slurm_gpu.sh"])
