@@ -131,7 +131,9 @@ def test_fine_tune_a_converted_reference_network(converted, three_class_folder, 
         finetune_config(str(workdir), three_class_folder), fresh_params(config)
     )
     assert again.step == 2 and again.reinitialised == ()
-    jax.tree.map(np.testing.assert_array_equal, again.params, jax.device_get(done.state.ema_params[0]))
+    jax.tree.map(
+        np.testing.assert_array_equal, again.params, jax.device_get(done.state.ema_params[0])
+    )
 
 
 def test_adding_the_null_label_keeps_every_trained_row(converted, three_class_folder):
@@ -151,7 +153,9 @@ def test_adding_the_null_label_keeps_every_trained_row(converted, three_class_fo
         (dict(class_cond=False), "train.init_from: .*num_classes|label_emb"),
     ],
 )
-def test_an_incompatible_source_is_named_in_one_line(converted, three_class_folder, change, message):
+def test_an_incompatible_source_is_named_in_one_line(
+    converted, three_class_folder, change, message
+):
     path, _ = converted
     config = finetune_config(path, three_class_folder, **change)
     if not config.model.class_cond:
@@ -189,9 +193,15 @@ def test_grey_model_with_ten_classes_has_those_shapes():
     with pytest.raises(train.ConfigError, match="data.channels: 3 but model.in_channels is 1"):
         config_lib.validate_config(config)
 
-    classifier = default.classifier_config(16, num_steps=1, channel_mult="1,2", in_channels=1,
-                                           num_classes=10, classifier_width=32,
-                                           classifier_attention_resolutions="8")
+    classifier = default.classifier_config(
+        16,
+        num_steps=1,
+        channel_mult="1,2",
+        in_channels=1,
+        num_classes=10,
+        classifier_width=32,
+        classifier_attention_resolutions="8",
+    )
     classifier.data.channels = 1
     head = module_from_kwargs("classifier", config_lib.model_kwargs(classifier))
     assert head.out_channels == 10 and head.in_channels == 1

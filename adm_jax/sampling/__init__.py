@@ -7,6 +7,7 @@ and evaluates a grid of guidance scales x samplers x NFE (the paper's Table 4 / 
 
 import warnings
 
+from adm_jax.images import to_uint8
 from adm_jax.sampling.io import (
     image_grid,
     load_samples_npz,
@@ -27,7 +28,6 @@ from adm_jax.sampling.sampler import (
     run_job,
     sample,
     samples_filename,
-    to_uint8,
 )
 from adm_jax.sampling.sweep import guidance_sweep, sampler_grid, write_sweep_report
 from adm_jax.sampling.two_stage import load_base_samples, sample_two_stage

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import zipfile
@@ -32,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from adm_jax import paths
+from adm_jax.images import image_grid, save_image_grid, save_png  # noqa: F401 - re-exported
 
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"
@@ -348,36 +348,6 @@ def write_npz_streaming(
     return path
 
 
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tiles NHWC images into one (rows*H, cols*W, C) image with ``pad`` pixels between."""
-    images = np.asarray(images)
-    n, h, w, c = images.shape
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    grid = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), images.dtype)
-    for i, image in enumerate(images):
-        r, col = divmod(i, ncols)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y : y + h, x : x + w] = image
-    return grid
-
-
-def save_png(path, image: np.ndarray) -> str:
-    """Saves one uint8 HWC image (C = 1 grey or 3 RGB) as a PNG, atomically."""
-    from PIL import Image
-
-    image = np.asarray(image)
-    with paths.open_atomic(path) as f:
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
-    return os.fspath(path)
-
-
-def save_image_grid(path: str, images: np.ndarray, max_images: int = 64) -> str:
-    """Saves the first ``max_images`` uint8 NHWC images as one PNG grid (atomically)."""
-    save_png(path, image_grid(np.asarray(images)[:max_images]))
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # Image folders <-> sample files.
 
@@ -587,6 +557,28 @@ def from_folder(
     paths.path(out_path).parent.mkdir(parents=True, exist_ok=True)
     write_npz_streaming(out_path, arrays)
     return {"path": os.fspath(out_path), "shape": shape, "classes": mapping}
+
+
+def load_base_samples(
+    path: str, *, large_size: int, channels: int, class_cond: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reads base samples for an upsampler of output size ``large_size``; checks shapes."""
+    try:
+        images, labels = load_samples_npz(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"sample.base_samples: {path} does not exist") from None
+    _, h, w, c = images.shape
+    if h != w or c != channels or h > large_size:
+        raise ValueError(
+            f"sample.base_samples: images of shape {h}x{w}x{c} cannot feed an upsampler to "
+            f"{large_size}x{large_size}x{channels}"
+        )
+    if class_cond and labels is None:
+        raise ValueError(
+            f"sample.base_samples: {path} has no arr_1 labels, but the upsampler is "
+            "class-conditional (sample the base model with class labels)"
+        )
+    return images, (labels if class_cond else None)
 
 
 def main(argv: list[str] | None = None) -> str:

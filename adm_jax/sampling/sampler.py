@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adm_jax import paths
+from adm_jax.images import to_uint8
 from adm_jax.sampling import io, methods
 
 BATCH_AXES = ("data", "fsdp")
@@ -100,11 +101,6 @@ def replicate(tree: Any, sharding: NamedSharding) -> Any:
         return _global_array(np.asarray(leaf), sharding)
 
     return jax.tree.map(put, tree)
-
-
-def to_uint8(x: jax.Array) -> jax.Array:
-    """[-1, 1] -> uint8 exactly as the reference: ``((x + 1) * 127.5).clamp(0, 255).to(uint8)``."""
-    return jnp.clip((x + 1.0) * 127.5, 0.0, 255.0).astype(jnp.uint8)
 
 
 class BatchSampler:
@@ -483,7 +479,6 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     Errors are single-line ``ValueError``/``FileNotFoundError`` naming the config field.
     """
     from adm_jax.diffusion import create_diffusion
-    from adm_jax.sampling import two_stage
 
     sc = config.sample
     check_counts(sc)
@@ -576,7 +571,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
                 "sample.class_labels: an upsampler takes its labels from base_samples arr_1; "
                 "leave class_labels 'random'"
             )
-        base_images, base_labels = two_stage.load_base_samples(
+        base_images, base_labels = io.load_base_samples(
             base_path, large_size=image_size, channels=channels, class_cond=needs_labels
         )
         if base_labels is not None and num_classes is not None:

@@ -4,8 +4,8 @@ The reference (``scripts/super_res_sample.py``) feeds the base ``.npz`` images a
 [-1, 1] (``x / 127.5 - 1``) and, for class-conditional upsamplers, their ``arr_1`` labels as
 ``y``; the model upsamples ``low_res`` bilinearly itself. ``sampler.sample`` does this whenever
 the checkpoint is a ``"superres"`` model, with any sampler (classifier-free guidance runs the
-upsampler on a doubled batch, ``low_res`` repeated); this module holds the base-sample reader
-and a helper that chains both stages.
+upsampler on a doubled batch, ``low_res`` repeated); this module holds the helper that chains both
+stages (the base-sample reader is ``io.load_base_samples``).
 """
 
 from __future__ import annotations
@@ -13,31 +13,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import numpy as np
-
-from adm_jax.sampling import io
-
-
-def load_base_samples(
-    path: str, *, large_size: int, channels: int, class_cond: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Reads base samples for an upsampler of output size ``large_size``; checks shapes."""
-    try:
-        images, labels = io.load_samples_npz(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"sample.base_samples: {path} does not exist") from None
-    _, h, w, c = images.shape
-    if h != w or c != channels or h > large_size:
-        raise ValueError(
-            f"sample.base_samples: images of shape {h}x{w}x{c} cannot feed an upsampler to "
-            f"{large_size}x{large_size}x{channels}"
-        )
-    if class_cond and labels is None:
-        raise ValueError(
-            f"sample.base_samples: {path} has no arr_1 labels, but the upsampler is "
-            "class-conditional (sample the base model with class labels)"
-        )
-    return images, (labels if class_cond else None)
+from adm_jax import paths
+from adm_jax.sampling.io import load_base_samples  # noqa: F401 - the base-sample reader
+from adm_jax.sampling.sampler import output_dir_for, sample
 
 
 def sample_two_stage(base_config: Any, upsampler_config: Any, workdir: str) -> tuple[str, str]:
@@ -48,9 +26,6 @@ def sample_two_stage(base_config: Any, upsampler_config: Any, workdir: str) -> t
     guided DPM-Solver++ base and an unguided DDPM upsampler); the upsampler's
     ``sample.base_samples`` is set to the base run's output.
     """
-    from adm_jax import paths
-    from adm_jax.sampling.sampler import output_dir_for, sample
-
     base_config, upsampler_config = copy.deepcopy(base_config), copy.deepcopy(upsampler_config)
     out = output_dir_for(base_config, workdir)
     if out == output_dir_for(upsampler_config, workdir):  # one shard folder each

@@ -6,6 +6,10 @@ finalized checkpoint in ``workdir`` if there is one (state + data iterator posit
 the step once, then loop: step, periodic logging (clu writers: TensorBoard, console,
 metrics.jsonl), evaluation, EMA sample grids, and async Orbax checkpoints. SIGTERM (or Orbax's
 multi-host preemption notice) triggers a final save and a clean return.
+
+Process 0 holds the workdir's lock (``adm_jax.workdir``) for the whole call, so a second run
+on the same workdir stops at once instead of interleaving checkpoints. A checkpoint that
+cannot be written stops the run at the next step with ``CheckpointSaveError``.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from adm_jax import images as images_lib
 from adm_jax import paths
-from adm_jax.sampling import io as sample_io
-from adm_jax.sampling.sampler import to_uint8
+from adm_jax import workdir as workdir_lib
 from adm_jax.train import (
     checkpointing,
     config_lib,
+    init_from,
     sharding,
     steps,
 )
@@ -128,6 +133,7 @@ def _data_iterator(config, mesh, *, split: str, seed: int, for_classifier: bool)
         seed=seed,
         split=split,
         for_classifier=for_classifier,
+        num_classes=config_lib.num_classes(config),
     )
 
 
@@ -157,8 +163,19 @@ def _run(
     mode = "train_classifier" if classifier else "train"
     mesh = mesh or sharding.create_mesh(fsdp=tc.fsdp)
     config_lib.validate_config(config, num_devices=mesh.size, mode=mode)
-    workdir = paths.resolved(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = workdir_lib.prepare(workdir)
+    with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        return _train(
+            config, workdir, mesh, classifier=classifier, train_iter=train_iter,
+            eval_iter_fn=eval_iter_fn, stop_after=stop_after,
+        )  # fmt: skip
+
+
+def _train(
+    config, workdir, mesh, *, classifier: bool, train_iter, eval_iter_fn, stop_after
+) -> RunResult:
+    """The body of ``_run``, with the workdir checked and locked."""
+    tc = config.train
     logging.info("workdir %s; mesh %s; %d devices", workdir, dict(mesh.shape), mesh.size)
 
     module = config_lib.build_model(config)
@@ -182,6 +199,9 @@ def _run(
         train_iter = _data_iterator(
             config, mesh, split=config.data.split, seed=tc.seed, for_classifier=classifier
         )
+    # A fresh run reads its first batch now, so that broken data (undecodable images, labels
+    # outside the model) stops it before anything is compiled; a resumed one after the restore.
+    first_batch = next(train_iter) if latest is None else None
     if latest is not None:
         with jax.set_mesh(mesh):
             state, resumed = ckpt.restore_latest_intact(abstract, data_iter=train_iter)
@@ -189,6 +209,9 @@ def _run(
     else:
         sync_processes("init")
         state, _ = state_lib.create_train_state(module, config, tx, mesh)
+        if tc.get("init_from"):
+            with jax.set_mesh(mesh):
+                state, _ = init_from.apply_init_from(config, state, shardings)
     from adm_jax.models import count_params
 
     logging.info("%s: %d parameters", config.model.kind, count_params(state.params))
@@ -203,6 +226,8 @@ def _run(
                 sharding=sharding.batch_sharding(mesh),
                 split=config.data.eval_split,
                 num_examples=tc.eval_batches * tc.batch_size,
+                num_classes=config_lib.num_classes(config),
+                for_classifier=classifier,
             )
 
     rep = sharding.replicated(mesh)
@@ -231,7 +256,8 @@ def _run(
 
     writer = metrics_lib.create_writer(workdir, tensorboard=tc.get("tensorboard", True))
     step = int(jax.device_get(state.step))
-    first_batch = next(train_iter)
+    if first_batch is None:
+        first_batch = next(train_iter)
     with jax.set_mesh(mesh):
         compiled = train_step.lower(state, first_batch).compile()
     sync_processes("train_step_compiled")
@@ -276,6 +302,7 @@ def _run(
                 batch = next(train_iter)
             state, step_metrics = compiled(state, batch)
             last_batch, batch = batch, None
+            ckpt.check_for_errors()  # a failed async save stops the run now, not at the next save
             step += 1
             steps_since_log += 1
             acc.add(step_metrics)
@@ -362,9 +389,9 @@ def _write_samples(sample_fn, config, module, state, writer, workdir, step, last
             cond["y"] = last_batch["label"][:n]
     params = state.ema_params[0] if state.ema_params else state.params
     images = sample_fn(params, key, cond)
-    images = jax.device_get(to_uint8(images))
-    writer.write_images(step, {"samples": sample_io.image_grid(images)[None]})
+    images = jax.device_get(images_lib.to_uint8(images))
+    writer.write_images(step, {"samples": images_lib.image_grid(images)[None]})
     if jax.process_index() == 0:
         out_dir = paths.resolved(workdir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
-        sample_io.save_image_grid(out_dir / f"step_{step:08d}.png", images)
+        images_lib.save_image_grid(out_dir / f"step_{step:08d}.png", images)
