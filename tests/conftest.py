@@ -43,6 +43,13 @@ def load_golden(name: str):
     return meta, arrays
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable order otherwise): with xdist workers, the long end-to-end
+    tests start at once and the short ones fill in, instead of one worker ending alone on a
+    long test collected last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def golden():
     """``golden(name) -> (meta, arrays)``; cached for the session."""

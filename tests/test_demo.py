@@ -24,6 +24,7 @@ def _tiny_demo_config():
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("demo")
 def test_demo_runs_every_stage_and_reruns_nothing(demo_smoke_run, monkeypatch):
     config = _tiny_demo_config()

@@ -97,6 +97,7 @@ def fresh_params(config):
     return module.init(jax.random.key(0), *args, **kwargs)["params"]
 
 
+@pytest.mark.slow
 def test_fine_tune_a_converted_reference_network(converted, three_class_folder, tmp_path, caplog):
     path, ckpt = converted
     config = finetune_config(path, three_class_folder)
