@@ -94,8 +94,16 @@ def test_cfg_scale_one_is_conditional_and_one_trace_serves_every_scale(ckpts, tm
     _assert_images_close(at_one, images)
     at_three = guided.sample_batch(0, cfg_scale=3.0)[0]
     assert np.abs(at_three.astype(int) - at_one.astype(int)).mean() > 1.0
-    guided.sample_batch(1, cfg_scale=0.0)  # the unconditional model, another batch
+    at_zero = guided.sample_batch(1, cfg_scale=0.0)[0]  # the unconditional model
     assert guided.sampler.trace_count == 1
+
+    # sample.cfg_scale=0 builds the unconditional model as one pass with the null label: the
+    # same images as the doubled batch at scale 0, and no other scale.
+    unconditional = _job(ckpts, tmp_path, checkpoint="cfg", sampler="ddim", cfg_scale=0.0)
+    assert unconditional.sampler.unconditional and not guided.sampler.unconditional
+    _assert_images_close(unconditional.sample_batch(1)[0], at_zero)
+    with pytest.raises(ValueError, match=r"^sample\.cfg_scale=2: this sampler runs the uncond"):
+        unconditional.sample_batch(1, cfg_scale=2.0)
 
 
 def test_resuming_with_another_sampler_is_refused(ckpts, tmp_path):

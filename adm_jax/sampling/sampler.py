@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adm_jax import paths
+from adm_jax.diffusion import classifier_free_model_fn
 from adm_jax.images import to_uint8
 from adm_jax.sampling import io, methods
 
@@ -130,6 +131,7 @@ class BatchSampler:
         superres: bool = False,
         method: methods.SamplerSpec | None = None,
         null_label: int | None = None,
+        unconditional: bool = False,
     ):
         self.mesh = mesh if mesh is not None else make_mesh(batch_size)
         num_shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES if a in self.mesh.shape)
@@ -142,6 +144,11 @@ class BatchSampler:
             method = methods.SamplerSpec("ddim" if use_ddim else "ddpm", eta=float(eta))
         if null_label is not None and not class_cond:
             raise ValueError("sample.cfg_scale: classifier-free guidance needs class labels")
+        if unconditional and null_label is None:
+            raise ValueError("sample.cfg_scale: 0 (unconditional) needs a model with a null label")
+        # cfg_scale 0 is the unconditional model: one pass with the null label, not the doubled
+        # batch of eps_u + 0 * (eps_c - eps_u).
+        self.unconditional = bool(unconditional)
         self.method = method if diffusion is None else method.with_nfe(diffusion)
         self.batch_size = int(batch_size)
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -167,9 +174,9 @@ class BatchSampler:
                     kwargs["low_res"] = jnp.tile(low_res, (x.shape[0] // low_res.shape[0], 1, 1, 1))
                 return constrain(model_apply(model_params, constrain(x), t, **kwargs))
 
-            if null_label is not None:
-                from adm_jax.diffusion import classifier_free_model_fn
-
+            if unconditional:
+                model_fn = lambda x, t: net(x, t, jnp.full_like(labels, null_label))
+            elif null_label is not None:
                 model_fn = classifier_free_model_fn(net, labels, null_label, cfg)
             else:
                 model_fn = lambda x, t: net(x, t, labels if class_cond else None)
@@ -226,6 +233,11 @@ class BatchSampler:
             raise ValueError(
                 "sample.cfg_scale: give a scale exactly when the sampler was built with "
                 "classifier-free guidance (a null label)"
+            )
+        if self.unconditional and cfg_scale != 0:
+            raise ValueError(
+                f"sample.cfg_scale={cfg_scale:g}: this sampler runs the unconditional model "
+                "(built with scale 0); build one with a non-zero scale to guide"
             )
         if labels is not None:
             labels = _global_array(np.asarray(labels, np.int32), self.batch_sharding)
@@ -645,6 +657,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
             superres=superres,
             method=spec,
             null_label=null_label,
+            unconditional=cfg_scale == 0,
         )
         spec = sampler.method
         provenance = dict(

@@ -176,11 +176,14 @@ def _guidance_kind(sample_config: Any, scales: Sequence[float]) -> str:
 
 def _build_job(config: Any, workdir: str, guidance: str, scales: Sequence[float]):
     """The sweep's first job; a classifier-free sweep turns guidance on at the first scale."""
-    if guidance != "cfg" or methods.cfg_scale_of(config.sample) is not None:
+    if guidance != "cfg":
         return sampler_lib.build_job(config, workdir)
     config = copy.deepcopy(config)
+    # A non-zero scale builds the guided program (cfg_scale 0 alone would build the one-pass
+    # unconditional sampler, which cannot take the other scales).
+    first = next((s for s in scales if s != 0), scales[0])
     with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
-        config.sample.cfg_scale = float(scales[0])
+        config.sample.cfg_scale = float(first)
     try:
         return sampler_lib.build_job(config, workdir)
     except ValueError as err:
