@@ -140,7 +140,10 @@ def get_config() -> ml_collections.ConfigDict:
             noised=True,  # classifier: train on x_t at uniformly random t
             # Precision: compute dtype of the network; master weights, EMA and Adam in float32.
             dtype="bfloat16",
-            remat=False,
+            # Rematerialisation of every ResBlock and AttentionBlock: "none" | "full" (keep
+            # only block inputs) | "dots-saveable" (also keep conv/matmul outputs); see
+            # docs/training.md for the memory each saves.
+            remat="none",
             # Sharding: mesh (data, fsdp); arrays with >= fsdp_min_size elements are split over
             # "fsdp" along their largest divisible dimension.
             fsdp=1,

@@ -24,6 +24,6 @@ def get_config():
     config.data.image_size = 512
     config.train.num_steps = 1_940_000
     config.train.fsdp = 8
-    config.train.remat = True
+    config.train.remat = "full"
     config.sample.classifier_scale = 4.0
     return config

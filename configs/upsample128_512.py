@@ -37,5 +37,5 @@ def get_config():
     config.train.batch_size = 256
     config.train.num_steps = 1_050_000
     config.train.fsdp = 8
-    config.train.remat = True
+    config.train.remat = "full"
     return config

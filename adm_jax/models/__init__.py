@@ -2,8 +2,9 @@
 
 ``UNet`` (UNetModel), ``SuperResUNet`` (SuperResModel) and ``EncoderUNet`` (EncoderUNetModel,
 the noisy classifier) take the reference constructor kwargs as fields, plus the compute
-``dtype`` and ``remat``. ``module_from_kwargs`` / ``reference_kwargs_from_flags`` reproduce
-script_util's builders; ``adm_jax.convert`` loads released PyTorch checkpoints into them.
+``dtype``, ``remat`` (policy) and ``attention_impl``. ``module_from_kwargs`` /
+``reference_kwargs_from_flags`` reproduce script_util's builders; ``adm_jax.convert`` loads
+released PyTorch checkpoints into them.
 """
 
 from adm_jax.models.classifier import POOLS, EncoderUNet
@@ -16,10 +17,13 @@ from adm_jax.models.factory import (
     parse_flags,
     reference_kwargs_from_flags,
 )
-from adm_jax.models.layers import timestep_embedding
-from adm_jax.models.unet import SuperResUNet, UNet
+from adm_jax.models.layers import ATTENTION_IMPLS, timestep_embedding
+from adm_jax.models.unet import REMAT_POLICIES, SuperResUNet, UNet, remat_policy_name
 
 __all__ = [
+    "ATTENTION_IMPLS",
+    "REMAT_POLICIES",
+    "remat_policy_name",
     "KINDS",
     "POOLS",
     "EncoderUNet",

@@ -66,5 +66,11 @@ class EncoderUNet(ADMBase):
             h = h.mean(axis=(1, 2), keepdims=True)
             h = conv1x1(self.out_channels, jnp.float32, "out_3", zero=True)(h)
             return h.reshape(h.shape[0], -1)
-        pool = AttentionPool2d(self.num_head_channels, self.out_channels, jnp.float32, name="out_2")
+        pool = AttentionPool2d(
+            self.num_head_channels,
+            self.out_channels,
+            jnp.float32,
+            attention_impl=self.attention_impl,
+            name="out_2",
+        )
         return pool(h)

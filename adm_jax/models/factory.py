@@ -249,12 +249,19 @@ def reference_kwargs_from_flags(kind: str, flags: str | Mapping[str, Any]) -> di
 
 
 def module_from_kwargs(
-    kind: str, kwargs: Mapping[str, Any], *, dtype: Any = jnp.float32, remat: bool = False
+    kind: str,
+    kwargs: Mapping[str, Any],
+    *,
+    dtype: Any = jnp.float32,
+    remat: str | bool = "none",
+    attention_impl: str = "auto",
 ):
     """Our module for reference constructor kwargs (as stored in checkpoints and golden JSON).
 
     ``use_fp16`` / ``use_checkpoint`` are accepted and ignored: precision is ``dtype`` and
-    rematerialisation is ``remat`` here. Unknown kwargs raise a ValueError naming them.
+    rematerialisation is ``remat`` (a policy name, see ``unet.REMAT_POLICIES``) here;
+    ``attention_impl`` picks the attention kernel. Unknown kwargs raise a ValueError naming
+    them.
     """
     classes = {"unet": UNet, "superres": SuperResUNet, "classifier": EncoderUNet}
     if kind not in classes:
@@ -273,7 +280,7 @@ def module_from_kwargs(
     for name in ("attention_resolutions", "channel_mult"):
         if name in kwargs:
             kwargs[name] = tuple(kwargs[name])
-    return cls(**kwargs, dtype=dtype, remat=remat)
+    return cls(**kwargs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
 
 def example_inputs(module, batch_size: int = 1) -> tuple[tuple, dict]:

@@ -188,13 +188,59 @@ class ResBlock(nn.Module):
         return x + h
 
 
-def qkv_attention(qkv: jax.Array, num_heads: int, *, legacy: bool) -> jax.Array:
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# cuDNN flash attention's head-width limit on pre-Hopper GPUs (Hopper allows 256); "auto" stays
+# under it so that one rule holds on every GPU.
+CUDNN_MAX_HEAD_CHANNELS = 128
+
+
+def attention_implementation(requested: str, dtype: Dtype, head_channels: int) -> str:
+    """The ``jax.nn.dot_product_attention`` implementation for ``requested`` ("auto" | "xla" |
+    "cudnn"); raises a one-line ValueError naming ``attention_impl`` for an impossible request.
+
+    "auto" takes cuDNN flash attention on a GPU when it applies (bfloat16 / float16 inputs, a
+    head width that is a multiple of 8 and at most 128) and XLA everywhere else: float32
+    inputs (the golden-parity and sampling default), CPU and TPU.
+    """
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    on_gpu = jax.default_backend() == "gpu"
+    if requested == "auto":
+        fits = head_channels % 8 == 0 and head_channels <= CUDNN_MAX_HEAD_CHANNELS
+        return "cudnn" if on_gpu and low_precision and fits else "xla"
+    if requested == "cudnn":
+        if not on_gpu:
+            raise ValueError(
+                f"attention_impl: 'cudnn' needs a GPU backend, got {jax.default_backend()!r}; "
+                "use 'auto' or 'xla'"
+            )
+        if not low_precision:
+            raise ValueError(
+                f"attention_impl: 'cudnn' needs bfloat16 or float16 compute, got "
+                f"{jnp.dtype(dtype).name}; use 'auto' or 'xla'"
+            )
+        return requested
+    if requested == "xla":
+        return requested
+    raise ValueError(f"attention_impl: unknown {requested!r}; expected one of {ATTENTION_IMPLS}")
+
+
+def qkv_attention(
+    qkv: jax.Array, num_heads: int, *, legacy: bool, implementation: str = "auto"
+) -> jax.Array:
     """Multi-head attention on packed ``qkv`` of shape (B, T, 3 * H * C) -> (B, T, H * C).
 
     ``legacy`` (QKVAttentionLegacy) packs channels as [head][q|k|v][c]; the new order
-    (QKVAttention, also AttentionPool2d) as [q|k|v][head][c]. q and k are each scaled by
-    ch**-0.25 before the product (as the reference, for low-precision stability) and the softmax
-    is taken in float32.
+    (QKVAttention, also AttentionPool2d) as [q|k|v][head][c]. Either way q, k and v become
+    (B, T, heads, C) for ``jax.nn.dot_product_attention`` (``implementation``: see
+    ``attention_implementation``).
+
+    Precision: the softmax is float32 with every implementation. XLA's path computes the logits
+    with a float32 result type (bfloat16 products, float32 accumulation), scales them by
+    C**-0.5 and takes the softmax in float32 before casting the weights to the input dtype;
+    cuDNN flash attention keeps its running softmax statistics and accumulators in float32.
+    The reference instead scales q and k by C**-0.25 each before the product (to keep float16
+    logits in range); with float32 logits the single scale is the same function, and the
+    golden vectors hold to float32 round-off.
     """
     batch, length, width = qkv.shape
     ch = width // (3 * num_heads)
@@ -204,10 +250,13 @@ def qkv_attention(qkv: jax.Array, num_heads: int, *, legacy: bool) -> jax.Array:
     else:
         qkv = qkv.reshape(batch, length, 3, num_heads, ch)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scale = 1.0 / math.sqrt(math.sqrt(ch))
-    weight = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
-    weight = jax.nn.softmax(weight.astype(jnp.float32), axis=-1).astype(qkv.dtype)
-    out = jnp.einsum("bhts,bshc->bthc", weight, v)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=1.0 / math.sqrt(ch),
+        implementation=attention_implementation(implementation, qkv.dtype, ch),
+    )
     return out.reshape(batch, length, num_heads * ch)
 
 
@@ -234,13 +283,19 @@ class AttentionBlock(nn.Module):
     num_heads: int
     use_new_attention_order: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         tokens = x.reshape(b, h * w, c)
         qkv = dense(3 * c, self.dtype, "qkv")(GroupNorm32(name="norm")(tokens))
-        out = qkv_attention(qkv, self.num_heads, legacy=not self.use_new_attention_order)
+        out = qkv_attention(
+            qkv,
+            self.num_heads,
+            legacy=not self.use_new_attention_order,
+            implementation=self.attention_impl,
+        )
         out = dense(c, self.dtype, "proj_out", zero=True)(out)
         return (tokens + out).reshape(b, h, w, c)
 
@@ -252,6 +307,7 @@ class AttentionPool2d(nn.Module):
     num_head_channels: int
     output_dim: int
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -266,6 +322,8 @@ class AttentionPool2d(nn.Module):
         )
         tokens = tokens + positional_embedding.astype(tokens.dtype)
         qkv = dense(3 * c, self.dtype, "qkv_proj")(tokens)
-        out = qkv_attention(qkv, c // self.num_head_channels, legacy=False)
+        out = qkv_attention(
+            qkv, c // self.num_head_channels, legacy=False, implementation=self.attention_impl
+        )
         out = dense(self.output_dim, self.dtype, "c_proj")(out)
         return out[:, 0]

@@ -3,13 +3,15 @@ and ``SuperResModel``.
 
 Fields are the reference constructor's keyword arguments (``attention_resolutions`` holds the
 downsampling factors ``ds`` the reference class receives, not image resolutions) plus the
-compute ``dtype`` and ``remat``. Parameter names mirror the reference state_dict keys (see
-``adm_jax.models.layers``), which is what lets ``adm_jax.convert`` load released checkpoints.
+compute ``dtype``, ``remat`` and ``attention_impl``. Parameter names mirror the reference
+state_dict keys (see ``adm_jax.models.layers``), which is what lets ``adm_jax.convert`` load
+released checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from adm_jax.models.layers import (
+    ATTENTION_IMPLS,
     GROUPS,
     AttentionBlock,
     Downsample,
@@ -29,6 +32,44 @@ from adm_jax.models.layers import (
     dense,
     timestep_embedding,
 )
+
+
+def _conv_saveable(prim, *_, **__) -> bool:
+    """Checkpoint policy: keep convolution outputs."""
+    return prim is jax.lax.conv_general_dilated_p
+
+
+# Rematerialisation policies (``remat``), applied per ResBlock and per AttentionBlock: what a
+# block keeps from its forward pass for the backward pass; everything else is recomputed there.
+# "full" keeps only the block's inputs. "dots-saveable" also keeps the outputs of the layers
+# with weights: convolutions and matmuls without batch dimensions (dense layers), so the
+# backward pass recomputes only normalisations, activations and the attention itself (logits,
+# softmax and the weighted sum). Neither of jax's two dots policies fits a UNet:
+# ``dots_saveable`` also keeps every attention matrix (batch x heads x T x T float32 logits,
+# the largest residual at 32x32 attention), ``dots_with_no_batch_dims_saveable`` keeps no
+# convolution (so recomputes most of the FLOPs). Residual bytes of each: docs/training.md.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots-saveable": jax.checkpoint_policies.save_from_both_policies(
+        _conv_saveable, jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    ),
+}
+
+
+def remat_policy_name(remat) -> str:
+    """Canonical ``remat`` value: booleans (older configs and callers) mean "none" / "full";
+    underscores are read as hyphens ("dots_saveable")."""
+    if isinstance(remat, bool) or remat is None:
+        return "full" if remat else "none"
+    return str(remat).replace("_", "-")
+
+
+@functools.cache
+def _remat_class(cls, policy: str):
+    """``nn.remat(cls)`` with the named policy, built once per (class, policy); the lifted
+    module keeps the class's parameter names, so checkpoints load with or without it."""
+    return nn.remat(cls, policy=REMAT_POLICIES[policy])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +100,17 @@ class ADMBase(nn.Module):
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     dtype: Any = jnp.float32
-    remat: bool = False
+    # "none" | "full" | "dots-saveable" (REMAT_POLICIES; True / False mean "full" / "none").
+    remat: str | bool = "none"
+    # "auto" | "xla" | "cudnn": jax.nn.dot_product_attention's implementation
+    # (layers.attention_implementation).
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         # Lists (e.g. from JSON) become tuples so that the module stays hashable.
         for field in ("attention_resolutions", "channel_mult"):
             object.__setattr__(self, field, tuple(getattr(self, field)))
+        object.__setattr__(self, "remat", remat_policy_name(self.remat))
         self.validate()
         super().__post_init__()
 
@@ -91,6 +137,15 @@ class ADMBase(nn.Module):
 
     def validate(self):
         """Raises a one-line ValueError naming the field of an impossible configuration."""
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat: unknown policy {self.remat!r}; expected one of {tuple(REMAT_POLICIES)}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl: unknown {self.attention_impl!r}; expected one of "
+                f"{ATTENTION_IMPLS}"
+            )
         if not self.channel_mult:
             raise ValueError("channel_mult: must name at least one level")
         for name in ("in_channels", "model_channels", "out_channels"):
@@ -140,9 +195,9 @@ class ADMBase(nn.Module):
         return dense(4 * self.model_channels, jnp.float32, "time_embed_2")(nn.silu(emb))
 
     def block_classes(self):
-        if self.remat:
-            return nn.remat(ResBlock), nn.remat(AttentionBlock)
-        return ResBlock, AttentionBlock
+        if self.remat == "none":
+            return ResBlock, AttentionBlock
+        return _remat_class(ResBlock, self.remat), _remat_class(AttentionBlock, self.remat)
 
     def res_block(self, name: str, out_channels: int, train: bool, *, up=False, down=False):
         res_cls, _ = self.block_classes()
@@ -164,6 +219,7 @@ class ADMBase(nn.Module):
             num_heads=heads,
             use_new_attention_order=self.use_new_attention_order,
             dtype=self.dtype,
+            attention_impl=self.attention_impl,
             name=name,
         )
 

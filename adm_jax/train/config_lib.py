@@ -17,6 +17,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from adm_jax.models import REMAT_POLICIES, remat_policy_name
+
 MODEL_KINDS = ("unet", "superres", "classifier")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 NOISE_SCHEDULES = ("linear", "cosine")
@@ -99,11 +101,17 @@ def _reference_model_kwargs(config) -> dict[str, Any]:
     return reference_kwargs_from_flags(kind, flags)
 
 
+def remat_policy(config) -> str:
+    """config.train.remat as a policy name; the booleans of configs stored before the policies
+    existed mean "full" (True) and "none" (False)."""
+    return remat_policy_name(config.train.get("remat", "none"))
+
+
 def build_model(config, **overrides):
     """The linen module for config.model with the training compute dtype and remat."""
     from adm_jax.models import module_from_kwargs
 
-    options = dict(dtype=DTYPES[config.train.dtype], remat=bool(config.train.remat))
+    options = dict(dtype=DTYPES[config.train.dtype], remat=remat_policy(config))
     options.update(overrides)
     return module_from_kwargs(config.model.kind, model_kwargs(config), **options)
 
@@ -207,6 +215,8 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
         fail("train.dtype", "float16 training is not supported (no loss scaling); use bfloat16")
     if t.dtype not in DTYPES:
         fail("train.dtype", f"unknown {t.dtype!r}; {tuple(DTYPES)}")
+    if remat_policy(config) not in REMAT_POLICIES:
+        fail("train.remat", f"unknown policy {t.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
     if t.lr_anneal_steps and t.warmup_steps >= t.lr_anneal_steps:
         fail("train.warmup_steps", f"{t.warmup_steps} >= lr_anneal_steps {t.lr_anneal_steps}")
     if t.batch_size % t.grad_accum_steps:
