@@ -33,7 +33,14 @@ UNET_FLAGS = dict(
 # config.model fields of diffusion models that are not README flags: they change training, and
 # the network only through adm_jax.train.model_kwargs (class_dropout_prob > 0 adds the
 # null-label embedding row that classifier-free guidance needs).
+# Not reference flags (the reference fixes RGB and ImageNet's 1000 classes); every model kind
+# has them, and the defaults give exactly the reference's constructor arguments.
+SHAPE_EXTRAS = dict(
+    in_channels=3,  # image channels: 1 for grey images (data.channels must agree)
+    num_classes=1000,  # label range of class-conditional models and classifiers
+)
 DIFFUSION_MODEL_EXTRAS = dict(
+    **SHAPE_EXTRAS,
     # Classifier-free guidance training (Ho & Salimans 2022): each label is replaced by the
     # null label with this probability (0.1-0.2 typical; 0 = off, the reference's training).
     class_dropout_prob=0.0,
@@ -76,7 +83,9 @@ def superres_model(**overrides) -> ml_collections.ConfigDict:
 
 
 def classifier_model(**overrides) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"kind": "classifier", **CLASSIFIER_FLAGS, **overrides})
+    return ml_collections.ConfigDict(
+        {"kind": "classifier", **CLASSIFIER_FLAGS, **SHAPE_EXTRAS, **overrides}
+    )
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -163,6 +172,10 @@ def get_config() -> ml_collections.ConfigDict:
             profile_steps=0,  # >0: capture a profile of this many steps after the first log
             # TensorBoard event files (through TensorFlow's gfile); metrics.jsonl is always written.
             tensorboard=True,
+            # Fine-tuning: start from these parameters (a converted reference checkpoint, an
+            # exported inference checkpoint, or another run's workdir) at step 0 with a fresh
+            # optimizer; the EMA starts from them. Ignored once this run has a checkpoint.
+            init_from="",
         )
     )
 

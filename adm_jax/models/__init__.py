@@ -10,12 +10,14 @@ released PyTorch checkpoints into them.
 from adm_jax.models.classifier import POOLS, EncoderUNet
 from adm_jax.models.factory import (
     KINDS,
+    NUM_CLASSES,
     abstract_params,
     count_params,
     example_inputs,
     module_from_kwargs,
     parse_flags,
     reference_kwargs_from_flags,
+    with_shape,
 )
 from adm_jax.models.layers import ATTENTION_IMPLS, timestep_embedding
 from adm_jax.models.unet import REMAT_POLICIES, SuperResUNet, UNet, remat_policy_name
@@ -25,6 +27,7 @@ __all__ = [
     "REMAT_POLICIES",
     "remat_policy_name",
     "KINDS",
+    "NUM_CLASSES",
     "POOLS",
     "EncoderUNet",
     "SuperResUNet",
@@ -33,6 +36,7 @@ __all__ = [
     "count_params",
     "example_inputs",
     "module_from_kwargs",
+    "with_shape",
     "parse_flags",
     "reference_kwargs_from_flags",
     "timestep_embedding",

@@ -248,6 +248,24 @@ def reference_kwargs_from_flags(kind: str, flags: str | Mapping[str, Any]) -> di
     raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
 
 
+def with_shape(
+    kind: str, kwargs: Mapping[str, Any], *, in_channels: int = 3, num_classes: int = NUM_CLASSES
+) -> dict[str, Any]:
+    """Reference constructor kwargs for ``in_channels`` image channels and ``num_classes``
+    labels (the reference fixes RGB and ImageNet's 1000 classes; the defaults leave the kwargs
+    unchanged). A learned-variance UNet outputs twice its input channels."""
+    kwargs = dict(kwargs)
+    learn_sigma = kind != "classifier" and kwargs["out_channels"] == 2 * kwargs["in_channels"]
+    kwargs["in_channels"] = int(in_channels)
+    if kind == "classifier":
+        kwargs["out_channels"] = int(num_classes)
+        return kwargs
+    kwargs["out_channels"] = int(in_channels) * (2 if learn_sigma else 1)
+    if kwargs.get("num_classes") is not None:
+        kwargs["num_classes"] = int(num_classes)
+    return kwargs
+
+
 def module_from_kwargs(
     kind: str,
     kwargs: Mapping[str, Any],

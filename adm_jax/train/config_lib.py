@@ -17,14 +17,15 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from adm_jax.models import REMAT_POLICIES, remat_policy_name
+from adm_jax import paths
+from adm_jax.models import REMAT_POLICIES, remat_policy_name, with_shape
 
 MODEL_KINDS = ("unet", "superres", "classifier")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 NOISE_SCHEDULES = ("linear", "cosine")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # config.model fields that are not README flags (configs/default.py DIFFUSION_MODEL_EXTRAS).
-MODEL_EXTRAS = ("class_dropout_prob",)
+MODEL_EXTRAS = ("class_dropout_prob", "in_channels", "num_classes")
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "default.py"
 
 
@@ -76,10 +77,27 @@ def model_kwargs(config) -> dict[str, Any]:
     checkpoint rebuilds the module with its null-label row; without it the kwargs are exactly
     the reference's.
     """
-    kwargs = _reference_model_kwargs(config)
-    if config.model.kind != "classifier" and class_dropout_prob(config) > 0:
+    kind = config.model.kind
+    kwargs = with_shape(
+        kind,
+        _reference_model_kwargs(config),
+        in_channels=in_channels(config),
+        num_classes=num_classes(config),
+    )
+    if kind != "classifier" and class_dropout_prob(config) > 0:
         kwargs["null_class_embedding"] = True
     return kwargs
+
+
+def in_channels(config) -> int:
+    """config.model.in_channels (3 for configs stored before the field existed)."""
+    return int(config.model.get("in_channels", 3))
+
+
+def num_classes(config) -> int:
+    """config.model.num_classes: the label range of a class-conditional model or classifier
+    (1000, ImageNet's, for configs stored before the field existed)."""
+    return int(config.model.get("num_classes", 1000))
 
 
 def _reference_model_kwargs(config) -> dict[str, Any]:
@@ -182,8 +200,19 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
         validate_data_config(data)
     except ValueError as err:
         fail("data", str(err))
-    if data.channels != 3:
-        fail("data.channels", f"the ADM networks take RGB input, got {data.channels}")
+    for name in ("in_channels", "num_classes"):
+        value = m.get(name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(f"model.{name}", f"expected a positive integer, got {value!r}")
+    if data.channels != in_channels(config):
+        fail(
+            "data.channels",
+            f"{data.channels} but model.in_channels is {in_channels(config)} (set both: 1 for "
+            "grey images, 3 for RGB)",
+        )
+    init_from = str(t.get("init_from", "") or "")
+    if init_from and not paths.is_remote(init_from) and not paths.path(init_from).exists():
+        fail("train.init_from", f"{init_from}: no such checkpoint or workdir")
 
     positive = ("num_steps", "batch_size", "grad_accum_steps", "lr", "max_to_keep")
     for name in positive:
