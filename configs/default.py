@@ -153,6 +153,9 @@ def get_config() -> ml_collections.ConfigDict:
             # only block inputs) | "dots-saveable" (also keep conv/matmul outputs); see
             # docs/training.md for the memory each saves.
             remat="none",
+            # Attention kernel: "auto" (cuDNN flash attention on GPU in bfloat16, XLA elsewhere),
+            # "xla" or "cudnn"; sampling uses the same choice.
+            attention_impl="auto",
             # Sharding: mesh (data, fsdp); arrays with >= fsdp_min_size elements are split over
             # "fsdp" along their largest divisible dimension.
             fsdp=1,

@@ -25,4 +25,6 @@ fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 nvidia-smi -L || true
-exec python -m adm_jax.main --config="$CONFIG" "$@"
+# python -m adm_jax.main, or the module named by ADM_JAX_MODULE (launch/gpu_bench.sh runs
+# adm_jax.bench through this script, so both share one environment).
+exec python -m "${ADM_JAX_MODULE:-adm_jax.main}" --config="$CONFIG" "$@"

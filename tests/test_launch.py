@@ -96,6 +96,17 @@ def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch, demo_smoke_run):
         assert len(namespace["rows"]) == len(json.load(f)["rows"]) == 5
 
 
+def test_gpu_bench_script_parses_and_runs_the_benchmark_through_gpu_sh():
+    path = REPO_ROOT / "launch" / "gpu_bench.sh"
+    assert os.access(path, os.X_OK), "gpu_bench.sh is not executable"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    assert "ADM_JAX_MODULE=adm_jax.bench bash launch/gpu.sh" in text
+    assert 'python -m "${ADM_JAX_MODULE:-adm_jax.main}"' in (path.parent / "gpu.sh").read_text()
+    for what in ("--what=maxbatch", "--what=train", "attention_impl=$impl", "--what=sample"):
+        assert what in text, what
+
+
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "slurm_gpu.sh"])
 def test_launch_scripts_parse(script):
     path = REPO_ROOT / "launch" / script

@@ -454,13 +454,18 @@ class SamplingJob:
 
 
 def _module_overrides(config: Any) -> dict[str, Any]:
-    """Compute dtype for sampling: ``config.sample.dtype`` if set, else float32.
+    """Compute dtype for sampling: ``config.sample.dtype`` if set, else float32; the
+    attention kernel of ``config.train.attention_impl``.
 
     Not ``config.train.dtype``: sample quality (FID) is measured at full precision unless
     asked otherwise.
     """
     dtype = _cfg_get(config.sample, "dtype")
-    return {"dtype": jnp.dtype(dtype)} if dtype else {}
+    overrides = {"dtype": jnp.dtype(dtype)} if dtype else {}
+    impl = _cfg_get(_cfg_get(config, "train", {}), "attention_impl")
+    if impl:
+        overrides["attention_impl"] = str(impl)
+    return overrides
 
 
 def check_counts(sc: Any) -> None:

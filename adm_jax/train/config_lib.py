@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from adm_jax import paths
-from adm_jax.models import REMAT_POLICIES, remat_policy_name, with_shape
+from adm_jax.models import ATTENTION_IMPLS, REMAT_POLICIES, remat_policy_name, with_shape
 
 MODEL_KINDS = ("unet", "superres", "classifier")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
@@ -125,11 +125,20 @@ def remat_policy(config) -> str:
     return remat_policy_name(config.train.get("remat", "none"))
 
 
+def attention_impl(config) -> str:
+    """config.train.attention_impl ("auto" for configs stored before the field existed)."""
+    return str(config.train.get("attention_impl", "auto"))
+
+
 def build_model(config, **overrides):
     """The linen module for config.model with the training compute dtype and remat."""
     from adm_jax.models import module_from_kwargs
 
-    options = dict(dtype=DTYPES[config.train.dtype], remat=remat_policy(config))
+    options = dict(
+        dtype=DTYPES[config.train.dtype],
+        remat=remat_policy(config),
+        attention_impl=attention_impl(config),
+    )
     options.update(overrides)
     return module_from_kwargs(config.model.kind, model_kwargs(config), **options)
 
@@ -244,6 +253,11 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
         fail("train.dtype", "float16 training is not supported (no loss scaling); use bfloat16")
     if t.dtype not in DTYPES:
         fail("train.dtype", f"unknown {t.dtype!r}; {tuple(DTYPES)}")
+    if attention_impl(config) not in ATTENTION_IMPLS:
+        fail(
+            "train.attention_impl",
+            f"unknown {t.attention_impl!r}; expected one of {ATTENTION_IMPLS}",
+        )
     if remat_policy(config) not in REMAT_POLICIES:
         fail("train.remat", f"unknown policy {t.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
     if t.lr_anneal_steps and t.warmup_steps >= t.lr_anneal_steps:
