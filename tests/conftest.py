@@ -113,6 +113,21 @@ def demo_smoke_run(tmp_path_factory):
     return workdir, demo.run(config, str(workdir))
 
 
+class StubModel:
+    """A model_fn returning a stored output and recording the timesteps it receives (eager
+    calls only): the golden cases' stand-in for the reference's stub network."""
+
+    def __init__(self, output):
+        import jax.numpy as jnp
+
+        self.output = jnp.asarray(output)
+        self.received = []
+
+    def __call__(self, x, t):
+        self.received.append(np.asarray(t))
+        return self.output
+
+
 def assert_close(actual, expected, *, case, quantity, rtol, atol):
     """Golden comparison whose failure names the case, the quantity and the error."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

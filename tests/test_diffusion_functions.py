@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import StubModel, assert_close
 
 from adm_jax import diffusion as dm
 
@@ -28,18 +28,6 @@ def make(case, var_type, mean_type="epsilon", loss_type="mse"):
         loss_type=loss_type.lower(),
         use_timesteps=use,
     )
-
-
-class Stub:
-    """Returns a stored output and records the timesteps it receives (eager calls only)."""
-
-    def __init__(self, output):
-        self.output = jnp.asarray(output)
-        self.received = []
-
-    def __call__(self, x, t):
-        self.received.append(np.asarray(t))
-        return self.output
 
 
 def stub_output(arrays, spec):
@@ -93,7 +81,7 @@ def test_p_mean_variance(golden, case):
     assert len(cases) == 11
     for key, spec in cases.items():
         d = make(case, spec["model_var_type"], spec["model_mean_type"])
-        stub = Stub(stub_output(a, spec["model_output"]))
+        stub = StubModel(stub_output(a, spec["model_output"]))
         out = dm.p_mean_variance(
             d, stub, x_t, t, clip_denoised=spec["clip_denoised"], channel_axis=1
         )
@@ -112,7 +100,7 @@ def test_training_losses(golden, case):
     tol = dict(rtol=meta["tolerance_hint"]["rtol"], atol=meta["tolerance_hint"]["atol"], case=case)
     for key, spec in meta["training_losses_cases"].items():
         d = make(case, spec["model_var_type"], loss_type=spec["loss_type"])
-        stub = Stub(stub_output(a, spec["model_output"]))
+        stub = StubModel(stub_output(a, spec["model_output"]))
         terms = dm.training_losses(d, stub, a["x_start"], a["t"], a["noise"], channel_axis=1)
         assert sorted(terms) == sorted(spec["terms"]), f"{case}: {key}: terms {sorted(terms)}"
         for received in stub.received:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import StubModel, assert_close
 
 from adm_jax import diffusion as dm
 
@@ -32,18 +32,6 @@ def make(case):
     )
 
 
-class Stub:
-    """Returns the stored output and records the timesteps it receives (eager calls only)."""
-
-    def __init__(self, output):
-        self.output = jnp.asarray(output)
-        self.received = []
-
-    def __call__(self, x, t):
-        self.received.append(np.asarray(t))
-        return self.output
-
-
 def tolerances(meta, case):
     hint = meta["tolerance_hint"]
     return dict(rtol=hint["rtol"], atol=hint["atol"], case=case)
@@ -57,7 +45,7 @@ def test_bpd_terms_match_reference(golden, case):
     d = make(case)
     x0, t, noise = a["x_start"], a["t"], a["noise"]
     assert 0 in t and d.num_timesteps - 1 in t, f"{case}: golden t {t} lacks 0 or T-1"
-    stub = Stub(a["model_output_learned"])
+    stub = StubModel(a["model_output_learned"])
     terms = dm.bpd_terms(d, stub, x0, t, noise, clip_denoised=False, channel_axis=1)
     np.testing.assert_array_equal(
         stub.received[0], a["model_received_timesteps"], err_msg=f"{case}: model timesteps"
@@ -71,7 +59,7 @@ def test_bpd_terms_match_reference(golden, case):
 
     # clip_denoised=True (calc_bpd_loop's default): the terms at the reference's clipped
     # p_mean_variance (mean, log-variance, pred_xstart of the same stub output).
-    clipped = dm.bpd_terms(d, Stub(a["model_output_learned"]), x0, t, noise, channel_axis=1)
+    clipped = dm.bpd_terms(d, StubModel(a["model_output_learned"]), x0, t, noise, channel_axis=1)
     ref_pmv = {k: a[f"{PMV_CLIP}/{k}"] for k in ("mean", "log_variance", "pred_xstart")}
     ref_vb = dm.vb_terms_bpd(d, ref_pmv, x0, a["q_sample/x_t"], t)
     assert_close(clipped["vb"], ref_vb, quantity=f"vb (clipped) at {PMV_CLIP}", **tol)
