@@ -102,8 +102,8 @@ DEMO_SMOKE_OVERRIDES = {
 @pytest.fixture(scope="session")
 def demo_smoke_run(tmp_path_factory):
     """``(workdir, rows)`` of one demo run on DEMO_SMOKE_OVERRIDES, shared by the demo test and
-    the notebook test (each of them then reruns it, which must redo nothing). Tests using it
-    carry ``@pytest.mark.xdist_group("demo")`` so that one worker runs them."""
+    the notebook test (each of them then reruns it, which must redo nothing). Both are in
+    tests/test_demo.py, one unit of work for ``--dist loadfile``."""
     from adm_jax import demo
     from configs import demo as demo_config
 

@@ -1,9 +1,12 @@
-"""The demo end to end on a drastically reduced config, and its independent digit classifier."""
+"""The demo end to end on a drastically reduced config, its independent digit classifier, and
+the Colab notebook's code (which runs the demo first: both reuse one smoke run, so they live in
+one file, which is one unit of work for `pytest -n 2 --dist loadfile`)."""
 
 import copy
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -11,7 +14,8 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/
 
-from conftest import DEMO_SMOKE_OVERRIDES  # noqa: E402
+from conftest import DEMO_SMOKE_OVERRIDES, REPO_ROOT  # noqa: E402
+from test_launch import SKIPPED_TAGS, _cells  # noqa: E402
 
 from adm_jax import demo  # noqa: E402
 
@@ -25,7 +29,6 @@ def _tiny_demo_config():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo")
 def test_demo_runs_every_stage_and_reruns_nothing(demo_smoke_run, monkeypatch):
     config = _tiny_demo_config()
     workdir, rows = demo_smoke_run
@@ -106,3 +109,69 @@ def test_judge_features_and_accuracy():
     np.testing.assert_allclose(rgb["features"], out["features"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         demo.target_accuracy(out["pred"], labels[:3])
+
+
+# ---------------------------------------------------------------- the Colab notebook's code
+
+
+def _tiny_reference_checkpoint(path, kind, flags):
+    """A random state dict in the reference's layout for these README flags."""
+    from adm_jax.convert import state_dict_spec
+    from adm_jax.models import reference_kwargs_from_flags
+
+    spec = state_dict_spec(kind, reference_kwargs_from_flags(kind, flags))
+    rng = np.random.default_rng(0)
+    state_dict = {
+        key: (rng.standard_normal(p.torch_shape) * 0.05).astype(np.float32)
+        for key, p in spec.items()
+    }
+    np.savez(path, **state_dict)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch, demo_smoke_run):
+    """Runs every cell a CPU can run, in order, with small parameters: the demo on a smoke
+    config (in a copy of the shared smoke run's workdir, so it completes at once), then
+    conversion of and guided sampling from a (random, tiny) reference-format checkpoint in
+    place of the downloaded OpenAI one, DPM-Solver++, and classifier-free guidance."""
+    shutil.copytree(demo_smoke_run[0], tmp_path / "demo")
+    model_flags = (
+        "--image_size 64 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
+        "--attention_resolutions 32 --class_cond True --learn_sigma True "
+        "--num_head_channels 16 --diffusion_steps 1000 --noise_schedule cosine"
+    )
+    classifier_flags = (
+        "--image_size 64 --classifier_width 32 --classifier_depth 1 "
+        "--classifier_attention_resolutions 8"
+    )
+    overrides = {
+        "WORKDIR": str(tmp_path / "demo"),
+        "DEMO_OVERRIDES": DEMO_SMOKE_OVERRIDES,
+        "MODEL_CHECKPOINT": _tiny_reference_checkpoint(tmp_path / "m.npz", "unet", model_flags),
+        "MODEL_FLAGS": model_flags,
+        "CLASSIFIER_CHECKPOINT": _tiny_reference_checkpoint(
+            tmp_path / "c.npz", "classifier", classifier_flags
+        ),
+        "CLASSIFIER_FLAGS": classifier_flags,
+        "CONVERTED_DIR": str(tmp_path / "converted"),
+        "LABELS": [1, 2],
+        "TIMESTEP_RESPACING": "ddim3",
+        "DPM_STEPS": 3,
+    }
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    namespace = {"__name__": "__notebook__"}
+    for cell in _cells():
+        tags = set(cell.metadata.get("tags", []))
+        if cell.cell_type != "code" or SKIPPED_TAGS & tags:
+            continue
+        exec(compile(cell.source, f"<notebook cell {cell.execution_count}>", "exec"), namespace)
+        if "parameters" in tags:
+            namespace.update(overrides)
+    assert (tmp_path / "demo" / "openai_guided_samples.png").stat().st_size > 0
+    assert (tmp_path / "converted" / "model" / "model.json").exists()
+    assert (tmp_path / "demo" / "openai_dpm_solver_3.png").stat().st_size > 0
+    assert (tmp_path / "demo" / "demo_classifier_free.png").stat().st_size > 0
+    with open(tmp_path / "demo" / "metrics.json") as f:
+        assert len(namespace["rows"]) == len(json.load(f)["rows"]) == 5
