@@ -44,7 +44,11 @@ class CheckpointSaveError(RuntimeError):
 def _first_line(err: BaseException, limit: int = 400) -> str:
     text = str(err).strip()
     line = text.splitlines()[0] if text else type(err).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    if len(line) <= limit:
+        return line
+    # Keep both ends: the operation and path lead, the OS error ("File too large") ends it.
+    half = (limit - 5) // 2
+    return f"{line[:half]} ... {line[-half:]}"
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
