@@ -402,7 +402,8 @@ def row_groups(config) -> list[dict[str, Any]]:
              scales=dc.cfg_scales, cfg_scale=None),
         dict(name="fast", model="conditional", guidance="classifier",
              scales=str(dc.fast_scale) if dc.fast_steps else "", cfg_scale=None,
-             samplers=dc.fast_sampler, steps=dc.fast_steps),
+             samplers=dc.fast_sampler, steps=dc.fast_steps,
+             thresholding=bool(dc.get("fast_thresholding", False))),
     ]  # fmt: skip
     return [g for g in groups if str(g["scales"]).strip()]
 
@@ -417,6 +418,9 @@ def _group_config(sample_cfg, group: Mapping[str, Any], samples_dir: str):
         sc.classifier_checkpoint = ""
         sc.classifier_scale = 0.0
     sc.sweep_samplers = group.get("samplers", "")
+    sc.thresholding = group.get("thresholding", False)
+    if group.get("samplers"):  # the sampler the thresholding flag belongs to
+        sc.sampler, sc.use_ddim = str(group["samplers"]).split(",")[0], False
     sc.sweep_steps = group.get("steps", "")
     return out
 

@@ -3,21 +3,23 @@
     python -m adm_jax.main --config=configs/demo.py --workdir=demo_workdir
     python -m adm_jax.demo --workdir=demo_workdir            # the same, without main.py
 
-``adm_jax.demo.run(config, workdir)`` prepares the ``mnist_demo`` TFDS dataset, trains a small
-unconditional learned-sigma UNet (hybrid loss) with ``adm_jax.train.train_and_evaluate``, its
-noisy classifier (EncoderUNet + attention pool) with ``train_classifier``, an independent clean
-digit classifier (the feature space of the metrics), then sweeps the classifier scale with
-``adm_jax.sampling.guidance_sweep`` and reports FID / precision / recall (on the independent
-classifier's features, NOT Inception) and target-class accuracy per scale.
+``adm_jax.demo.run(config, workdir)`` prepares the ``mnist_demo`` TFDS dataset, trains ONE
+small class-conditional learned-sigma UNet on the grey digits (one channel, label dropout, so
+its null label is the unconditional model) with ``adm_jax.train.train_and_evaluate``, its noisy
+classifier (EncoderUNet + attention pool) with ``train_classifier``, an independent clean digit
+classifier (the feature space of the metrics), then samples the table's rows with
+``adm_jax.sampling.guidance_sweep`` (unconditional and conditional model with classifier
+guidance, classifier-free guidance, DPM-Solver++ at 10 and 20 NFE) and reports FID / precision /
+recall (on the independent classifier's features, NOT Inception) and target-class accuracy.
 
 The top-level sections are those of configs/default.py (they describe the diffusion run) plus
 ``classifier`` (a complete classifier-run config) and ``demo`` (everything else); any field can
 be overridden, e.g. ``--config.sample.sweep_scales=0,1,10`` or ``--config.train.num_steps=600``.
 
-Hardware / time: 2-core AMD EPYC VM, CPU only: 13.9 minutes for the whole demo at 16x16
-(diffusion 2000 steps ~8.7 min at 3.8 steps/s, noisy classifier 800 steps ~1.4 min, judge
-1500 steps ~0.6 min, sampling 6 x 500 + metrics ~3.3 min); a rerun with everything done takes
-seconds. The digits are downsampled to 16x16 by the pipeline's ADM center crop (BOX +
+Hardware / time: 2-core AMD EPYC VM, CPU only. 49.1 minutes for the whole demo on
+2026-11-30 (stages in docs/demo.md), a day this VM ran the train step 3.5x slower than on
+2026-11-23 (1.1 vs 3.8 steps/s). A rerun with everything
+done takes seconds. The digits are downsampled to 16x16 by the pipeline's ADM center crop (BOX +
 BICUBIC). Measured table and pictures: docs/demo.md.
 """
 
@@ -152,6 +154,9 @@ def get_config() -> ml_collections.ConfigDict:
             fast_sampler="dpm++",
             fast_steps="10,20",  # DPM-Solver++(2M) NFE, conditional model, classifier scale
             fast_scale=1.0,
+            # DPM-Solver++'s dynamic thresholding of x_0 (DDPM clips x_0 to [-1, 1]; without
+            # it the solver's x_0 of this small model leaves the data range).
+            fast_thresholding=True,
         )
     )
     return config
