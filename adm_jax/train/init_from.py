@@ -15,15 +15,14 @@ classifier-free null label keeps every trained row.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from adm_jax.models import count_params
 from adm_jax.train import config_lib
 from adm_jax.train.export import restore_inference
 
@@ -149,7 +148,7 @@ def apply_init_from(config, state, shardings):
     """The fresh TrainState with its params and every EMA replaced by ``train.init_from``'s
     (placed in the state's shardings); optimizer state and step stay fresh."""
     loaded = load_init_params(config, state.params)
-    count = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(loaded.params))
+    count = count_params(loaded.params)
     logging.info(
         "train.init_from: %d parameters from %s%s", count, loaded.source,
         "" if loaded.step is None else f" (its step {loaded.step})",
