@@ -27,7 +27,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adm_jax import bench_lib, paths
+from adm_jax import bench_lib, paths, xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Diffusion (or classifier) config.")
 _CLASSIFIER = flags.DEFINE_string(
@@ -141,4 +141,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    xla_cpu.set_cpu_flags()
     app.run(main)

@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from adm_jax import paths
+from adm_jax import paths, xla_cpu
 
 # Top-level config sections that are the demo's own (not read by train/sampling).
 DEMO_SECTIONS = ("classifier", "demo", "mode")
@@ -710,6 +710,8 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     import sys
+
+    xla_cpu.set_cpu_flags()
 
     from absl import app, flags
     from ml_collections import config_flags

@@ -34,6 +34,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from adm_jax import workdir as workdir_lib  # noqa: E402
+from adm_jax import xla_cpu  # noqa: E402
 
 MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo", "nll")
 FLAGS = flags.FLAGS
@@ -261,5 +262,6 @@ def _run_mode(config, workdir: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
+    xla_cpu.set_cpu_flags()
     jax.config.config_with_absl()
     app.run(main, flags_parser=parse_flags)

@@ -22,6 +22,12 @@ if "xla_force_host_platform_device_count" not in _flags:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from adm_jax import xla_cpu  # noqa: E402
+
+# The entry points' XLA:CPU kernel choice (adm_jax.xla_cpu), also in every subprocess a test
+# starts (they inherit XLA_FLAGS).
+xla_cpu.set_cpu_flags()
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = pathlib.Path(
     os.environ.get("ADM_JAX_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden")

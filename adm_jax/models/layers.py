@@ -48,7 +48,11 @@ class GroupNorm32(nn.Module):
     """GroupNorm with 32 groups, eps 1e-5, computed in float32 whatever the input dtype.
 
     Written out (two-pass variance) rather than ``nn.GroupNorm`` so the statistics match the
-    reference to float32 round-off; the result is cast back to the input dtype.
+    reference to float32 round-off; the result is cast back to the input dtype. Each group
+    statistic is a per-channel sum over the spatial axes followed by a sum over the group's
+    few channels: on XLA:CPU that is a fast reduction (forward and backward), where reducing
+    the 5-D ``[B, H, W, G, C/G]`` view at once is 3-6x slower; on accelerators it is the same
+    work.
     """
 
     num_groups: int = GROUPS
@@ -60,12 +64,18 @@ class GroupNorm32(nn.Module):
         scale = self.param("scale", nn.initializers.ones_init(), (channels,), jnp.float32)
         bias = self.param("bias", zeros_init, (channels,), jnp.float32)
         h = x.astype(jnp.float32)
-        grouped = h.reshape(*h.shape[:-1], self.num_groups, channels // self.num_groups)
-        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = jnp.mean(grouped, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
-        grouped = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon)
-        h = grouped.reshape(h.shape) * scale + bias
+        spatial = tuple(range(1, h.ndim - 1))
+        per_group = channels // self.num_groups
+        count = per_group * math.prod(h.shape[1:-1])
+
+        def group_mean(v):
+            sums = jnp.sum(v, axis=spatial).reshape(-1, self.num_groups, per_group).sum(-1)
+            means = jnp.repeat(sums / count, per_group, axis=-1)
+            return means.reshape(means.shape[0], *([1] * len(spatial)), channels)
+
+        centred = h - group_mean(h)
+        var = group_mean(jnp.square(centred))
+        h = centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
         return h.astype(x.dtype)
 
 
