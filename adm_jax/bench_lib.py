@@ -53,6 +53,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adm_jax import mesh as mesh_lib
 from adm_jax.train import config_lib, sharding, steps
 from adm_jax.train import metrics as train_metrics
 from adm_jax.train import state as state_lib
@@ -164,7 +165,7 @@ def make_mesh(config, num_devices: int | None = None):
     config.train.fsdp when it divides the device count, else 1."""
     devices = jax.devices()[: num_devices or len(jax.devices())]
     fsdp = int(config.train.fsdp) if len(devices) % int(config.train.fsdp) == 0 else 1
-    return sharding.create_mesh(fsdp=fsdp, devices=devices)
+    return mesh_lib.create_mesh(fsdp=fsdp, devices=devices)
 
 
 # --------------------------------------------------------------------------------------------
@@ -999,13 +1000,13 @@ def topology_devices(tpu_slice: TpuSlice) -> tuple:
 
 
 def topology_mesh(tpu_slice: TpuSlice, fsdp: int):
-    """The train loop's ("data", "fsdp") mesh (``sharding.create_mesh``) over the slice's chips,
+    """The train loop's ("data", "fsdp") mesh (``adm_jax.mesh.create_mesh``) over the slice's chips,
     in the torus order ``jax.make_mesh`` gives real devices."""
     from jax.experimental import mesh_utils
 
     devices = list(topology_devices(tpu_slice))
     ordered = mesh_utils.create_device_mesh((len(devices) // fsdp, fsdp), devices)
-    return sharding.create_mesh(fsdp=fsdp, devices=list(ordered.flat))
+    return mesh_lib.create_mesh(fsdp=fsdp, devices=list(ordered.flat))
 
 
 def cost_analysis(compiled) -> dict:

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from adm_jax import data as data_lib
 from adm_jax import diffusion as dm
+from adm_jax import mesh as mesh_lib
 from adm_jax import paths
 from adm_jax.sampling import sampler as sampler_lib
 
@@ -112,8 +113,7 @@ class BpdProgram:
         class_cond: bool = False,
         seed: int = 0,
     ):
-        axes = tuple(a for a in sampler_lib.BATCH_AXES if a in mesh.shape)
-        self.batch_sharding = NamedSharding(mesh, P(axes))
+        self.batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
         self.replicated = NamedSharding(mesh, P())
         self.trace_count = 0
         constrain = lambda a: jax.lax.with_sharding_constraint(a, self.batch_sharding)
@@ -214,7 +214,7 @@ def nll(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     Errors in the config are one-line ``ValueError``s naming the field.
     """
     settings = nll_settings(config)
-    mesh = sampler_lib.make_mesh(settings.batch_size)
+    mesh = mesh_lib.batch_mesh(settings.batch_size, field="nll.batch_size")
     ckpt, path, module, diffusion, diffusion_kwargs = _model(config, workdir, settings, mesh)
     split = settings.split or config.data.get("eval_split") or config.data.split
     try:

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from adm_jax import mesh as mesh_lib
 from adm_jax.evaluation import inception
 from adm_jax.evaluation.metrics import global_array
 
@@ -76,7 +77,7 @@ class FeatureExtractor:
         mesh: jax.sharding.Mesh | None = None,
     ):
         if mesh is None:
-            mesh = jax.make_mesh((jax.device_count(),), ("data",))
+            mesh = mesh_lib.create_mesh()
         self.mesh = mesh
         n_data = mesh.shape["data"]
         self.batch_size = -(-batch_size // n_data) * n_data

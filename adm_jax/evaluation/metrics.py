@@ -25,6 +25,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import linalg
 
+from adm_jax import mesh as mesh_lib
+
 # Reference defaults (evaluator.py).
 SPLIT_SIZE = 5000
 NHOOD_SIZE = 3
@@ -165,7 +167,7 @@ def _np_pairwise_sq_dists(u, v):
 
 def _mesh_or_default(mesh):
     if mesh is None:
-        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        mesh = mesh_lib.create_mesh()
     return mesh
 
 

@@ -42,12 +42,13 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adm_jax import mesh as mesh_lib
 from adm_jax import paths
 from adm_jax.diffusion import classifier_free_model_fn
 from adm_jax.images import to_uint8
 from adm_jax.sampling import io, methods
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = mesh_lib.BATCH_AXES
 ARGS_FILE = "args.json"
 SHARD_PATTERN = "batch_{:06d}.npz"
 _SHARD_RE = re.compile(r"batch_(\d{6})\.npz$")
@@ -64,27 +65,10 @@ _SAMPLING_DIFFUSION_KWARGS = (
 
 
 def make_mesh(batch_size: int | None = None) -> Mesh:
-    """The ``("data", "fsdp")`` mesh (fsdp of size 1) the global batch is sharded over.
-
-    All devices of all processes, unless a single-process run's ``batch_size`` does not divide
-    the device count: then the largest device subset that it divides (batch 4 on 8 devices
-    uses 4), so small configs still run; the samples do not depend on the device count.
-    """
-    n = jax.device_count()
-    if batch_size is not None and batch_size % n:
-        if jax.process_count() > 1:
-            raise ValueError(
-                f"sample.batch_size: the global batch ({batch_size}) must be a multiple of the "
-                f"{n} devices of a multi-process run"
-            )
-        used = math.gcd(batch_size, n)
-        logging.warning("sample.batch_size %d: sampling on %d of %d devices", batch_size, used, n)
-        return Mesh(np.asarray(jax.devices()[:used]).reshape(used, 1), BATCH_AXES)
-    try:
-        from adm_jax.train.sharding import create_mesh
-    except ImportError:
-        return Mesh(np.asarray(jax.devices()).reshape(-1, 1), BATCH_AXES)
-    return create_mesh(data=-1, fsdp=1)
+    """The ``("data", "fsdp")`` mesh (fsdp of size 1) the global batch is sharded over: all
+    devices, or the largest subset a single-process run's ``batch_size`` divides
+    (``adm_jax.mesh.batch_mesh``); the samples do not depend on the device count."""
+    return mesh_lib.batch_mesh(batch_size)
 
 
 def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -134,7 +118,8 @@ class BatchSampler:
         unconditional: bool = False,
     ):
         self.mesh = mesh if mesh is not None else make_mesh(batch_size)
-        num_shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES if a in self.mesh.shape)
+        axes = mesh_lib.batch_axes(self.mesh)
+        num_shards = math.prod(self.mesh.shape[a] for a in axes)
         if batch_size % num_shards:
             raise ValueError(
                 f"sample.batch_size: the global batch ({batch_size}) must be a multiple of the "
@@ -155,7 +140,6 @@ class BatchSampler:
         self.class_cond, self.superres = class_cond, superres
         self.guided = classifier_apply is not None
         self.null_label = null_label
-        axes = tuple(a for a in BATCH_AXES if a in self.mesh.shape)
         self.batch_sharding = NamedSharding(self.mesh, P(axes))
         self.replicated = NamedSharding(self.mesh, P())
         self.trace_count = 0

@@ -15,24 +15,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
-
-
-def create_mesh(data: int = -1, fsdp: int = 1, *, devices=None) -> jax.sharding.Mesh:
-    """Mesh of shape (data, fsdp) over ``devices`` (default: all); data=-1 takes the rest."""
-    devices = jax.devices() if devices is None else list(devices)
-    n = len(devices)
-    if fsdp < 1 or n % fsdp:
-        raise ValueError(f"fsdp: {fsdp} does not divide the device count {n}")
-    if data == -1:
-        data = n // fsdp
-    if data * fsdp != n:
-        raise ValueError(f"mesh: data {data} x fsdp {fsdp} != {n} devices")
-    axis_types = (jax.sharding.AxisType.Auto,) * 2
-    if devices == jax.devices():
-        return jax.make_mesh((data, fsdp), AXES, axis_types=axis_types)
-    return jax.sharding.Mesh(np.asarray(devices).reshape(data, fsdp), AXES, axis_types=axis_types)
+# The mesh builder lives below train and sampling; train code and users keep these names here.
+from adm_jax.mesh import AXES, BATCH_AXES, create_mesh  # noqa: F401
 
 
 def fsdp_spec(shape, fsdp_size: int, min_size: int) -> P:
