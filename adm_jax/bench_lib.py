@@ -54,6 +54,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adm_jax import mesh as mesh_lib
+from adm_jax.batch_sampler import BatchSampler
+from adm_jax.diffusion import methods
 from adm_jax.train import config_lib, sharding, steps
 from adm_jax.train import metrics as train_metrics
 from adm_jax.train import state as state_lib
@@ -80,7 +82,7 @@ class Preset:
     warmup: int = 2
     sample_batch_per_device: int = 8
     sample_repeats: int = 3
-    # Sampler tags (adm_jax.sampling.methods.parse_sampler): DDPM-250, DDIM-25, DPM-Solver++.
+    # Sampler tags (adm_jax.diffusion.methods.parse_sampler): DDPM-250, DDIM-25, DPM-Solver++.
     samplers: tuple[str, ...] = ("ddpm250", "ddim25", "dpm++10", "dpm++20")
     init: str = "real"  # "real": the project's init; "zeros": skip init (values do not matter)
     max_batch_limit: int = 1024
@@ -721,8 +723,6 @@ def batch_sampler(config, diffusion, net, spec, *, mesh, batch: int, guidance: s
     """``--mode=sample``'s ``BatchSampler`` (one compiled ``lax.scan`` over the sampler's steps)
     for ``net``; ``guidance``: "none", "classifier" (guided by ``classifier``) or "cfg"
     (``net`` carries the null label)."""
-    from adm_jax.sampling import BatchSampler
-
     size = config_lib.model_image_size(config)
     guided = guidance == "classifier"
     return BatchSampler(
@@ -759,8 +759,6 @@ def sample_benchmark(
     classifier-free guidance (class-conditional models), through ``BatchSampler``: the
     program ``--mode=sample`` compiles. Guidance overhead = guided / unguided time per
     evaluation."""
-    from adm_jax.sampling import methods
-
     dtype = dtype or config.train.dtype
     unknown = sorted(set(guidance) - set(GUIDANCE_KINDS))
     if unknown:
@@ -1212,8 +1210,6 @@ def aot_sample(
     ``lax.scan``, classifier-guided when ``classifier_config`` is given, else classifier-free
     guided when config.sample.cfg_scale is set) for ``tpu_slice`` on sampling's (chips, 1)
     mesh, from abstract parameters."""
-    from adm_jax.sampling import methods
-
     if config.model.kind != "unet":
         return {"skipped": f"the sampling fit needs a unet, got {config.model.kind}"}
     dtype = dtype or config.train.dtype

@@ -14,7 +14,8 @@ from test_sampling_sampler import DIFFUSION, NUM_CLASSES, SUPERRES, UNET, _confi
 
 from adm_jax import checkpoints
 from adm_jax import diffusion as dlib
-from adm_jax.sampling import io, methods, sampler, sweep
+from adm_jax.diffusion import methods
+from adm_jax.sampling import io, sampler, sweep
 
 STEPS = 4
 

@@ -1,5 +1,6 @@
 """The loop with an in-memory iterator: NaN batches never reach params, EMA or a checkpoint,
-and max_consecutive_nonfinite stops the run with a clear error."""
+and max_consecutive_nonfinite stops the run with a clear error; the sample grid is the one
+sampling program, compiled once per run."""
 
 import pathlib
 import sys
@@ -7,11 +8,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adm_jax import train  # noqa: E402
-from adm_jax.train import checkpointing, sharding  # noqa: E402
+from adm_jax.train import checkpointing, sharding, steps  # noqa: E402
 from adm_jax.train import state as state_lib  # noqa: E402
 from configs import tiny  # noqa: E402
 
@@ -75,3 +77,35 @@ def test_nan_never_reaches_a_checkpoint_and_streak_stops_the_run(tmp_path):
     jax.tree.map(
         np.testing.assert_array_equal, (s1.params, s1.ema_params), (s2.params, s2.ema_params)
     )
+
+
+def test_sample_grid_is_one_sampling_program_compiled_once(tmp_path):
+    """The grid logged every ``sample_every`` steps runs ``BatchSampler`` (the program
+    ``--mode=sample`` runs), traced once for the whole run, and writes one PNG per grid; a
+    grid of 3 images on 8 devices samples 8 and shows the first 3."""
+    config = tiny.get_config()
+    config.model.image_size = config.data.image_size = 8
+    config.model.channel_mult = "1"
+    config.model.resblock_updown = False
+    c = config.train
+    c.num_steps, c.log_every, c.checkpoint_every = 3, 1, 0
+    c.eval_every, c.sample_every, c.num_sample_images = 0, 1, 3
+    c.async_checkpointing = False
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": rng.uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32),
+            "label": np.arange(8, dtype=np.int32),
+        }
+        for _ in range(3)
+    ]
+    mesh = sharding.create_mesh(fsdp=2)
+    before = steps.TRACE_COUNTS.pop("sample_grid", None)
+    train.train_and_evaluate(config, str(tmp_path), train_iter=ListIterator(batches, mesh))
+    assert before is None or before >= 1
+    assert steps.TRACE_COUNTS["sample_grid"] == 1  # three grids, one trace
+    grids = sorted((tmp_path / "samples").glob("step_*.png"))
+    assert [g.name for g in grids] == [f"step_{s:08d}.png" for s in (1, 2, 3)]
+    grid = np.asarray(Image.open(grids[-1]))
+    # 3 images of 8x8 in 2 columns with 2-pixel padding (8 images would make a 3x3 grid).
+    assert grid.shape == (22, 22, 3) and grid.std() > 0

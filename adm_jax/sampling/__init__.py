@@ -7,6 +7,7 @@ and evaluates a grid of guidance scales x samplers x NFE (the paper's Table 4 / 
 
 import warnings
 
+from adm_jax.diffusion.methods import SAMPLERS, SamplerSpec, sample_images, sampler_spec
 from adm_jax.images import to_uint8
 from adm_jax.sampling.io import (
     image_grid,
@@ -15,7 +16,6 @@ from adm_jax.sampling.io import (
     save_samples_npz,
     write_npz_streaming,
 )
-from adm_jax.sampling.methods import SAMPLERS, SamplerSpec, sample_images, sampler_spec
 from adm_jax.sampling.sampler import (
     BatchSampler,
     SamplingJob,

@@ -24,7 +24,7 @@ from typing import Any
 from absl import logging
 
 from adm_jax import paths
-from adm_jax.sampling import methods
+from adm_jax.diffusion import methods
 from adm_jax.sampling import sampler as sampler_lib
 
 # Column order and direction (True: higher is better) of the metrics we know how to plot.

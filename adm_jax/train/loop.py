@@ -23,12 +23,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from adm_jax import images as images_lib
 from adm_jax import paths
 from adm_jax import workdir as workdir_lib
+from adm_jax.batch_sampler import BatchSampler
 from adm_jax.train import (
     checkpointing,
     config_lib,
@@ -239,20 +241,9 @@ def _train(
     else:
         eval_step = steps.make_diffusion_eval_step(module, diffusion, steps.low_res_size(config))
     eval_step = _CompileOnceThenSync(jax.jit(eval_step, out_shardings=rep), "eval_step")
-    sample_fn = None
+    sample_grid = None
     if not classifier and tc.sample_every:
-        sample_fn = _CompileOnceThenSync(
-            jax.jit(
-                steps.make_sample_fn(
-                    module,
-                    config_lib.build_diffusion(config, timestep_respacing=tc.sample_respacing),
-                    num_images=tc.num_sample_images,
-                    image_size=config_lib.model_image_size(config),
-                ),
-                out_shardings=rep,
-            ),
-            "sample_grid",
-        )
+        sample_grid = _SampleGrid(config, module, mesh)
 
     writer = metrics_lib.create_writer(workdir, tensorboard=tc.get("tensorboard", True))
     step = int(jax.device_get(state.step))
@@ -335,7 +326,7 @@ def _train(
                 writer.write_scalars(step, ev)
                 last.update(ev)
             if not classifier and tc.sample_every and step % tc.sample_every == 0:
-                _write_samples(sample_fn, config, module, state, writer, workdir, step, last_batch)
+                _write_samples(sample_grid, state, writer, workdir, step, last_batch)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not is_last:
                 save(step)
             t_log += time.perf_counter() - t_side
@@ -373,23 +364,74 @@ def _evaluate(eval_step, state, eval_iter_fn, tc, classifier: bool, step: int) -
     return {f"val/{k}": sum(float(r[k]) for r in results) / max(count, 1.0) for k in names}
 
 
-def _write_samples(sample_fn, config, module, state, writer, workdir, step, last_batch) -> None:
-    """A grid of EMA samples (respaced per train.sample_respacing) -> PNG + image summary."""
-    tc = config.train
-    n = tc.num_sample_images
-    key = jax.random.fold_in(jax.random.PRNGKey(tc.seed + 17), step)
-    cond = {}
-    if getattr(module, "num_classes", None) is not None:
-        cond["y"] = jax.random.randint(jax.random.fold_in(key, 1), (n,), 0, module.num_classes)
-    if type(module).__name__ == "SuperResUNet":
-        # Upsample the (area-downsampled) images of the last training batch, with their labels.
-        images = last_batch["image"][:n]
-        cond["low_res"] = steps.area_downsample(images, config.model.small_size)
-        if "y" in cond:
-            cond["y"] = last_batch["label"][:n]
+class _SampleGrid:
+    """The EMA sample grid logged every ``train.sample_every`` steps: DDPM on the
+    ``train.sample_respacing`` process through the one sampling program
+    (``adm_jax.batch_sampler.BatchSampler``, as ``--mode=sample``), compiled once per run.
+
+    The batch is ``train.num_sample_images`` rounded up to a multiple of the devices (each
+    device samples its share; the grid shows the first ones). Class-conditional models get
+    random labels; super-resolution models upsample the last training batch (with its labels).
+    """
+
+    def __init__(self, config, module, mesh):
+        tc = config.train
+        self.num_images = int(tc.num_sample_images)
+        self.seed = int(tc.seed) + 17
+        self.num_classes = getattr(module, "num_classes", None)
+        self.small_size = steps.low_res_size(config)
+        self.mesh = mesh
+        batch = -(-self.num_images // mesh.size) * mesh.size
+        channels = config_lib.in_channels(config)
+        size = config_lib.model_image_size(config)
+        self.sampler = BatchSampler(
+            config_lib.build_diffusion(config, timestep_respacing=tc.sample_respacing),
+            lambda params, x, t, **kw: module.apply({"params": params}, x, t, train=False, **kw),
+            image_shape=(size, size, channels),
+            batch_size=batch,
+            mesh=mesh,
+            class_cond=self.num_classes is not None,
+            superres=self.small_size is not None,
+        )
+        self.program = _CompileOnceThenSync(self.sampler.program, "sample_grid")
+
+    def _last_batch_inputs(self, last_batch) -> dict:
+        """low_res (and labels) of the grid from the first images of the last training batch,
+        gathered to every process and repeated up to the sampler's batch."""
+        n, batch = self.num_images, self.sampler.batch_size
+        take = lambda a: jax.numpy.resize(a[:n], (batch, *a.shape[1:]))
+
+        def inputs(b):
+            out = {"low_res": take(steps.area_downsample(b["image"], self.small_size))}
+            if "label" in b and self.num_classes is not None:
+                out["labels"] = take(b["label"])
+            return out
+
+        with jax.set_mesh(self.mesh):
+            gathered = jax.jit(inputs, out_shardings=self.sampler.replicated)(last_batch)
+        return jax.device_get(gathered)
+
+    def __call__(self, params, step: int, last_batch) -> np.ndarray:
+        labels = low_res = None
+        if self.small_size is not None:
+            inputs = self._last_batch_inputs(last_batch)
+            low_res, labels = inputs["low_res"], inputs.get("labels")
+        elif self.num_classes is not None:
+            rng = np.random.default_rng([self.seed, step])
+            labels = rng.integers(0, self.num_classes, self.sampler.batch_size, dtype=np.int32)
+        params = jax.device_put(params, self.sampler.replicated)
+        args = self.sampler.arguments(
+            params, seed=self.seed, batch_index=step, labels=labels, low_res=low_res
+        )
+        images = np.asarray(self.program(*args))[: self.num_images]
+        steps.TRACE_COUNTS["sample_grid"] = self.sampler.trace_count
+        return images
+
+
+def _write_samples(sample_grid, state, writer, workdir, step, last_batch) -> None:
+    """A grid of EMA samples -> PNG + image summary."""
     params = state.ema_params[0] if state.ema_params else state.params
-    images = sample_fn(params, key, cond)
-    images = jax.device_get(images_lib.to_uint8(images))
+    images = sample_grid(params, step, last_batch)
     writer.write_images(step, {"samples": images_lib.image_grid(images)[None]})
     if jax.process_index() == 0:
         out_dir = paths.resolved(workdir) / "samples"

@@ -351,20 +351,3 @@ def make_classifier_eval_step(module, diffusion, *, noised: bool = True):
         return _masked_sums(classification_terms(logits, batch["label"]), batch)
 
     return eval_step
-
-
-def make_sample_fn(module, sample_diffusion, *, num_images: int, image_size: int, channels=3):
-    """(params, key, cond) -> images in [-1, 1]: the EMA sample grid logged during training
-    (adm_jax.diffusion.sample on the respaced process; original timesteps go to the net)."""
-    from adm_jax import diffusion as dlib
-
-    def sample_fn(params, key, cond):
-        _count_trace("sample")
-
-        def model_fn(x, t):
-            return module.apply({"params": params}, x, t, **cond, train=False)
-
-        shape = (num_images, image_size, image_size, channels)
-        return dlib.sample(sample_diffusion, model_fn, key, shape, clip_denoised=True)
-
-    return sample_fn

@@ -2,8 +2,9 @@
 
 ``sampler_spec`` turns the ``sample.*`` fields (``sampler``, ``steps``, ``timestep_respacing``,
 ``use_ddim``, ``eta``, ``thresholding``) into a ``SamplerSpec``; ``sample_images`` runs it.
-Both ``--mode=sample`` (``BatchSampler``), the guidance sweep and the benchmark go through
-these two, so a sampler behaves the same everywhere.
+``adm_jax.batch_sampler.BatchSampler`` runs every sampler through these two, for
+``--mode=sample``, the guidance sweep, the training loop's sample grid and the benchmark, so a
+sampler behaves the same everywhere.
 
 NFE (model evaluations per sample) is the number of reverse steps: a respaced DDPM/DDIM
 process of N steps, or N DPM-Solver++ steps. Classifier-free guidance runs each evaluation on
@@ -20,6 +21,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from adm_jax.diffusion.dpm_solver import dpm_solver_sample
+from adm_jax.diffusion.samplers import sample
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 DPM_DEFAULT_STEPS = 20
@@ -160,14 +164,12 @@ def sample_images(
     ``adm_jax.diffusion.dpm_solver_sample`` on the unrespaced one, from the same x_T
     (``normal(fold_in(key, 0))``), so the samplers start from the same noise for one key.
     """
-    from adm_jax import diffusion as dlib
-
     guidance: Mapping[str, Any] = {}
     if classifier_fn is not None:
         guidance = dict(classifier_fn=classifier_fn, y=y, classifier_scale=classifier_scale)
     if spec.name == "dpm++":
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-        return dlib.dpm_solver_sample(
+        return dpm_solver_sample(
             diffusion,
             model_fn,
             x_T,
@@ -176,7 +178,7 @@ def sample_images(
             thresholding=spec.thresholding,
             **guidance,
         )
-    return dlib.sample(
+    return sample(
         diffusion,
         model_fn,
         key,
