@@ -394,27 +394,23 @@ class _SampleGrid:
             superres=self.small_size is not None,
         )
         self.program = _CompileOnceThenSync(self.sampler.program, "sample_grid")
+        self._gather = jax.jit(self._last_batch_inputs, out_shardings=self.sampler.replicated)
 
-    def _last_batch_inputs(self, last_batch) -> dict:
+    def _last_batch_inputs(self, batch) -> dict:
         """low_res (and labels) of the grid from the first images of the last training batch,
-        gathered to every process and repeated up to the sampler's batch."""
-        n, batch = self.num_images, self.sampler.batch_size
-        take = lambda a: jax.numpy.resize(a[:n], (batch, *a.shape[1:]))
-
-        def inputs(b):
-            out = {"low_res": take(steps.area_downsample(b["image"], self.small_size))}
-            if "label" in b and self.num_classes is not None:
-                out["labels"] = take(b["label"])
-            return out
-
-        with jax.set_mesh(self.mesh):
-            gathered = jax.jit(inputs, out_shardings=self.sampler.replicated)(last_batch)
-        return jax.device_get(gathered)
+        repeated up to the sampler's batch (traced once; replicated to every process)."""
+        n, size = self.num_images, self.sampler.batch_size
+        take = lambda a: jax.numpy.resize(a[:n], (size, *a.shape[1:]))
+        out = {"low_res": take(steps.area_downsample(batch["image"], self.small_size))}
+        if "label" in batch and self.num_classes is not None:
+            out["labels"] = take(batch["label"])
+        return out
 
     def __call__(self, params, step: int, last_batch) -> np.ndarray:
         labels = low_res = None
         if self.small_size is not None:
-            inputs = self._last_batch_inputs(last_batch)
+            with jax.set_mesh(self.mesh):
+                inputs = jax.device_get(self._gather(last_batch))
             low_res, labels = inputs["low_res"], inputs.get("labels")
         elif self.num_classes is not None:
             rng = np.random.default_rng([self.seed, step])
