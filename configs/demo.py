@@ -16,9 +16,9 @@ The top-level sections are those of configs/default.py (they describe the diffus
 ``classifier`` (a complete classifier-run config) and ``demo`` (everything else); any field can
 be overridden, e.g. ``--config.sample.sweep_scales=0,1,10`` or ``--config.train.num_steps=600``.
 
-Hardware / time: 2-core AMD EPYC VM, CPU only. 49.1 minutes for the whole demo on
-2026-11-30 (stages in docs/demo.md), a day this VM ran the train step 3.5x slower than on
-2026-11-23 (1.1 vs 3.8 steps/s). A rerun with everything
+Hardware / time: 2-core AMD EPYC VM, CPU only. 34.0 minutes for the whole demo on
+2026-12-01 (stages in docs/demo.md; 49.1 the day before, until the CPU kernel fix), a day this
+VM ran about 3x slower than when the 12-minute budget was set. A rerun with everything
 done takes seconds. The digits are downsampled to 16x16 by the pipeline's ADM center crop (BOX +
 BICUBIC). Measured table and pictures: docs/demo.md.
 """

@@ -14,6 +14,7 @@ from test_sampling_sampler import DIFFUSION, NUM_CLASSES, SUPERRES, UNET, _confi
 
 from adm_jax import checkpoints
 from adm_jax import diffusion as dlib
+from adm_jax import images as images_lib
 from adm_jax.diffusion import methods
 from adm_jax.sampling import io, sampler, sweep
 
@@ -62,7 +63,7 @@ def _direct(job, name, batch_index):
         respacing = f"ddim{STEPS}" if name == "ddim" else str(STEPS)
         d = dlib.create_diffusion(**DIFFUSION, timestep_respacing=respacing)
         x = dlib.sample(d, model_fn, key, shape, use_ddim=name == "ddim", clip_denoised=True)
-    return np.asarray(sampler.to_uint8(x))
+    return np.asarray(images_lib.to_uint8(x))
 
 
 def _assert_images_close(a, b):

@@ -117,7 +117,7 @@ def test_upsampler_sample_grid_upsamples_the_last_training_batch():
     config = tiny.get_config()
     config.model = default.superres_model(
         large_size=64, small_size=32, num_channels=32, num_res_blocks=1, num_heads=2,
-        attention_resolutions="", class_cond=True, learn_sigma=True,
+        attention_resolutions="8", class_cond=True, learn_sigma=True,
     )  # fmt: skip
     config.data.image_size = 64
     config.train.num_sample_images = 3
