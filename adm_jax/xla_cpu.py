@@ -28,6 +28,12 @@ def _jaxlib_version() -> tuple[int, ...]:
     return tuple(int(p) for p in jaxlib.__version__.split(".")[:2] if p.isdigit())
 
 
+def _backends_started() -> bool:
+    # jax has no public question for this; a jax without the private one gets no warning.
+    started = getattr(getattr(jax._src, "xla_bridge", None), "backends_are_initialized", None)
+    return bool(started and started())
+
+
 def set_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> str:
     """Appends ``CPU_FLAGS`` to ``XLA_FLAGS`` (each unless XLA_FLAGS already names it: the
     user's setting wins) and returns the new value. XLA reads XLA_FLAGS when the first backend
@@ -38,7 +44,7 @@ def set_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> str:
     extra = [f"--{name}={value}" for name, value in CPU_FLAGS.items() if name not in current]
     if extra:
         environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-        if jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001
+        if _backends_started():
             logging.warning(
                 "XLA_FLAGS %s set after JAX started its backends: they take effect in the next "
                 "process only",
