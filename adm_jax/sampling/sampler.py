@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from adm_jax import mesh as mesh_lib
 from adm_jax import paths
-from adm_jax.batch_sampler import BatchSampler, global_array, replicate  # noqa: F401
+from adm_jax.batch_sampler import BatchSampler, replicate
 from adm_jax.diffusion import methods
 from adm_jax.sampling import io
 
