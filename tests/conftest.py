@@ -62,10 +62,11 @@ LONGEST_FILES = (
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest files first, then the other slow tests (stable order otherwise): with
-    ``--dist loadfile`` each worker takes whole files in this order, so the long end-to-end
-    files start at once and the short ones fill in, instead of one worker ending alone on a
-    long file it reached last."""
+    """The longest files first, then the other slow tests (stable order otherwise). With
+    ``--dist loadfile --no-loadscope-reorder`` (pyproject's addopts) each worker takes whole
+    files in this order, so the long end-to-end files start at once and the short ones fill
+    in; xdist's own order (most tests first) started the two-test multi-process file last,
+    which then ran alone for 450 s."""
 
     def rank(item):
         name = item.path.name
