@@ -63,11 +63,8 @@ _SAMPLING_DIFFUSION_KWARGS = (
 )
 
 
-def make_mesh(batch_size: int | None = None) -> Mesh:
-    """The ``("data", "fsdp")`` mesh (fsdp of size 1) the global batch is sharded over: all
-    devices, or the largest subset a single-process run's ``batch_size`` divides
-    (``adm_jax.mesh.batch_mesh``); the samples do not depend on the device count."""
-    return mesh_lib.batch_mesh(batch_size)
+# The inference mesh: all devices, or the largest subset a single-process batch divides.
+make_mesh = mesh_lib.batch_mesh
 
 
 # --------------------------------------------------------------------------------------------
