@@ -128,24 +128,32 @@ def _accumulate_grads(loss_and_aux: Callable, params, inputs, k: int):
 
 
 def _apply_update(state: TrainState, tx, grads, ok, ema_rates, sampler_state):
-    """AdamW update + EMA, all kept unchanged when ``ok`` is False."""
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    new_ema = tuple(
-        jax.tree.map(lambda e, p, r=r: r * e + (1.0 - r) * p, ema, new_params)
-        for r, ema in zip(ema_rates, state.ema_params, strict=True)
-    )
+    """AdamW update + EMA, all kept unchanged when ``ok`` is False.
 
-    def keep(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    One ``lax.cond`` rather than a ``where`` per leaf: a skipped step then runs nothing, and
+    the update writes the donated buffers in place (on XLA:CPU the per-leaf selects cost a copy
+    of every parameter and Adam moment per step, ~10% of the demo UNet's step)."""
 
+    def update(_):
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_ema = tuple(
+            jax.tree.map(lambda e, p, r=r: r * e + (1.0 - r) * p, ema, new_params)
+            for r, ema in zip(ema_rates, state.ema_params, strict=True)
+        )
+        return new_params, new_opt, new_ema, sampler_state
+
+    def keep(_):
+        return state.params, state.opt_state, state.ema_params, state.sampler_state
+
+    params, opt_state, ema_params, sampler_state = jax.lax.cond(ok, update, keep, None)
     streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
     return state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
-        ema_params=keep(new_ema, state.ema_params),
-        sampler_state=keep(sampler_state, state.sampler_state),
+        params=params,
+        opt_state=opt_state,
+        ema_params=ema_params,
+        sampler_state=sampler_state,
         skipped=state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32),
         nonfinite_streak=streak.astype(jnp.int32),
     )
