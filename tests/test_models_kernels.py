@@ -1,6 +1,7 @@
-"""Accelerator kernels of adm_jax.models: attention through jax.nn.dot_product_attention (both
-head layouts, float32 softmax, implementation choice) and rematerialisation policies (same
-parameters, outputs and gradients as without, less compiled memory)."""
+"""Kernels of adm_jax.models: attention through jax.nn.dot_product_attention (both head layouts,
+float32 softmax, implementation choice), GroupNorm's custom gradient (equal to autodiff of its
+definition) and rematerialisation policies (same parameters, outputs and gradients as without,
+less compiled memory)."""
 
 import functools
 
@@ -22,7 +23,7 @@ from test_models import (
 )
 
 from adm_jax.models import ATTENTION_IMPLS, REMAT_POLICIES, EncoderUNet, UNet
-from adm_jax.models.layers import attention_implementation, qkv_attention
+from adm_jax.models.layers import GroupNorm32, attention_implementation, qkv_attention
 from adm_jax.train import ConfigError, build_model, validate_config
 from configs import tiny
 
@@ -111,6 +112,59 @@ def test_cudnn_attention_matches_xla_on_gpu(legacy):
     (out, grad), (out_x, grad_x) = jax.jit(lambda: (run("cudnn"), run("xla")))()
     np.testing.assert_allclose(out, out_x, atol=2e-2 * float(jnp.abs(out_x).max()))
     np.testing.assert_allclose(grad, grad_x, atol=2e-2 * float(jnp.abs(grad_x).max()))
+
+
+def group_norm_definition(x, scale, bias, groups=32, eps=1e-5):
+    """torch.nn.GroupNorm as written in its documentation, on the 5-D [B, S, G, C/G] view."""
+    h = x.astype(jnp.float32)
+    v = h.reshape(h.shape[0], -1, groups, h.shape[-1] // groups)
+    mean = v.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(v - mean).mean(axis=(1, 3), keepdims=True)
+    out = ((v - mean) / jnp.sqrt(var + eps)).reshape(h.shape) * scale + bias
+    return out.astype(x.dtype)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,tol",
+    [
+        ((4, 8, 8, 64), jnp.float32, 1e-5),  # images, two channels per group
+        ((3, 16, 128), jnp.float32, 1e-5),  # attention tokens
+        ((2, 4, 4, 96), jnp.bfloat16, 2e-2),  # bfloat16 compute, float32 statistics
+    ],
+)
+def test_group_norm_custom_gradient_equals_autodiff_of_the_definition(shape, dtype, tol):
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = (jax.random.normal(keys[0], shape) * 3 + 1.5).astype(dtype)
+    params = {
+        "scale": jax.random.normal(keys[1], shape[-1:]),
+        "bias": jax.random.normal(keys[2], shape[-1:]),
+    }
+    cotangent = jax.random.normal(keys[3], shape)
+    norm = GroupNorm32()
+
+    def loss(fn, params, x):  # a nonlinearity after the norm, as in the networks
+        return jnp.sum(jnp.sin(fn(params, x).astype(jnp.float32)) * cotangent)
+
+    ours = functools.partial(loss, lambda p, x: norm.apply({"params": p}, x))
+    definition = functools.partial(
+        loss, lambda p, x: group_norm_definition(x, p["scale"], p["bias"])
+    )
+    np.testing.assert_allclose(
+        np.asarray(norm.apply({"params": params}, x), np.float32),
+        np.asarray(group_norm_definition(x, params["scale"], params["bias"]), np.float32),
+        rtol=tol, atol=tol,
+    )  # fmt: skip
+    got = jax.grad(ours, argnums=(0, 1))(params, x)
+    want = jax.grad(definition, argnums=(0, 1))(params, x)
+    assert got[1].dtype == x.dtype
+    for name, g, w in (
+        ("scale", got[0]["scale"], want[0]["scale"]),
+        ("bias", got[0]["bias"], want[0]["bias"]),
+        ("x", got[1], want[1]),
+    ):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        scale = np.abs(w).max()
+        np.testing.assert_allclose(g, w, rtol=0, atol=tol * scale, err_msg=f"d{name}")
 
 
 def test_remat_policies_keep_the_parameter_tree():

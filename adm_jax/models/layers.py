@@ -15,6 +15,7 @@ attention softmax are always float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -44,15 +45,75 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
     return embedding
 
 
+def _group_mean(v: jax.Array, num_groups: int) -> jax.Array:
+    """[B, ..., C] -> [B, C]: each channel gets the mean of its group over the spatial axes.
+
+    A per-channel spatial sum first, then a sum over each group's few channels: on XLA:CPU a
+    fast reduction, where reducing the 5-D ``[B, H, W, G, C/G]`` view at once is 3-6x slower;
+    on accelerators it is the same work."""
+    per_group = v.shape[-1] // num_groups
+    sums = jnp.sum(v, axis=tuple(range(1, v.ndim - 1)))
+    return _group_sum_of_channels(sums, num_groups) / (per_group * math.prod(v.shape[1:-1]))
+
+
+def _group_sum_of_channels(per_channel: jax.Array, num_groups: int) -> jax.Array:
+    """[B, C] -> [B, C]: each channel gets the sum over its group's channels."""
+    b, c = per_channel.shape
+    sums = per_channel.reshape(b, num_groups, c // num_groups).sum(-1)
+    return jnp.repeat(sums, c // num_groups, axis=-1)
+
+
+def _per_channel(v: jax.Array, ndim: int) -> jax.Array:
+    """[B, C] -> [B, 1, ..., 1, C] with ``ndim`` axes, to broadcast over the spatial axes."""
+    return v.reshape(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
+
+
+def _group_norm_forward(x, scale, bias, num_groups, eps):
+    """Statistics and normalisation in float32; the residuals keep ``x`` in its own dtype (a
+    bfloat16 activation is not saved a second time in float32)."""
+    h = x.astype(jnp.float32)
+    mean = _group_mean(h, num_groups)
+    centred = h - _per_channel(mean, h.ndim)
+    rstd = jax.lax.rsqrt(_group_mean(jnp.square(centred), num_groups) + eps)
+    out = centred * _per_channel(rstd * scale, h.ndim) + bias
+    return out.astype(x.dtype), (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(x, scale, bias, num_groups, eps):
+    return _group_norm_forward(x, scale, bias, num_groups, eps)[0]
+
+
+def _group_norm_backward(num_groups, eps, residuals, dy):
+    """The textbook GroupNorm gradient: two per-(batch, channel) sums of the output gradient
+    and one elementwise pass for the input gradient."""
+    del eps
+    x, mean, rstd, scale = residuals
+    h, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
+    xhat = (h - _per_channel(mean, h.ndim)) * _per_channel(rstd, h.ndim)
+    spatial = tuple(range(1, h.ndim - 1))
+    sum_dy = jnp.sum(dy, axis=spatial)  # [B, C]
+    sum_dy_xhat = jnp.sum(dy * xhat, axis=spatial)
+    count = (h.shape[-1] // num_groups) * math.prod(h.shape[1:-1])
+    mean_g = _group_sum_of_channels(sum_dy * scale, num_groups) / count
+    mean_g_xhat = _group_sum_of_channels(sum_dy_xhat * scale, num_groups) / count
+    dh = _per_channel(rstd, h.ndim) * (
+        dy * scale - _per_channel(mean_g, h.ndim) - xhat * _per_channel(mean_g_xhat, h.ndim)
+    )
+    return dh.astype(x.dtype), jnp.sum(sum_dy_xhat, axis=0), jnp.sum(sum_dy, axis=0)
+
+
+_group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+
+
 class GroupNorm32(nn.Module):
     """GroupNorm with 32 groups, eps 1e-5, computed in float32 whatever the input dtype.
 
     Written out (two-pass variance) rather than ``nn.GroupNorm`` so the statistics match the
-    reference to float32 round-off; the result is cast back to the input dtype. Each group
-    statistic is a per-channel sum over the spatial axes followed by a sum over the group's
-    few channels: on XLA:CPU that is a fast reduction (forward and backward), where reducing
-    the 5-D ``[B, H, W, G, C/G]`` view at once is 3-6x slower; on accelerators it is the same
-    work.
+    reference to float32 round-off; the result is cast back to the input dtype. The gradient is
+    a custom VJP (``_group_norm_backward``): autodiff of the forward made XLA:CPU recompute the
+    normalised activations in several full passes, which cost more than the block's
+    convolutions at 16x16 with 128 channels (docs/benchmarks.md).
     """
 
     num_groups: int = GROUPS
@@ -63,20 +124,7 @@ class GroupNorm32(nn.Module):
         channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones_init(), (channels,), jnp.float32)
         bias = self.param("bias", zeros_init, (channels,), jnp.float32)
-        h = x.astype(jnp.float32)
-        spatial = tuple(range(1, h.ndim - 1))
-        per_group = channels // self.num_groups
-        count = per_group * math.prod(h.shape[1:-1])
-
-        def group_mean(v):
-            sums = jnp.sum(v, axis=spatial).reshape(-1, self.num_groups, per_group).sum(-1)
-            means = jnp.repeat(sums / count, per_group, axis=-1)
-            return means.reshape(means.shape[0], *([1] * len(spatial)), channels)
-
-        centred = h - group_mean(h)
-        var = group_mean(jnp.square(centred))
-        h = centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return h.astype(x.dtype)
+        return _group_norm(x, scale, bias, self.num_groups, self.epsilon)
 
 
 def conv3x3(features: int, dtype: Dtype, name: str, *, stride: int = 1, zero: bool = False):
