@@ -1082,15 +1082,30 @@ def _fit_fields(compiled, tpu_slice: TpuSlice, oom: dict | None = None) -> dict:
     if mem is None:
         raise RuntimeError("compiled.memory_analysis() reports nothing for this TPU program")
     cost = cost_analysis(compiled)
+    flops = cost.get("flops")
     return {
         "memory": mem,
         "hbm_bytes": hbm,
         "hbm_used_fraction": mem["total_bytes"] / hbm,
         "fits": mem["total_bytes"] <= hbm,
-        "flops_per_chip": cost.get("flops"),
+        "flops_per_chip": flops,
         "bytes_accessed_per_chip": cost.get("bytes accessed"),
-        # XLA's TPU cost model, not a measurement: what the compiler expects one run to take.
-        "xla_estimated_seconds": cost.get("optimal_seconds"),
+        **_checked_estimate(cost.get("optimal_seconds"), flops, tpu_slice),
+    }
+
+
+def _checked_estimate(seconds, flops, tpu_slice: TpuSlice) -> dict:
+    """XLA's TPU cost model, not a measurement: what the compiler expects one run to take.
+    Kept only when it is a time the chip could achieve; libtpu 0.0.42.1 was seen to return
+    -284 s (ImageNet-128 on v4-8) and, for FSDP meshes, less than the program's FLOPs need at
+    the chip's peak. A rejected value is reported with the reason, never used for MFU."""
+    floor = flops / tpu_slice.generation.peak_bf16_flops if flops else 0.0
+    if seconds is None or (seconds > 0 and seconds >= floor):
+        return {"xla_estimated_seconds": seconds}
+    why = "not a duration" if seconds <= 0 else f"below the {floor:.4g} s its FLOPs need at peak"
+    return {
+        "xla_estimated_seconds": None,
+        "xla_estimate_rejected": f"XLA's cost model returned {seconds:.4g} s: {why}",
     }
 
 
@@ -1518,6 +1533,15 @@ def _mem_cells(part: dict, hbm: int) -> str:
     )
 
 
+def _estimate_cell(part: dict, digits: int) -> str:
+    """XLA's estimate in ms; "rejected" when ``_checked_estimate`` refused the compiler's
+    value (the reason is in the JSON)."""
+    if part.get("xla_estimate_rejected"):
+        return "rejected"
+    est = part.get("xla_estimated_seconds")
+    return _fmt(est * 1e3 if est else None, "", 1, digits)
+
+
 def format_aot(aot: dict, label: str = "") -> str:
     """Markdown tables (train step, sampling) of ``aot_report``'s result; ``label`` names the
     model in a first column (several reports then concatenate into one table)."""
@@ -1535,23 +1559,21 @@ def format_aot(aot: dict, label: str = "") -> str:
     ]
     for e in aot["slices"]:
         t, hbm = e["train"], e["hbm_bytes_per_chip"]
-        est = t.get("xla_estimated_seconds")
         train.append(
             f"{cell}| {e['slice']} | {e['chips']} | {t['batch_per_chip']} "
             f"| {_mem_cells(t, hbm)} | {'yes' if t['fits'] else 'NO'} "
             f"| {_max_batch_cell(e.get('max_batch'))} "
             f"| {_fmt(t.get('flops_per_chip'), '', 1e9, 4)} "
-            f"| {_fmt(est * 1e3 if est else None, '', 1, 4)} "
+            f"| {_estimate_cell(t, 4)} "
             f"| {_fmt(t.get('xla_estimated_mfu_model'), '', 1, 2)} | {t['compile_s']:.0f} |"
         )
         s = e.get("sample")
         if s and "fits" in s:
-            est = s.get("xla_estimated_seconds")
             sample.append(
                 f"{cell}| {e['slice']} | {s['sampler']} | {s['guidance']} | {s['batch_per_chip']} "
                 f"| {_mem_cells(s, hbm)} | {'yes' if s['fits'] else 'NO'} "
                 f"| {_fmt(s.get('flops_per_chip'), '', 1e9, 4)} "
-                f"| {_fmt(est * 1e3 if est else None, '', 1, 3)} | {s['compile_s']:.0f} |"
+                f"| {_estimate_cell(s, 3)} | {s['compile_s']:.0f} |"
             )
     lines = train
     if len(sample) > 2:

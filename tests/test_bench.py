@@ -188,6 +188,23 @@ def test_hbm_oom_parses_both_compiler_wordings():
     assert bench_lib.hbm_oom(RuntimeError("RESOURCE_EXHAUSTED: host memory")) is None
 
 
+def test_xla_estimate_kept_only_when_the_chip_could_achieve_it():
+    """libtpu's cost model returned -284 s (ImageNet-128, v4-8) and, for an FSDP mesh, a time
+    below what the program's FLOPs need at the chip's peak (ImageNet-256, v5p-8): such values
+    are reported as rejected, with the reason, and give no MFU."""
+    v5p = bench_lib.parse_tpu_slice("v5p-8")
+    floor = 4.0e14 / v5p.generation.peak_bf16_flops
+    assert bench_lib._checked_estimate(2 * floor, 4.0e14, v5p) == {
+        "xla_estimated_seconds": 2 * floor
+    }
+    assert bench_lib._checked_estimate(None, 4.0e14, v5p) == {"xla_estimated_seconds": None}
+    for bad, why in ((-284.3, "not a duration"), (0.5 * floor, "below the")):
+        out = bench_lib._checked_estimate(bad, 4.0e14, v5p)
+        assert out["xla_estimated_seconds"] is None and why in out["xla_estimate_rejected"]
+    part = {"xla_estimated_seconds": None, "xla_estimate_rejected": "negative"}
+    assert bench_lib._estimate_cell(part, 3) == "rejected"
+
+
 def test_find_max_batch_from_a_failing_start_and_probe_cap():
     """The AOT search starts at the config's batch: halving when it does not fit, and at most
     max_probes compiles, with an inexact bracket when the cap cuts it short."""
