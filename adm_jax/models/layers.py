@@ -51,9 +51,13 @@ def _group_mean(v: jax.Array, num_groups: int) -> jax.Array:
     A per-channel spatial sum first, then a sum over each group's few channels: on XLA:CPU a
     fast reduction, where reducing the 5-D ``[B, H, W, G, C/G]`` view at once is 3-6x slower;
     on accelerators it is the same work."""
-    per_group = v.shape[-1] // num_groups
     sums = jnp.sum(v, axis=tuple(range(1, v.ndim - 1)))
-    return _group_sum_of_channels(sums, num_groups) / (per_group * math.prod(v.shape[1:-1]))
+    return _group_sum_of_channels(sums, num_groups) / _group_size(v.shape, num_groups)
+
+
+def _group_size(shape: tuple, num_groups: int) -> int:
+    """Elements per (batch, group) of a [B, ..., C] array: the group statistics' count."""
+    return (shape[-1] // num_groups) * math.prod(shape[1:-1])
 
 
 def _group_sum_of_channels(per_channel: jax.Array, num_groups: int) -> jax.Array:
@@ -94,7 +98,7 @@ def _group_norm_backward(num_groups, eps, residuals, dy):
     spatial = tuple(range(1, h.ndim - 1))
     sum_dy = jnp.sum(dy, axis=spatial)  # [B, C]
     sum_dy_xhat = jnp.sum(dy * xhat, axis=spatial)
-    count = (h.shape[-1] // num_groups) * math.prod(h.shape[1:-1])
+    count = _group_size(h.shape, num_groups)
     mean_g = _group_sum_of_channels(sum_dy * scale, num_groups) / count
     mean_g_xhat = _group_sum_of_channels(sum_dy_xhat * scale, num_groups) / count
     dh = _per_channel(rstd, h.ndim) * (
