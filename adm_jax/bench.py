@@ -23,11 +23,16 @@ docs/benchmarks.md for measured figures and the accelerator commands.
 
 from __future__ import annotations
 
+from adm_jax import xla_cpu
+
+if __name__ == "__main__":
+    xla_cpu.use_huge_pages()  # may restart the process: before the imports below
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adm_jax import bench_lib, paths, xla_cpu
+from adm_jax import bench_lib, paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Diffusion (or classifier) config.")
 _CLASSIFIER = flags.DEFINE_string(

@@ -476,6 +476,7 @@ def train_benchmark(
                 times.append(time.perf_counter() - t0)
     step_time = statistics.median(times)
     n = mesh.size
+    forward_time = forward_benchmark(setup, state.params, num_steps=num_steps, warmup=warmup)
     result = {
         "config_batch_size": int(config.train.batch_size),
         "batch_per_device": batch_per_device,
@@ -494,6 +495,8 @@ def train_benchmark(
         "step_times_s": times,
         "images_per_s": setup.global_batch / step_time,
         "images_per_s_per_device": setup.global_batch / step_time / n,
+        "forward_time_s": forward_time,
+        "forward_images_per_s": setup.global_batch / forward_time,
         "loss_finite": bool(np.isfinite(np.asarray(metrics["loss"]))),
     }
     result.update(_flops_fields(setup, compiled, lowered))
@@ -518,6 +521,24 @@ def train_benchmark(
         mem["source"] = NOT_AVAILABLE
     result["memory"] = mem
     return result
+
+
+def forward_benchmark(setup: TrainSetup, params, *, num_steps: int, warmup: int = 2) -> float:
+    """Median seconds of one inference forward pass of the network at the step's batch and
+    sharding (no loss, no gradient: what ``ref_bench.py`` times as its forward)."""
+    from adm_jax.models import example_inputs
+
+    (x, t), kwargs = example_inputs(setup.module, setup.global_batch)
+    x, t, kwargs = jax.device_put((x, t, kwargs), setup.batch_sharding)
+    forward = jax.jit(lambda p, x, t, kw: setup.module.apply({"params": p}, x, t, **kw))
+    times = []
+    with jax.set_mesh(setup.mesh):
+        for i in range(warmup + num_steps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(forward(params, x, t, kwargs))
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def flops_report(config, mesh, *, batch_per_device: int = 1, compile: bool = True) -> dict:
@@ -1598,6 +1619,8 @@ def format_table(result: dict) -> str:
             f"  compile            {_fmt(t['compile_s'], ' s')}",
             f"  step time (median) {_fmt(t['step_time_s'] * 1e3, ' ms')}",
             f"  images/s/device    {_fmt(t['images_per_s_per_device'])}",
+            f"  forward (median)   {_fmt(t['forward_time_s'] * 1e3, ' ms')}, "
+            f"{_fmt(t['forward_images_per_s'])} images/s (inference, same batch)",
             f"  GFLOPs/image       xla {_fmt(t['flops_per_image_xla'], '', 1e9)}, "
             f"model (3x fwd) {_fmt(t['model_flops_per_image'], '', 1e9)}, "
             f"reference fwd {_fmt(t['reference_forward_flops_per_image'], '', 1e9)}",

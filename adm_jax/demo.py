@@ -32,6 +32,11 @@ sample shards), so rerunning the command only does what is missing.
 
 from __future__ import annotations
 
+from adm_jax import xla_cpu
+
+if __name__ == "__main__":
+    xla_cpu.use_huge_pages()  # may restart the process: before the imports below
+
 import copy
 import functools
 import io
@@ -48,7 +53,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from adm_jax import paths, xla_cpu
+from adm_jax import paths
 
 # Top-level config sections that are the demo's own (not read by train/sampling).
 DEMO_SECTIONS = ("classifier", "demo", "mode")

@@ -16,6 +16,11 @@ workdir is held by another run (``EXIT_LOCKED``; ``--break_lock`` if that run is
 ``run(argv)`` is the whole command as a function returning the exit code (tests).
 """
 
+from adm_jax import xla_cpu
+
+if __name__ == "__main__":
+    xla_cpu.use_huge_pages()  # may restart the process: before the imports below
+
 import os
 import pathlib
 import re
@@ -29,12 +34,11 @@ _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if (_REPO_ROOT / "configs").is_dir() and str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from adm_jax import workdir as workdir_lib  # noqa: E402
-from adm_jax import xla_cpu  # noqa: E402
+from adm_jax import workdir as workdir_lib
 
 MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo", "nll")
 FLAGS = flags.FLAGS

@@ -25,8 +25,10 @@ import pytest  # noqa: E402
 from adm_jax import xla_cpu  # noqa: E402
 
 # The entry points' XLA:CPU kernel choice (adm_jax.xla_cpu), also in every subprocess a test
-# starts (they inherit XLA_FLAGS).
+# starts (they inherit XLA_FLAGS); and their malloc tunable, so that an entry point a test
+# starts does not restart itself to get it.
 xla_cpu.set_cpu_flags()
+xla_cpu.add_huge_page_tunable()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = pathlib.Path(
