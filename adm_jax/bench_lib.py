@@ -533,6 +533,7 @@ def forward_benchmark(setup: TrainSetup, params, *, num_steps: int, warmup: int 
     forward = jax.jit(lambda p, x, t, kw: setup.module.apply({"params": p}, x, t, **kw))
     times = []
     with jax.set_mesh(setup.mesh):
+        jax.block_until_ready(forward(params, x, t, kwargs))  # compiles
         for i in range(warmup + num_steps):
             t0 = time.perf_counter()
             jax.block_until_ready(forward(params, x, t, kwargs))

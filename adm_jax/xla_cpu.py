@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import platform
 import sys
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
 import jax
 import jaxlib
@@ -74,32 +75,34 @@ THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 def _thp_mode(path: str = THP_MODE_FILE) -> str | None:
     """The kernel's transparent-huge-page mode ("always", "madvise", "never"), None if unknown."""
     try:
-        text = open(path).read()
+        text = pathlib.Path(path).read_text()
     except OSError:
         return None
     return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
 
 
-def huge_pages_wanted(environ: MutableMapping[str, str] = os.environ) -> bool:
+def _hugetlb_tunable_set(environ: Mapping[str, str]) -> bool:
+    return "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "")
+
+
+def huge_pages_wanted(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether a restart with ``HUGE_PAGE_TUNABLE`` would change anything: Linux glibc >= 2.35,
     transparent huge pages on request only ("madvise"; "always" needs no advice, "never"
-    takes none), glibc's malloc tunables not already set (the user's setting wins), and not
-    switched off with ADM_JAX_HUGE_PAGES=0."""
+    takes none), no ``glibc.malloc.hugetlb`` in GLIBC_TUNABLES yet (a user's own setting
+    wins), and not switched off with ADM_JAX_HUGE_PAGES=0."""
     libc, version = platform.libc_ver()
     if sys.platform != "linux" or libc != "glibc":
         return False
     if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < MIN_GLIBC:
         return False
-    if environ.get(HUGE_PAGES_ENV, "1") == "0" or "glibc.malloc.hugetlb" in environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
+    if environ.get(HUGE_PAGES_ENV, "1") == "0" or _hugetlb_tunable_set(environ):
         return False
     return _thp_mode() == "madvise"
 
 
 def add_huge_page_tunable(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Adds ``HUGE_PAGE_TUNABLE`` to GLIBC_TUNABLES, for the processes this one starts."""
-    if "glibc.malloc.hugetlb" not in environ.get("GLIBC_TUNABLES", ""):
+    """Adds ``HUGE_PAGE_TUNABLE`` to GLIBC_TUNABLES (for the processes this one starts)."""
+    if not _hugetlb_tunable_set(environ):
         current = environ.get("GLIBC_TUNABLES", "")
         environ["GLIBC_TUNABLES"] = ":".join(filter(None, [current, HUGE_PAGE_TUNABLE]))
 

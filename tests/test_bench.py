@@ -48,6 +48,9 @@ def test_train_fields(tiny_result):
     assert t["global_batch"] == 1 and t["batch_per_device"] == 1
     assert t["step_time_s"] > 0 and t["compile_s"] > 0
     assert t["images_per_s_per_device"] == pytest.approx(1 / t["step_time_s"])
+    # The inference forward alone: cheaper than the whole step.
+    assert 0 < t["forward_time_s"] < t["step_time_s"]
+    assert t["forward_images_per_s"] == pytest.approx(1 / t["forward_time_s"])
     assert t["loss_finite"]
     # On CPU there is no peak FLOP/s, hence no MFU.
     assert tiny_result["environment"]["backend"] == "cpu"
