@@ -16,9 +16,9 @@ The top-level sections are those of configs/default.py (they describe the diffus
 ``classifier`` (a complete classifier-run config) and ``demo`` (everything else); any field can
 be overridden, e.g. ``--config.sample.sweep_scales=0,1,10`` or ``--config.train.num_steps=600``.
 
-Hardware / time: 2-core AMD EPYC VM, CPU only. 9.9 minutes for the whole demo from an empty
+Hardware / time: 2-core AMD EPYC VM, CPU only. 8.1 minutes for the whole demo from an empty
 workdir on 2026-12-01 (budget 12; stages in docs/demo.md), when PyTorch's reference step ran at
-205-255 img/s there; the same config took 34 minutes on a slow hour of that VM (60-74 img/s).
+202-252 img/s there; the same config took 34 minutes on a slow hour of that VM (60-74 img/s).
 A rerun with everything done takes seconds. The digits are downsampled to 16x16 by the
 pipeline's ADM center crop (BOX + BICUBIC). Measured table and pictures: docs/demo.md.
 """
