@@ -26,7 +26,7 @@ from __future__ import annotations
 from adm_jax import xla_cpu
 
 if __name__ == "__main__":
-    xla_cpu.use_huge_pages()  # may restart the process: before the imports below
+    xla_cpu.prepare_entry_point()  # may restart the process: before the imports below
 
 import jax
 from absl import app, flags, logging
@@ -146,5 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    xla_cpu.set_cpu_flags()
     app.run(main)

@@ -35,7 +35,7 @@ from __future__ import annotations
 from adm_jax import xla_cpu
 
 if __name__ == "__main__":
-    xla_cpu.use_huge_pages()  # may restart the process: before the imports below
+    xla_cpu.prepare_entry_point()  # may restart the process: before the imports below
 
 import copy
 import functools
@@ -715,8 +715,6 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     import sys
-
-    xla_cpu.set_cpu_flags()
 
     from absl import app, flags
     from ml_collections import config_flags

@@ -19,7 +19,7 @@ workdir is held by another run (``EXIT_LOCKED``; ``--break_lock`` if that run is
 from adm_jax import xla_cpu
 
 if __name__ == "__main__":
-    xla_cpu.use_huge_pages()  # may restart the process: before the imports below
+    xla_cpu.prepare_entry_point()  # may restart the process: before the imports below
 
 import os
 import pathlib
@@ -266,6 +266,5 @@ def _run_mode(config, workdir: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    xla_cpu.set_cpu_flags()
     jax.config.config_with_absl()
     app.run(main, flags_parser=parse_flags)

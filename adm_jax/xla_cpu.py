@@ -123,3 +123,10 @@ def use_huge_pages(
     sys.stderr.flush()
     execv(sys.executable, [sys.executable, *argv[1:]])
     return True
+
+
+def prepare_entry_point() -> None:
+    """What ``main``, ``bench`` and ``demo`` do first, before their heavy imports: restart with
+    huge pages where that helps (``use_huge_pages``), then set ``CPU_FLAGS``."""
+    use_huge_pages()
+    set_cpu_flags()
