@@ -559,7 +559,7 @@ _SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++"}
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Runs (or completes) the whole demo in ``workdir``; returns the metric rows per scale."""
     from adm_jax import data as data_lib
-    from adm_jax import sampling, train
+    from adm_jax import evaluation, train
 
     config = copy.deepcopy(config)
     workdir = paths.absolute(workdir)  # local or gs://
@@ -648,7 +648,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         for group in groups:
             _say(f"    {group['model']} model, {group['guidance']} guidance, "
                  f"scales {group['scales']}")  # fmt: skip
-            for r in sampling.guidance_sweep(
+            for r in evaluation.guidance_sweep(
                 _group_config(sample_cfg, group, dirs["samples"]),
                 dirs["diffusion"],
                 metrics_fn=metrics_fn,

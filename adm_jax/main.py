@@ -1,8 +1,10 @@
 """adm_jax entry point: ``python -m adm_jax.main --config=configs/X.py --workdir=DIR [--mode=]``.
 
-Modes: train (diffusion model), train_classifier (noisy classifier), sample, evaluate,
-export (EMA params -> inference checkpoint), demo (``adm_jax.demo.run``; chosen by
-``config.mode = "demo"`` in configs/demo.py, so no --mode is needed there). Any config
+Modes: train (diffusion model), train_classifier (noisy classifier), sample, evaluate, nll
+(bits/dim), sweep (``adm_jax.evaluation.guidance_sweep``: sample and evaluate at every point
+of ``sample.sweep_scales`` x ``sample.sweep_samplers`` x ``sample.sweep_steps``), export (EMA
+params -> inference checkpoint), demo (``adm_jax.demo.run``; chosen by ``config.mode =
+"demo"`` in configs/demo.py, so no --mode is needed there). Any config
 field can be overridden, e.g. ``--config.train.batch_size=64``. All logic lives in importable
 functions (``adm_jax.train.train_and_evaluate`` ...), so a notebook runs the same code.
 
@@ -40,7 +42,7 @@ from ml_collections import config_flags
 
 from adm_jax import workdir as workdir_lib
 
-MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo", "nll")
+MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo", "nll", "sweep")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
@@ -261,6 +263,10 @@ def _run_mode(config, workdir: str, mode: str) -> None:
             from adm_jax import evaluation
 
             evaluation.nll(config, workdir)
+        elif mode == "sweep":
+            from adm_jax import evaluation
+
+            evaluation.guidance_sweep(config, workdir)
     except ValueError as err:
         raise app.UsageError(str(err)) from err
 

@@ -8,7 +8,7 @@ small class-conditional learned-sigma UNet on the grey digits (one channel, labe
 its null label is the unconditional model) with ``adm_jax.train.train_and_evaluate``, its noisy
 classifier (EncoderUNet + attention pool) with ``train_classifier``, an independent clean digit
 classifier (the feature space of the metrics), then samples the table's rows with
-``adm_jax.sampling.guidance_sweep`` (unconditional and conditional model with classifier
+``adm_jax.evaluation.guidance_sweep`` (unconditional and conditional model with classifier
 guidance, classifier-free guidance, DPM-Solver++ at 10 and 20 NFE) and reports FID / precision /
 recall (on the independent classifier's features, NOT Inception) and target-class accuracy.
 

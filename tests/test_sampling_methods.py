@@ -16,7 +16,8 @@ from adm_jax import checkpoints
 from adm_jax import diffusion as dlib
 from adm_jax import images as images_lib
 from adm_jax.diffusion import methods
-from adm_jax.sampling import io, sampler, sweep
+from adm_jax.evaluation import sweep
+from adm_jax.sampling import io, sampler
 
 STEPS = 4
 
@@ -191,6 +192,24 @@ def test_sweep_grid_of_scales_samplers_and_nfe(ckpts, tmp_path):
         sweep.guidance_sweep(_config(ckpts, tmp_path, sweep_scales="0,2"), str(tmp_path))
     with pytest.raises(ValueError, match=r"^sample\.sweep_scales: must be a finite"):
         sweep.guidance_sweep(config, str(tmp_path), scales=[1.0, -1.0])
+
+
+def test_entry_point_sweep_mode(ckpts, tmp_path):
+    """--mode=sweep is a mode of adm_jax.main: a bad field is one line; without metrics or a
+    reference batch it samples every point and writes the table."""
+    from absl import app
+
+    from adm_jax import main
+
+    assert "sweep" in main.MODES
+    config = _config(ckpts, tmp_path, num_samples=8, steps=STEPS, sweep_scales="")
+    with pytest.raises(app.UsageError, match=r"^sample\.sweep_scales: give at least one"):
+        main._run_mode(config, str(tmp_path), "sweep")
+    config.sample.sweep_scales = "0"
+    main._run_mode(config, str(tmp_path), "sweep")
+    assert os.path.exists(tmp_path / "scale_0" / "samples_8x8x8x3.npz")
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert table[0] == "| Scale |" and table[2] == "| 0 |"
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ import pytest
 from jax.sharding import Mesh
 
 from adm_jax import checkpoints
+from adm_jax.evaluation import sweep
 from adm_jax.models import module_from_kwargs
-from adm_jax.sampling import io, sampler, sweep, two_stage
+from adm_jax.sampling import io, sampler, two_stage
 
 NUM_CLASSES = 10
 DIFFUSION = dict(steps=100, noise_schedule="linear", learn_sigma=True)

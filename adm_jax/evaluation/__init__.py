@@ -1,5 +1,7 @@
-"""Evaluation as in the paper: FID Inception (Flax), FID/sFID/IS/precision/recall, and
-bits/dim on a data split (``nll``, the reference's image_nll.py).
+"""Evaluation as in the paper: FID Inception (Flax), FID/sFID/IS/precision/recall, bits/dim
+on a data split (``nll``, the reference's image_nll.py), and the guidance sweep
+(``guidance_sweep``: Table 4 / Figure 4, sampling and evaluating a grid of scales x samplers x
+NFE).
 
 Numbers follow openai/guided-diffusion ``evaluations/evaluator.py``; see docs/evaluation.md.
 No TensorFlow on the import path (TFDS is imported only by ``iterate_tfds_images``).
@@ -41,6 +43,13 @@ from adm_jax.evaluation.reference_batch import (
     write_reference_batch,
 )
 from adm_jax.evaluation.run import create_reference_batch, evaluate, evaluate_npz, format_table
+from adm_jax.evaluation.sweep import (
+    guidance_sweep,
+    inception_metrics_fn,
+    parse_scales,
+    sampler_grid,
+    write_sweep_report,
+)
 
 __all__ = [
     "BpdProgram",
@@ -60,8 +69,10 @@ __all__ = [
     "evaluate_npz",
     "format_table",
     "frechet_distance",
+    "guidance_sweep",
     "inception_features",
     "inception_fn",
+    "inception_metrics_fn",
     "inception_score",
     "iterate_image_folder",
     "iterate_npz_images",
@@ -73,12 +84,15 @@ __all__ = [
     "nll",
     "nll_settings",
     "open_npz_array",
+    "parse_scales",
     "precision_recall",
     "preprocess",
     "resize_bilinear_tf",
     "resize_bilinear_torch",
+    "sampler_grid",
     "softmax_from_pool",
     "variables_from_state_dict",
     "write_npz",
     "write_reference_batch",
+    "write_sweep_report",
 ]

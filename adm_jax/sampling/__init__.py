@@ -1,7 +1,7 @@
 """Batch sampling to reference-format ``.npz`` + PNG: sharded, resumable, guided, two-stage.
 
-``sample(config, workdir)`` is ``--mode=sample``; ``guidance_sweep(config, workdir)`` samples
-and evaluates a grid of guidance scales x samplers x NFE (the paper's Table 4 / Figure 4).
+``sample(config, workdir)`` is ``--mode=sample`` (the guidance sweep, which samples and then
+evaluates, is ``adm_jax.evaluation.guidance_sweep``).
 ``sampler_spec`` / ``sample_images`` pick and run DDPM, DDIM or DPM-Solver++.
 """
 
@@ -29,7 +29,6 @@ from adm_jax.sampling.sampler import (
     sample,
     samples_filename,
 )
-from adm_jax.sampling.sweep import guidance_sweep, sampler_grid, write_sweep_report
 from adm_jax.sampling.two_stage import load_base_samples, sample_two_stage
 
 # ``python -m adm_jax.sampling.io`` (the image conversion CLI) runs a module this package has
@@ -46,7 +45,6 @@ __all__ = [
     "assemble",
     "build_job",
     "check_matches_config",
-    "guidance_sweep",
     "image_grid",
     "load_base_samples",
     "load_checkpoint",
@@ -57,12 +55,10 @@ __all__ = [
     "sample",
     "sample_images",
     "sample_two_stage",
-    "sampler_grid",
     "sampler_spec",
     "samples_filename",
     "save_image_grid",
     "save_samples_npz",
     "to_uint8",
     "write_npz_streaming",
-    "write_sweep_report",
 ]

@@ -21,10 +21,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 from absl import logging
 
 from adm_jax import paths
 from adm_jax.diffusion import methods
+from adm_jax.evaluation import inception
+from adm_jax.evaluation.run import evaluate_npz
 from adm_jax.sampling import sampler as sampler_lib
 
 # Column order and direction (True: higher is better) of the metrics we know how to plot.
@@ -84,12 +87,10 @@ def sampler_grid(sample_config: Any, samplers: Any = None, steps: Any = None) ->
 def inception_metrics_fn(config: Any) -> MetricsFn:
     """The evaluator's metrics against ``config.sample.reference_batch`` (``config.evaluate``
     supplies the Inception weights, batch size, resize path and distance precision)."""
-    from adm_jax import evaluation
-
     ev = sampler_lib._cfg_get(config, "evaluate")
     get = lambda name, default=None: sampler_lib._cfg_get(ev, name) or default
-    sha = get("inception_sha256", evaluation.WEIGHTS_SHA256)
-    variables = evaluation.load_inception_variables(
+    sha = get("inception_sha256", inception.WEIGHTS_SHA256)
+    variables = inception.load_inception_variables(
         get("inception_weights"), sha256=None if str(sha).lower() == "none" else sha
     )
     reference = config.sample.reference_batch
@@ -100,7 +101,7 @@ def inception_metrics_fn(config: Any) -> MetricsFn:
     )
 
     def metrics(npz_path: str) -> Mapping[str, float]:
-        return evaluation.evaluate_npz(npz_path, reference, inception_params=variables, **kwargs)
+        return evaluate_npz(npz_path, reference, inception_params=variables, **kwargs)
 
     return metrics
 
@@ -120,7 +121,7 @@ def guidance_sweep(
     ``sample.sweep_samplers`` and ``sample.sweep_steps``. ``metrics_fn(npz_path) -> {name:
     value}`` replaces the Inception metrics (the demo plugs in its own feature extractor);
     without it, ``config.sample.reference_batch`` selects
-    ``adm_jax.evaluation.evaluate_npz``, and with neither only samples are written.
+    ``evaluate_npz``, and with neither only samples are written.
     """
     sc = config.sample
     scales = parse_scales(scales if scales is not None else sc.sweep_scales)
@@ -221,8 +222,6 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
 
     Process 0 writes (returns the paths); other processes return ``{}``.
     """
-    import jax
-
     if jax.process_index() != 0:
         return {}
     out = paths.path(output_dir)
