@@ -55,7 +55,14 @@ from jax.sharding import PartitionSpec as P
 
 from adm_jax import mesh as mesh_lib
 from adm_jax.batch_sampler import BatchSampler
+from adm_jax.demo import DEMO_SECTIONS
 from adm_jax.diffusion import methods
+from adm_jax.models import (
+    abstract_params,
+    example_inputs,
+    module_from_kwargs,
+    reference_kwargs_from_flags,
+)
 from adm_jax.train import config_lib, sharding, steps
 from adm_jax.train import metrics as train_metrics
 from adm_jax.train import state as state_lib
@@ -136,8 +143,6 @@ def default_classifier_spec(config_spec: str) -> str | None:
 def split_config(config):
     """(run config, embedded classifier config or None): configs/demo.py carries its
     classifier run as ``config.classifier`` and extra sections the train checks reject."""
-    from adm_jax.demo import DEMO_SECTIONS
-
     config = copy.deepcopy(config)
     classifier = None
     with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
@@ -221,8 +226,6 @@ def analytic_flops(fn: Callable, *args, **kwargs) -> float:
 def forward_flops_per_image(module) -> float:
     """Analytic FLOPs of one forward pass of ``module`` at batch 1 (abstract params: nothing
     is allocated). Comparable with published_models.json's ``flops_forward_batch1``."""
-    from adm_jax.models import abstract_params, example_inputs
-
     params = abstract_params(module)
     (x, t), kwargs = example_inputs(module, 1)
 
@@ -526,8 +529,6 @@ def train_benchmark(
 def forward_benchmark(setup: TrainSetup, params, *, num_steps: int, warmup: int = 2) -> float:
     """Median seconds of one inference forward pass of the network at the step's batch and
     sharding (no loss, no gradient: what ``ref_bench.py`` times as its forward)."""
-    from adm_jax.models import example_inputs
-
     (x, t), kwargs = example_inputs(setup.module, setup.global_batch)
     x, t, kwargs = jax.device_put((x, t, kwargs), setup.batch_sharding)
     forward = jax.jit(lambda p, x, t, kw: setup.module.apply({"params": p}, x, t, **kw))
@@ -686,8 +687,6 @@ def max_batch(
 
 
 def _params(module, init: str, mesh):
-    from adm_jax.models import abstract_params, example_inputs
-
     rep = NamedSharding(mesh, P())
     if init == "zeros":
         abstract = abstract_params(module)
@@ -711,8 +710,6 @@ def build_module(config, **overrides):
         m = config.model
         if m.kind != "classifier" or not m.get("channel_mult"):
             raise
-    from adm_jax.models import module_from_kwargs, reference_kwargs_from_flags
-
     size = int(m.image_size)
     kwargs = reference_kwargs_from_flags(
         "classifier", {**config_lib.model_flags(config), "image_size": 64}
@@ -1227,8 +1224,6 @@ def aot_max_batch(
 
 
 def _abstract_replicated(module, mesh):
-    from adm_jax.models import abstract_params
-
     rep = NamedSharding(mesh, P())
     return jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract_params(module)

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from adm_jax import paths
+from adm_jax.models import module_from_kwargs
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -42,8 +43,6 @@ class InferenceCheckpoint:
 
     def module(self, **overrides):
         """The linen module these parameters belong to (overrides: dtype, remat, ...)."""
-        from adm_jax.models import module_from_kwargs
-
         return module_from_kwargs(self.kind, self.model_kwargs, **overrides)
 
 

@@ -32,7 +32,8 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from adm_jax import paths
+from adm_jax import checkpoints, paths
+from adm_jax import diffusion as diffusion_lib
 from adm_jax.models import (
     KINDS,
     NUM_CLASSES,
@@ -43,6 +44,7 @@ from adm_jax.models import (
     reference_kwargs_from_flags,
     with_shape,
 )
+from adm_jax.models.factory import DIFFUSION_DEFAULTS
 
 # Submodules that the reference implements as kernel-size-1 ``conv_nd(1, ...)`` over tokens.
 CONV1D_MODULES = ("qkv", "proj_out", "qkv_proj", "c_proj")
@@ -465,24 +467,8 @@ def diffusion_kwargs_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     """``create_diffusion`` kwargs from parsed README flags (reference defaults otherwise)."""
     if flags.get("rescale_timesteps", False):
         raise ValueError("rescale_timesteps: True is not supported (ADM's models use False)")
-    try:
-        from adm_jax.diffusion import diffusion_kwargs_from_flags as from_flags
-    except ImportError:
-        from_flags = None
-    if from_flags is not None:
-        from adm_jax.models.factory import DIFFUSION_DEFAULTS
-
-        return from_flags({**DIFFUSION_DEFAULTS, "sigma_small": False, **flags})
-    get = lambda name, default: flags.get(name, default)
-    return dict(
-        steps=int(get("diffusion_steps", 1000)),
-        noise_schedule=str(get("noise_schedule", "linear")),
-        learn_sigma=bool(get("learn_sigma", False)),
-        sigma_small=bool(get("sigma_small", False)),
-        use_kl=bool(get("use_kl", False)),
-        predict_xstart=bool(get("predict_xstart", False)),
-        rescale_learned_sigmas=bool(get("rescale_learned_sigmas", False)),
-        timestep_respacing=str(get("timestep_respacing", "")),
+    return diffusion_lib.diffusion_kwargs_from_flags(
+        {**DIFFUSION_DEFAULTS, "sigma_small": False, **flags}
     )
 
 
@@ -551,9 +537,7 @@ def main(argv: list[str] | None = None) -> str:
     params = traverse_util.unflatten_dict(flat)
     num_params = count_params(params)
 
-    from adm_jax.checkpoints import save_inference_checkpoint
-
-    out = save_inference_checkpoint(
+    out = checkpoints.save_inference_checkpoint(
         args.out,
         jax.tree.map(jnp.asarray, params),
         kind=kind,

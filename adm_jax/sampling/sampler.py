@@ -42,10 +42,10 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adm_jax import checkpoints, paths
 from adm_jax import mesh as mesh_lib
-from adm_jax import paths
 from adm_jax.batch_sampler import BatchSampler, replicate
-from adm_jax.diffusion import methods
+from adm_jax.diffusion import create_diffusion, methods
 from adm_jax.sampling import io
 
 ARGS_FILE = "args.json"
@@ -73,8 +73,6 @@ make_mesh = mesh_lib.batch_mesh
 
 def load_checkpoint(path: str, sharding: NamedSharding | None = None):
     """An ``InferenceCheckpoint`` from an exported/converted checkpoint or a training workdir."""
-    from adm_jax import checkpoints
-
     if not path or not paths.path(path).exists():
         raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
     if checkpoints.is_inference_checkpoint(path):
@@ -302,8 +300,6 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
 
     Errors are single-line ``ValueError``/``FileNotFoundError`` naming the config field.
     """
-    from adm_jax.diffusion import create_diffusion
-
     sc = config.sample
     check_counts(sc)
     mesh = mesh if mesh is not None else make_mesh(int(sc.batch_size))

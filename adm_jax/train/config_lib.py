@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from adm_jax import paths
-from adm_jax.models import ATTENTION_IMPLS, REMAT_POLICIES, remat_policy_name, with_shape
+from adm_jax.diffusion import create_diffusion
+from adm_jax.models import (
+    ATTENTION_IMPLS,
+    REMAT_POLICIES,
+    module_from_kwargs,
+    reference_kwargs_from_flags,
+    remat_policy_name,
+    with_shape,
+)
 
 MODEL_KINDS = ("unet", "superres", "classifier")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
@@ -101,8 +109,6 @@ def num_classes(config) -> int:
 
 
 def _reference_model_kwargs(config) -> dict[str, Any]:
-    from adm_jax.models import reference_kwargs_from_flags
-
     kind = config.model.kind
     flags = model_flags(config)
     if kind == "classifier" and config.model.get("channel_mult"):
@@ -132,8 +138,6 @@ def attention_impl(config) -> str:
 
 def build_model(config, **overrides):
     """The linen module for config.model with the training compute dtype and remat."""
-    from adm_jax.models import module_from_kwargs
-
     options = dict(
         dtype=DTYPES[config.train.dtype],
         remat=remat_policy(config),
@@ -148,8 +152,6 @@ def diffusion_kwargs(config) -> dict[str, Any]:
 
 
 def build_diffusion(config, **overrides):
-    from adm_jax.diffusion import create_diffusion
-
     return create_diffusion(**{**diffusion_kwargs(config), **overrides})
 
 

@@ -15,6 +15,7 @@ from absl import logging
 
 from adm_jax import checkpoints as inference_lib
 from adm_jax import paths
+from adm_jax.models import abstract_params
 from adm_jax.train import checkpointing, config_lib
 
 
@@ -30,8 +31,6 @@ def _ema_index(config, ema_rate: str | float | None) -> int | None:
 def _restore_params(workdir: str, config, *, ema_rate=None, step=None, sharding=None):
     """(params, step, rate) from a training workdir: the EMA for ``ema_rate`` (default: the
     first configured rate), or the raw params when the run keeps no EMA (classifiers)."""
-    from adm_jax.models import abstract_params
-
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=None, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:

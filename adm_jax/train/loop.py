@@ -31,6 +31,7 @@ from adm_jax import images as images_lib
 from adm_jax import paths
 from adm_jax import workdir as workdir_lib
 from adm_jax.batch_sampler import BatchSampler
+from adm_jax.models import count_params
 from adm_jax.train import (
     checkpointing,
     config_lib,
@@ -214,8 +215,6 @@ def _train(
         if tc.get("init_from"):
             with jax.set_mesh(mesh):
                 state, _ = init_from.apply_init_from(config, state, shardings)
-    from adm_jax.models import count_params
-
     logging.info("%s: %d parameters", config.model.kind, count_params(state.params))
     if eval_iter_fn is None and tc.eval_every and config.data.eval_split:
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adm_jax.diffusion import loss_second_moment_init
+from adm_jax.models import example_inputs
 from adm_jax.train import config_lib, sharding
 
 
@@ -68,8 +70,6 @@ def current_lr(opt_state) -> jax.Array:
 
 def init_inputs(module, batch_size: int = 1):
     """Zero inputs for ``module.init`` (x, t) and kwargs (y, low_res)."""
-    from adm_jax.models import example_inputs
-
     return example_inputs(module, batch_size)
 
 
@@ -85,8 +85,6 @@ def make_init_fn(module, config, tx):
         params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
         sampler_state = None
         if use_sampler:
-            from adm_jax.diffusion import loss_second_moment_init
-
             sampler_state = loss_second_moment_init(config.diffusion.steps)
         return TrainState(
             step=jnp.zeros((), jnp.int32),

@@ -7,7 +7,7 @@ mean over the whole batch (the reference sums microbatch gradients for the diffu
 identical when there is one microbatch, which is how every published model was trained).
 
 A non-finite loss or gradient norm leaves params, EMA, optimizer and sampler state exactly as
-they were (``jnp.where`` on one ``ok`` flag); the step counter still advances (the batch is
+they were (one ``lax.cond`` on an ``ok`` flag); the step counter still advances (the batch is
 consumed) and ``skipped`` / ``nonfinite_streak`` count the event.
 """
 
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from adm_jax import diffusion as dlib
 from adm_jax.train import config_lib
 from adm_jax.train import sharding as sharding_lib
 from adm_jax.train.state import TrainState, current_lr
@@ -164,8 +165,6 @@ def make_diffusion_train_step(module, diffusion, tx, config):
     at t from the configured timestep sampler, weighted by its importance weights; class
     labels go to class-conditional models (as the reference's image_train.py), each replaced
     by ``module.null_label`` with probability model.class_dropout_prob."""
-    from adm_jax import diffusion as dlib
-
     p_drop = config_lib.class_dropout_prob(config)
     null_label = getattr(module, "null_label", None)
     if p_drop > 0 and null_label is None:
@@ -243,8 +242,6 @@ def make_classifier_train_step(module, diffusion, tx, config):
     """(state, batch) -> (state, metrics) for the noisy classifier (reference
     classifier_train.py): x_t = q_sample(x_0, t) at uniformly random t (if train.noised),
     cross-entropy, acc@1 / acc@5, per-quartile logging."""
-    from adm_jax import diffusion as dlib
-
     tc = config.train
     rates = tuple(float(r) for r in str(tc.ema_rate).split(",") if r.strip())
     k = int(tc.grad_accum_steps)
@@ -291,8 +288,6 @@ def jit_train_step(module, diffusion, tx, config, state_shardings, mesh, *, clas
 
 def noised_inputs(diffusion, x, t_key, noise_key, *, noised: bool = True):
     """(t, x_t) for classifier training: t ~ U{0..T-1}; x_t = x_0 (t = 0) when not noised."""
-    from adm_jax import diffusion as dlib
-
     bsz = x.shape[0]
     if not noised:
         return jnp.zeros((bsz,), jnp.int32), x
@@ -326,7 +321,6 @@ def _masked_sums(terms: dict, batch) -> dict:
 
 def make_diffusion_eval_step(module, diffusion, low_res: int | None = None):
     """(params, batch, key) -> summed validation terms + "count" (no dropout, uniform t)."""
-    from adm_jax import diffusion as dlib
 
     def eval_step(params, batch, key):
         _count_trace("diffusion_eval")
@@ -346,8 +340,6 @@ def make_diffusion_eval_step(module, diffusion, low_res: int | None = None):
 
 
 def make_classifier_eval_step(module, diffusion, *, noised: bool = True):
-    from adm_jax import diffusion as dlib
-
     def eval_step(params, batch, key):
         _count_trace("classifier_eval")
         x = batch["image"].astype(jnp.float32)
