@@ -461,22 +461,36 @@ def _flops_fields(setup: TrainSetup, compiled, lowered=None) -> dict:
     return out
 
 
+def timed_calls(
+    call: Callable[[], Any], *, repeats: int, warmup: int = 0
+) -> tuple[list[float], Any]:
+    """Wall seconds of each of ``repeats`` calls of ``call()`` after ``warmup`` untimed ones,
+    and the last call's result. Each result is waited for: with asynchronous dispatch a bare
+    call times only the launch."""
+    times, result = [], None
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        result = jax.block_until_ready(call())
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times, result
+
+
 def train_benchmark(
     config, mesh, *, batch_per_device: int, num_steps: int = 20, warmup: int = 2, init="real"
 ) -> dict:
     """Times the compiled train step on a fake batch; see the module docstring."""
     setup = train_setup(config, mesh, batch_per_device)
     lowered, compiled, lower_s, compile_s = compile_train_step(setup)
-    state = initial_state(setup, init)
     batch = fake_batch(setup)
-    times = []
+    carry = [initial_state(setup, init)]
+
+    def step():  # each step takes the state the previous one returned (the old one is donated)
+        carry[0], metrics = compiled(carry[0], batch)
+        return carry[0], metrics
+
     with jax.set_mesh(mesh):
-        for i in range(warmup + num_steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        times, (state, metrics) = timed_calls(step, repeats=num_steps, warmup=warmup)
     step_time = statistics.median(times)
     n = mesh.size
     forward_time = forward_benchmark(setup, state.params, num_steps=num_steps, warmup=warmup)
@@ -532,14 +546,10 @@ def forward_benchmark(setup: TrainSetup, params, *, num_steps: int, warmup: int 
     (x, t), kwargs = example_inputs(setup.module, setup.global_batch)
     x, t, kwargs = jax.device_put((x, t, kwargs), setup.batch_sharding)
     forward = jax.jit(lambda p, x, t, kw: setup.module.apply({"params": p}, x, t, **kw))
-    times = []
     with jax.set_mesh(setup.mesh):
         jax.block_until_ready(forward(params, x, t, kwargs))  # compiles
-        for i in range(warmup + num_steps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(forward(params, x, t, kwargs))
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        call = functools.partial(forward, params, x, t, kwargs)
+        times, _ = timed_calls(call, repeats=num_steps, warmup=warmup)
     return statistics.median(times)
 
 
@@ -830,13 +840,8 @@ def sample_benchmark(
                 t0 = time.perf_counter()
                 compiled = sampler.program.lower(*args).compile()
                 compile_s = time.perf_counter() - t0
-                jax.block_until_ready(compiled(*args))  # warm-up
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    out = compiled(*args)
-                    jax.block_until_ready(out)
-                    times.append(time.perf_counter() - t0)
+                call = functools.partial(compiled, *args)
+                times, out = timed_calls(call, repeats=repeats, warmup=1)
             total = statistics.median(times)
             nfe = sampler.method.steps
             runs.append(
