@@ -420,9 +420,7 @@ class _ProcessRowsMapDataset(grain.MapDataset):
 def _process_rows(ds: grain.MapDataset, global_batch_size: int) -> grain.MapDataset:
     if jax.process_count() == 1:
         return ds
-    return _ProcessRowsMapDataset(
-        ds, global_batch_size, jax.process_index(), jax.process_count()
-    )
+    return _ProcessRowsMapDataset(ds, global_batch_size, jax.process_index(), jax.process_count())
 
 
 def _mp_prefetch(it: grain.IterDataset, num_workers: int) -> grain.IterDataset:
