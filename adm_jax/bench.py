@@ -83,6 +83,9 @@ _AOT_MAX_COMPILES = flags.DEFINE_integer(
     "aot_max_compiles", 4, "--what=aot: compiles for the largest-batch search (0: no search)."
 )
 _AOT_SAMPLE = flags.DEFINE_bool("aot_sample", True, "--what=aot: also compile the sampler.")
+_FORWARD = flags.DEFINE_bool(
+    "forward", True, "--what=train: also time the inference forward (one more compile)."
+)
 
 
 def main(argv):
@@ -127,6 +130,7 @@ def main(argv):
         topology=_TOPOLOGY.value,
         aot_max_compiles=_AOT_MAX_COMPILES.value,
         aot_sample=_AOT_SAMPLE.value,
+        forward=_FORWARD.value,
         log=lambda s: logging.info("%s", s),
     )
     result["command"] = {

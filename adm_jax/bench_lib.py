@@ -477,9 +477,17 @@ def timed_calls(
 
 
 def train_benchmark(
-    config, mesh, *, batch_per_device: int, num_steps: int = 20, warmup: int = 2, init="real"
+    config,
+    mesh,
+    *,
+    batch_per_device: int,
+    num_steps: int = 20,
+    warmup: int = 2,
+    init="real",
+    forward: bool = True,
 ) -> dict:
-    """Times the compiled train step on a fake batch; see the module docstring."""
+    """Times the compiled train step on a fake batch, and (``forward``) the inference forward
+    at the same batch (one more compile); see the module docstring."""
     setup = train_setup(config, mesh, batch_per_device)
     lowered, compiled, lower_s, compile_s = compile_train_step(setup)
     batch = fake_batch(setup)
@@ -493,7 +501,11 @@ def train_benchmark(
         times, (state, metrics) = timed_calls(step, repeats=num_steps, warmup=warmup)
     step_time = statistics.median(times)
     n = mesh.size
-    forward_time = forward_benchmark(setup, state.params, num_steps=num_steps, warmup=warmup)
+    forward_time = (
+        forward_benchmark(setup, state.params, num_steps=num_steps, warmup=warmup)
+        if forward
+        else None
+    )
     result = {
         "config_batch_size": int(config.train.batch_size),
         "batch_per_device": batch_per_device,
@@ -512,8 +524,8 @@ def train_benchmark(
         "step_times_s": times,
         "images_per_s": setup.global_batch / step_time,
         "images_per_s_per_device": setup.global_batch / step_time / n,
-        "forward_time_s": forward_time,
-        "forward_images_per_s": setup.global_batch / forward_time,
+        "forward_time_s": forward_time or NA,
+        "forward_images_per_s": setup.global_batch / forward_time if forward_time else NA,
         "loss_finite": bool(np.isfinite(np.asarray(metrics["loss"]))),
     }
     result.update(_flops_fields(setup, compiled, lowered))
@@ -1429,6 +1441,7 @@ def run(
     topology: Sequence[str] | None = None,
     aot_max_compiles: int = 4,
     aot_sample: bool = True,
+    forward: bool = True,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Runs the requested parts and returns one JSON-able dict. ``sample_respacings`` is the
@@ -1488,6 +1501,7 @@ def run(
             num_steps=num_steps or p.steps,
             warmup=p.warmup,
             init=init,
+            forward=forward,
         )
     if "flops" in what:
         log(f"flops: compile-only train step, per-device batch {batch_per_device}")
@@ -1620,7 +1634,7 @@ def format_table(result: dict) -> str:
             f"  compile            {_fmt(t['compile_s'], ' s')}",
             f"  step time (median) {_fmt(t['step_time_s'] * 1e3, ' ms')}",
             f"  images/s/device    {_fmt(t['images_per_s_per_device'])}",
-            f"  forward (median)   {_fmt(t['forward_time_s'] * 1e3, ' ms')}, "
+            f"  forward (median)   {_fmt(t['forward_time_s'], ' ms', 1e-3)}, "
             f"{_fmt(t['forward_images_per_s'])} images/s (inference, same batch)",
             f"  GFLOPs/image       xla {_fmt(t['flops_per_image_xla'], '', 1e9)}, "
             f"model (3x fwd) {_fmt(t['model_flops_per_image'], '', 1e9)}, "

@@ -5,7 +5,8 @@
 #
 # 1. ImageNet-128 and -256 bfloat16 train steps (img/s, MFU) at large per-device batches
 #    (MAXBATCH=1: at the largest that fits, found by compiling);
-# 2. the attention kernels side by side (XLA vs cuDNN flash attention, ImageNet-128 step);
+# 2. the attention kernels side by side (XLA vs cuDNN flash attention, ImageNet-128 step;
+#    the train runs of part 1 also time the inference forward, these skip it);
 # 3. time per sampling step, unguided / classifier-guided / classifier-free, for DDPM, DDIM
 #    and DPM-Solver++ (ImageNet-128 and its classifier).
 # Each part prints its table (the rows docs/benchmarks.md records) and writes OUT_DIR/*.json.
@@ -29,7 +30,7 @@ for size in 128 256; do
 done
 for impl in xla cudnn; do
   bench configs/imagenet128.py --what=train --steps=20 --batch="${BATCH[128]}" \
-    --config.train.attention_impl=$impl \
+    --config.train.attention_impl=$impl --noforward \
     --json="$OUT/attention_$impl.json"
 done
 bench configs/imagenet128.py --what=sample --samplers=ddpm250,ddim25,dpm++20 \

@@ -59,6 +59,21 @@ def test_train_fields(tiny_result):
     assert t["memory"]["peak_bytes_in_use"] > 0
 
 
+def test_train_without_forward(tiny_result):
+    """forward=False (``--noforward``) skips the forward's compile: its fields say n/a, the
+    printed table too, and the step is timed as before."""
+    config = bench_lib.load_config(str(CONFIGS / "tiny.py"))
+    config.model.dropout = 0.0
+    mesh = bench_lib.make_mesh(config, num_devices=1)
+    t = bench_lib.train_benchmark(
+        config, mesh, batch_per_device=1, num_steps=1, warmup=0, forward=False
+    )
+    assert t["forward_time_s"] == t["forward_images_per_s"] == bench_lib.NA
+    assert t["step_time_s"] > 0 and t["loss_finite"]
+    table = bench_lib.format_table({**tiny_result, "train": t})
+    assert "forward (median)   n/a, n/a images/s" in table
+
+
 def test_train_flops_match_analytic_count(tiny_result):
     t = tiny_result["train"]
     assert t["flops_per_image_xla"] > 0 and t["forward_flops_per_image_analytic"] > 0

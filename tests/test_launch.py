@@ -2,6 +2,7 @@
 demo run it reuses); the scripts parse."""
 
 import os
+import re
 import subprocess
 
 import nbformat
@@ -39,6 +40,23 @@ def test_gpu_bench_script_parses_and_runs_the_benchmark_through_gpu_sh():
     assert 'python -m "${ADM_JAX_MODULE:-adm_jax.main}"' in (path.parent / "gpu.sh").read_text()
     for what in ("--what=maxbatch", "--what=train", "attention_impl=$impl", "--what=sample"):
         assert what in text, what
+
+
+def test_gpu_bench_script_passes_only_flags_the_benchmark_defines():
+    """A flag the benchmark lacks would stop the script on the GPU machine, minutes in."""
+    from absl import flags
+
+    import adm_jax.bench  # noqa: F401  (defines the flags)
+
+    text = (REPO_ROOT / "launch" / "gpu_bench.sh").read_text().replace("\\\n", " ")
+    used = set()
+    for line in text.splitlines():
+        if line.lstrip().startswith("bench "):
+            used.update(re.findall(r"\s--([a-z_]+)", line))
+    assert {"what", "json", "noforward"} <= used
+    for name in used:
+        defined = name in flags.FLAGS or (name.startswith("no") and name[2:] in flags.FLAGS)
+        assert defined, f"launch/gpu_bench.sh passes --{name}: adm_jax.bench has no such flag"
 
 
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "slurm_gpu.sh"])
