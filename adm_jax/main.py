@@ -4,7 +4,7 @@ Modes: train (diffusion model), train_classifier (noisy classifier), sample, eva
 (bits/dim), sweep (``adm_jax.evaluation.guidance_sweep``: sample and evaluate at every point
 of ``sample.sweep_scales`` x ``sample.sweep_samplers`` x ``sample.sweep_steps``), export (EMA
 params -> inference checkpoint), demo (``adm_jax.demo.run``; chosen by ``config.mode =
-"demo"`` in configs/demo.py, so no --mode is needed there). Any config
+"demo"`` in configs/demo.py, so no --mode is needed there, and another is refused). Any config
 field can be overridden, e.g. ``--config.train.batch_size=64``. All logic lives in importable
 functions (``adm_jax.train.train_and_evaluate`` ...), so a notebook runs the same code.
 
@@ -189,6 +189,13 @@ def main(argv) -> int:
     try:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
+        if FLAGS.config.get("mode") == "demo" and FLAGS["mode"].present and FLAGS.mode != "demo":
+            # The demo's config holds several models' sections; it always runs the whole demo.
+            config_file = config_flags.get_config_filename(FLAGS["config"])
+            raise app.UsageError(
+                f"--mode={FLAGS.mode}: --config={config_file} is the demo's config "
+                "(config.mode='demo'), which runs the whole demo; leave out --mode"
+            )
         _maybe_initialize_distributed(FLAGS.heartbeat_timeout)
         logging.info(
             "JAX process %d/%d; %d local / %d global devices: %s",

@@ -60,6 +60,18 @@ def test_unknown_mode(capsys, tmp_path):
     assert "--mode=trian" in line and "train_classifier" in line
 
 
+def test_other_mode_with_the_demo_config(capsys, tmp_path):
+    """configs/demo.py always runs the whole demo: another --mode is refused, not ignored."""
+    demo = str(REPO / "configs" / "demo.py")
+    code, line = run_cli(capsys, tmp_path, config=demo, mode="sweep")
+    assert code == cli.EXIT_USAGE
+    assert line == (
+        f"adm_jax: --mode=sweep: --config={demo} is the demo's config (config.mode='demo'), "
+        "which runs the whole demo; leave out --mode"
+    )
+    assert not any(tmp_path.iterdir())  # nothing started
+
+
 def test_missing_config_file(capsys, tmp_path):
     code, line = run_cli(capsys, tmp_path, config=str(tmp_path / "nope.py"))
     assert code == cli.EXIT_USAGE
