@@ -114,9 +114,9 @@ def check_matches_config(ckpt: Any, config: Any, path: str) -> None:
     error. Skipped for config sections that are absent or empty.
     """
     diffs = []
-    model_cfg = _cfg_get(config, "model")
+    model_cfg = config_get(config, "model")
     if model_cfg:
-        kind = _cfg_get(model_cfg, "kind", ckpt.kind)
+        kind = config_get(model_cfg, "kind", ckpt.kind)
         if kind != ckpt.kind:
             diffs.append(f"kind={ckpt.kind!r} (checkpoint) vs {kind!r} (config)")
         else:
@@ -125,7 +125,7 @@ def check_matches_config(ckpt: Any, config: Any, path: str) -> None:
             want = {"null_class_embedding": False, **_config_model_kwargs(config)}
             keys = sorted(set(got) - _IGNORED_MODEL_KWARGS)
             diffs += _differences(got, want, keys)
-    diffusion_cfg = _cfg_get(config, "diffusion")
+    diffusion_cfg = config_get(config, "diffusion")
     if diffusion_cfg and ckpt.diffusion_kwargs:
         diffs += _differences(
             ckpt.diffusion_kwargs, _to_dict(diffusion_cfg), _SAMPLING_DIFFUSION_KWARGS
@@ -147,7 +147,9 @@ def _config_model_kwargs(config: Any) -> dict[str, Any]:
     return model_kwargs(config)
 
 
-def _cfg_get(config: Any, name: str, default: Any = None) -> Any:
+def config_get(config: Any, name: str, default: Any = None) -> Any:
+    """``config.name`` of a ConfigDict, dict or plain object, else ``default`` (also for a
+    missing ``config``): sampling and evaluation read configs built by hand as well."""
     if config is None:
         return default
     if isinstance(config, dict):
@@ -265,9 +267,9 @@ def _module_overrides(config: Any) -> dict[str, Any]:
     Not ``config.train.dtype``: sample quality (FID) is measured at full precision unless
     asked otherwise.
     """
-    dtype = _cfg_get(config.sample, "dtype")
+    dtype = config_get(config.sample, "dtype")
     overrides = {"dtype": jnp.dtype(dtype)} if dtype else {}
-    impl = _cfg_get(_cfg_get(config, "train", {}), "attention_impl")
+    impl = config_get(config_get(config, "train", {}), "attention_impl")
     if impl:
         overrides["attention_impl"] = str(impl)
     return overrides
@@ -277,7 +279,7 @@ def check_counts(sc: Any) -> None:
     """``sample.batch_size`` > 0 and ``sample.num_samples`` >= 0 (0: one sample per base
     sample, for an upsampler), as one-line ValueErrors naming the field, before any work."""
     for field, minimum in (("batch_size", 1), ("num_samples", 0)):
-        value = _cfg_get(sc, field, minimum)
+        value = config_get(sc, field, minimum)
         value = minimum if value is None else value
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
             raise ValueError(
@@ -288,7 +290,7 @@ def check_counts(sc: Any) -> None:
                     else ""
                 )
             )
-    if not _cfg_get(sc, "num_samples", 0) and not _cfg_get(sc, "base_samples", ""):
+    if not config_get(sc, "num_samples", 0) and not config_get(sc, "base_samples", ""):
         raise ValueError(
             "sample.num_samples: 0 samples every base sample once, which needs "
             "sample.base_samples (an upsampler's input); give a positive count"
@@ -306,18 +308,18 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     replicated = NamedSharding(mesh, P())
 
     scale = methods.check_scale(
-        "sample.classifier_scale", _cfg_get(sc, "classifier_scale", 0.0) or 0.0
+        "sample.classifier_scale", config_get(sc, "classifier_scale", 0.0) or 0.0
     )
     cfg_scale = methods.cfg_scale_of(sc)
     methods.sampler_spec(sc)  # field errors before anything is loaded
-    classifier_path = _cfg_get(sc, "classifier_checkpoint", "") or ""
+    classifier_path = config_get(sc, "classifier_checkpoint", "") or ""
     if scale != 0.0 and not classifier_path:
         raise ValueError(
             f"sample.classifier_scale={scale:g} needs sample.classifier_checkpoint "
             "(a noisy-image classifier); set the scale to 0 to sample without guidance"
         )
 
-    model_path = _cfg_get(sc, "checkpoint", "") or workdir
+    model_path = config_get(sc, "checkpoint", "") or workdir
     ckpt = load_checkpoint(model_path, replicated)
     if ckpt.kind not in ("unet", "superres"):
         raise ValueError(
@@ -352,7 +354,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
         classifier_apply = lambda p, x, t: cls_module.apply({"params": p}, x, t)
         classifier_params = cls_ckpt.params
 
-    class_labels = parse_class_labels(_cfg_get(sc, "class_labels", "random"))
+    class_labels = parse_class_labels(config_get(sc, "class_labels", "random"))
     needs_labels = class_cond or classifier_apply is not None
     if class_labels is not None and not needs_labels:
         raise ValueError(
@@ -364,7 +366,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     source = "the model" if num_classes == model_classes else "the classifier"
     # A narrower label range than the networks': the reference's classifiers always have 1000
     # outputs, so one trained on 10 classes needs sample.num_classes=10 for random labels.
-    requested = int(_cfg_get(sc, "num_classes", 0) or 0)
+    requested = int(config_get(sc, "num_classes", 0) or 0)
     if requested and needs_labels:
         if requested > num_classes:
             raise ValueError(
@@ -379,7 +381,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
             )
 
     base_images = base_labels = None
-    base_path = _cfg_get(sc, "base_samples", "") or ""
+    base_path = config_get(sc, "base_samples", "") or ""
     if superres:
         if not base_path:
             raise ValueError(
@@ -422,9 +424,9 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     else:
         model_apply = lambda p, x, t, y=None: module.apply({"params": p}, x, t, y=y)
 
-    base_diffusion = dict(ckpt.diffusion_kwargs or _to_dict(_cfg_get(config, "diffusion", {})))
-    seed = int(_cfg_get(sc, "seed", 0) or 0)
-    clip_denoised = bool(_cfg_get(sc, "clip_denoised", True))
+    base_diffusion = dict(ckpt.diffusion_kwargs or _to_dict(config_get(config, "diffusion", {})))
+    seed = int(config_get(sc, "seed", 0) or 0)
+    clip_denoised = bool(config_get(sc, "clip_denoised", True))
     fixed = {
         "checkpoint": paths.absolute(model_path),
         "checkpoint_step": ckpt.extra.get("step"),
@@ -448,7 +450,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
         try:
             diffusion = create_diffusion(**diffusion_kwargs)
         except (ValueError, AssertionError) as err:
-            steps = overrides.get("steps", _cfg_get(sc, "steps", 0))
+            steps = overrides.get("steps", config_get(sc, "steps", 0))
             field = "sample.steps" if steps else "sample.timestep_respacing"
             raise ValueError(f"{field}: {err}") from None
         if spec.name == "ddpm" and spec.respacing.startswith("ddim"):
@@ -727,7 +729,7 @@ def assemble(shard_dir: str, out_path: str, num_samples: int, batch_size: int) -
 
 
 def output_dir_for(config: Any, workdir: str) -> str:
-    out = _cfg_get(config.sample, "output_dir", "") or ""
+    out = config_get(config.sample, "output_dir", "") or ""
     return out or str(paths.path(workdir or ".") / "samples")
 
 
@@ -741,11 +743,11 @@ def sample(config: Any, workdir: str, *, max_batches: int | None = None) -> str 
     two-stage sampling.
     """
     job = build_job(config, workdir)
-    num_samples = int(_cfg_get(config.sample, "num_samples", 0) or 0) or job.default_num_samples
+    num_samples = int(config_get(config.sample, "num_samples", 0) or 0) or job.default_num_samples
     return run_job(
         job,
         output_dir_for(config, workdir),
         num_samples=num_samples,
-        classifier_scale=_cfg_get(config.sample, "classifier_scale", 0.0) or 0.0,
+        classifier_scale=config_get(config.sample, "classifier_scale", 0.0) or 0.0,
         max_batches=max_batches,
     )
