@@ -156,7 +156,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def config_get(cfg, name, default=None):
+def _cfg_get(cfg, name, default=None):
     value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
     return default if value in (None, "") else value
 
@@ -171,8 +171,8 @@ def evaluate(config, workdir) -> dict:
     record; process 0 writes the JSON and prints the table.
     """
     ev = config.evaluate
-    sample_npz = config_get(ev, "sample_npz")
-    reference = config_get(ev, "reference_batch")
+    sample_npz = _cfg_get(ev, "sample_npz")
+    reference = _cfg_get(ev, "reference_batch")
     if not sample_npz or not reference:
         raise ValueError(
             "config.evaluate.sample_npz and config.evaluate.reference_batch are required"
@@ -180,18 +180,18 @@ def evaluate(config, workdir) -> dict:
     for field, value in (("sample_npz", sample_npz), ("reference_batch", reference)):
         if not paths.path(value).exists():
             raise ValueError(f"evaluate.{field}: {value}: no such file")
-    sha = config_get(ev, "inception_sha256", inception.WEIGHTS_SHA256)
+    sha = _cfg_get(ev, "inception_sha256", inception.WEIGHTS_SHA256)
     variables = inception.load_inception_variables(
-        config_get(ev, "inception_weights"), sha256=None if str(sha).lower() == "none" else sha
+        _cfg_get(ev, "inception_weights"), sha256=None if str(sha).lower() == "none" else sha
     )
-    resize = config_get(ev, "resize", "tf")
+    resize = _cfg_get(ev, "resize", "tf")
     results = evaluate_npz(
         sample_npz,
         reference,
         inception_params=variables,
-        batch_size=int(config_get(ev, "batch_size", 256)),
+        batch_size=int(_cfg_get(ev, "batch_size", 256)),
         resize=resize,
-        distance=config_get(ev, "distance", "float32"),
+        distance=_cfg_get(ev, "distance", "float32"),
     )
     record = {
         **results,
