@@ -64,7 +64,9 @@ class SamplerSpec:
         return dataclasses.replace(self, steps=int(diffusion.num_timesteps))
 
 
-def _get(section: Any, name: str, default: Any = None) -> Any:
+def config_get(section: Any, name: str, default: Any = None) -> Any:
+    """``section.name`` of a ConfigDict, dict or plain object, else ``default`` (also for a
+    missing ``section``): sampling and evaluation read configs built by hand as well."""
     if section is None:
         return default
     if hasattr(section, "get"):
@@ -82,7 +84,7 @@ def sampler_spec(sample_config: Any, **overrides) -> SamplerSpec:
     "10,15,20"), ``steps=N > 0`` replaces it by "N" (ddpm) or "ddimN" (ddim). dpm++ ignores
     timestep_respacing and runs ``steps`` (default 20) solver steps.
     """
-    get = lambda name, default=None: overrides.get(name, _get(sample_config, name, default))
+    get = lambda name, default=None: overrides.get(name, config_get(sample_config, name, default))
     name = str(get("sampler", "ddpm") or "ddpm").strip().lower()
     if name not in SAMPLERS:
         raise ValueError(f"sample.sampler: expected one of {SAMPLERS}, got {name!r}")
@@ -140,7 +142,7 @@ def check_scale(field: str, value: Any) -> float:
 def cfg_scale_of(sample_config: Any) -> float | None:
     """``sample.cfg_scale``: None (or "") means classifier-free guidance is off; otherwise a
     finite scale >= 0 (1 = the conditional model, 0 = the unconditional one)."""
-    value = _get(sample_config, "cfg_scale", None)
+    value = config_get(sample_config, "cfg_scale", None)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     return check_scale("sample.cfg_scale", value)

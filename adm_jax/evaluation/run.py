@@ -161,6 +161,21 @@ def _cfg_get(cfg, name, default=None):
     return default if value in (None, "") else value
 
 
+def inception_settings(ev) -> tuple[dict, dict]:
+    """(Inception variables, ``evaluate_npz`` keyword arguments) from ``config.evaluate``:
+    inception_weights / inception_sha256, batch_size, resize, distance (empty: defaults)."""
+    sha = _cfg_get(ev, "inception_sha256", inception.WEIGHTS_SHA256)
+    variables = inception.load_inception_variables(
+        _cfg_get(ev, "inception_weights"), sha256=None if str(sha).lower() == "none" else sha
+    )
+    kwargs = dict(
+        batch_size=int(_cfg_get(ev, "batch_size", 256)),
+        resize=_cfg_get(ev, "resize", "tf"),
+        distance=_cfg_get(ev, "distance", "float32"),
+    )
+    return variables, kwargs
+
+
 def evaluate(config, workdir) -> dict:
     """``--mode=evaluate``: reads ``config.evaluate`` and writes ``<workdir>/evaluation/*.json``.
 
@@ -180,19 +195,9 @@ def evaluate(config, workdir) -> dict:
     for field, value in (("sample_npz", sample_npz), ("reference_batch", reference)):
         if not paths.path(value).exists():
             raise ValueError(f"evaluate.{field}: {value}: no such file")
-    sha = _cfg_get(ev, "inception_sha256", inception.WEIGHTS_SHA256)
-    variables = inception.load_inception_variables(
-        _cfg_get(ev, "inception_weights"), sha256=None if str(sha).lower() == "none" else sha
-    )
-    resize = _cfg_get(ev, "resize", "tf")
-    results = evaluate_npz(
-        sample_npz,
-        reference,
-        inception_params=variables,
-        batch_size=int(_cfg_get(ev, "batch_size", 256)),
-        resize=resize,
-        distance=_cfg_get(ev, "distance", "float32"),
-    )
+    variables, kwargs = inception_settings(ev)
+    resize = kwargs["resize"]
+    results = evaluate_npz(sample_npz, reference, inception_params=variables, **kwargs)
     record = {
         **results,
         "sample_npz": os.fspath(sample_npz),

@@ -26,8 +26,8 @@ from absl import logging
 
 from adm_jax import paths
 from adm_jax.diffusion import methods
-from adm_jax.evaluation import inception
-from adm_jax.evaluation.run import evaluate_npz
+from adm_jax.diffusion.methods import config_get
+from adm_jax.evaluation.run import evaluate_npz, inception_settings
 from adm_jax.sampling import sampler as sampler_lib
 
 # Column order and direction (True: higher is better) of the metrics we know how to plot.
@@ -66,7 +66,7 @@ def sampler_grid(sample_config: Any, samplers: Any = None, steps: Any = None) ->
     """The (sampler, NFE) points of a sweep as ``sampler_spec`` overrides: the product of
     ``samplers`` (default ``sample.sweep_samplers``) and ``steps`` (``sample.sweep_steps``);
     an empty list keeps ``sample.sampler`` / ``sample.steps``."""
-    get = lambda name: sampler_lib.config_get(sample_config, name, "")
+    get = lambda name: config_get(sample_config, name, "")
     names = _parse_list(get("sweep_samplers") if samplers is None else samplers)
     counts = _parse_list(get("sweep_steps") if steps is None else steps)
     try:
@@ -87,18 +87,8 @@ def sampler_grid(sample_config: Any, samplers: Any = None, steps: Any = None) ->
 def inception_metrics_fn(config: Any) -> MetricsFn:
     """The evaluator's metrics against ``config.sample.reference_batch`` (``config.evaluate``
     supplies the Inception weights, batch size, resize path and distance precision)."""
-    ev = sampler_lib.config_get(config, "evaluate")
-    get = lambda name, default=None: sampler_lib.config_get(ev, name) or default
-    sha = get("inception_sha256", inception.WEIGHTS_SHA256)
-    variables = inception.load_inception_variables(
-        get("inception_weights"), sha256=None if str(sha).lower() == "none" else sha
-    )
+    variables, kwargs = inception_settings(config_get(config, "evaluate"))
     reference = config.sample.reference_batch
-    kwargs = dict(
-        batch_size=int(get("batch_size", 256)),
-        resize=get("resize", "tf"),
-        distance=get("distance", "float32"),
-    )
 
     def metrics(npz_path: str) -> Mapping[str, float]:
         return evaluate_npz(npz_path, reference, inception_params=variables, **kwargs)
@@ -129,13 +119,13 @@ def guidance_sweep(
         raise ValueError("sample.sweep_scales: give at least one guidance scale, e.g. '0,1,10'")
     grid = sampler_grid(sc, samplers, steps)
     guidance = _guidance_kind(sc, scales)
-    if metrics_fn is None and sampler_lib.config_get(sc, "reference_batch"):
+    if metrics_fn is None and config_get(sc, "reference_batch"):
         metrics_fn = inception_metrics_fn(config)
 
     base_job = _build_job(config, workdir, guidance, scales)
-    num_samples = int(sampler_lib.config_get(sc, "num_samples", 0) or 0)
+    num_samples = int(config_get(sc, "num_samples", 0) or 0)
     num_samples = num_samples or base_job.default_num_samples
-    classifier_scale = float(sampler_lib.config_get(sc, "classifier_scale", 0.0) or 0.0)
+    classifier_scale = float(config_get(sc, "classifier_scale", 0.0) or 0.0)
     output_dir = sampler_lib.output_dir_for(config, workdir)
     rows = []
     for point in grid:
@@ -168,7 +158,7 @@ def guidance_sweep(
 def _guidance_kind(sample_config: Any, scales: Sequence[float]) -> str:
     """What the scales scale: "classifier" (a classifier is given), "cfg" (classifier-free:
     sample.cfg_scale set, or scales other than 0 without a classifier), or "none"."""
-    if sampler_lib.config_get(sample_config, "classifier_checkpoint"):
+    if config_get(sample_config, "classifier_checkpoint"):
         return "classifier"
     if methods.cfg_scale_of(sample_config) is not None or any(s != 0 for s in scales):
         return "cfg"

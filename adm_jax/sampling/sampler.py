@@ -46,6 +46,7 @@ from adm_jax import checkpoints, paths
 from adm_jax import mesh as mesh_lib
 from adm_jax.batch_sampler import BatchSampler, replicate
 from adm_jax.diffusion import create_diffusion, methods
+from adm_jax.diffusion.methods import config_get
 from adm_jax.sampling import io
 
 ARGS_FILE = "args.json"
@@ -145,16 +146,6 @@ def _config_model_kwargs(config: Any) -> dict[str, Any]:
         flags = {k: v for k, v in _to_dict(config.model).items() if k not in extras}
         return reference_kwargs_from_flags(config.model.kind, flags)
     return model_kwargs(config)
-
-
-def config_get(config: Any, name: str, default: Any = None) -> Any:
-    """``config.name`` of a ConfigDict, dict or plain object, else ``default`` (also for a
-    missing ``config``): sampling and evaluation read configs built by hand as well."""
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        return config.get(name, default)
-    return config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
 
 
 def _to_dict(cfg: Any) -> dict:

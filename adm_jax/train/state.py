@@ -68,11 +68,6 @@ def current_lr(opt_state) -> jax.Array:
     return opt_state.hyperparams["learning_rate"]
 
 
-def init_inputs(module, batch_size: int = 1):
-    """Zero inputs for ``module.init`` (x, t) and kwargs (y, low_res)."""
-    return example_inputs(module, batch_size)
-
-
 def make_init_fn(module, config, tx):
     """rng -> TrainState (pure; jit it with out_shardings to build it in place)."""
     rates = config_lib.ema_rates(config)
@@ -80,7 +75,7 @@ def make_init_fn(module, config, tx):
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
-        args, kwargs = init_inputs(module)
+        args, kwargs = example_inputs(module)  # zeros: x, t; y, low_res
         params = module.init(init_rng, *args, **kwargs)["params"]
         params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
         sampler_state = None
