@@ -70,9 +70,8 @@ from adm_jax.train import state as state_lib
 NA = "n/a"
 NOT_AVAILABLE = "not available"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-PUBLISHED_MODELS = pathlib.Path(
-    os.environ.get("ADM_JAX_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden")
-) / ("published_models.json")
+# The reference's parameter and FLOP counts of the released models (in a clone of the repository).
+PUBLISHED_MODELS = REPO_ROOT / "tests" / "golden" / "published_models.json"
 
 # Peak dense bf16 FLOP/s per JAX device keyed on device_kind prefixes. The table itself lives
 # in adm_jax.train.metrics (the train loop logs MFU from it); it covers TPU v4, v5e ("TPU v5

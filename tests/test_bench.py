@@ -115,8 +115,7 @@ def test_analytic_forward_flops_match_reference_imagenet128():
     torch.utils.flop_counter total (published_models.json: 128x128_diffusion)."""
     config = bench_lib.load_config(str(CONFIGS / "imagenet128.py"))
     entry = bench_lib.published_entry(config)
-    if entry is None:
-        pytest.skip("published_models.json not found (set ADM_JAX_GOLDEN_DIR)")
+    assert entry is not None, "no published_models.json entry matches configs/imagenet128.py"
     assert entry["name"] == "128x128_diffusion"
     module = bench_lib.build_module(config, dtype=jax.numpy.float32)
     flops = bench_lib.forward_flops_per_image(module)
