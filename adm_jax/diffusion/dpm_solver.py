@@ -18,73 +18,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adm_jax.diffusion.samplers import classifier_guidance_grad
 from adm_jax.diffusion.schedules import Diffusion
+from adm_jax.diffusion.solver_common import (
+    CLIPPED_LAMBDA,
+    SKIP_TYPES,
+    THRESHOLDING_MAX_VAL,
+    THRESHOLDING_RATIO,
+    base_betas,
+    check_inputs,
+    data_prediction_fn,
+    dynamic_threshold,
+    inverse_lambda,
+    marginal_lambda,
+    marginal_log_alpha,
+    model_eps,
+    model_input_times,
+    schedule_at,
+    time_steps,
+    validate_solver_args,
+    vp_log_alpha_table,
+)
 
-SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
-# NoiseScheduleVP.numerical_clip_alpha: trailing steps whose half-log-SNR is below this go.
-CLIPPED_LAMBDA = -5.1
-THRESHOLDING_RATIO = 0.995
-THRESHOLDING_MAX_VAL = 1.0
-
-
-def vp_log_alpha_table(betas) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints (t_n, log alpha_n) of the discrete VP schedule, t_n = n / N, n = 1..N.
-
-    log alpha_n = 0.5 * cumsum(log(1 - beta)), alpha being DPM-Solver's alpha (= sqrt(abar)).
-    The trailing entries with lambda < -5.1 are dropped (the reference's numerical_clip_alpha:
-    cosine schedules lose a few), which changes N and so every model time.
-    """
-    log_alphas = 0.5 * np.cumsum(np.log(1.0 - np.asarray(betas, np.float64)))
-    lambdas = log_alphas - 0.5 * np.log(-np.expm1(2.0 * log_alphas))
-    num_clipped = int(np.searchsorted(lambdas[::-1], CLIPPED_LAMBDA, side="left"))
-    if num_clipped:
-        log_alphas = log_alphas[:-num_clipped]
-    total_n = log_alphas.shape[0]
-    t_array = np.linspace(0.0, 1.0, total_n + 1, dtype=np.float64)[1:]
-    return t_array, log_alphas
-
-
-def _interpolate(x, xp, yp):
-    """Piecewise-linear y(x) through (xp, yp), xp increasing, extrapolated linearly past both
-    ends with the outermost segments (the reference's interpolate_fn)."""
-    x = np.asarray(x, np.float64)
-    idx = np.clip(np.searchsorted(xp, x, side="right") - 1, 0, len(xp) - 2)
-    x0, x1, y0, y1 = xp[idx], xp[idx + 1], yp[idx], yp[idx + 1]
-    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
-
-
-def marginal_log_alpha(table, t):
-    """log alpha(t), piecewise linear in t between the schedule's keypoints."""
-    t_array, log_alphas = table
-    return _interpolate(t, t_array, log_alphas)
-
-
-def marginal_lambda(table, t):
-    """Half-log-SNR lambda(t) = log alpha(t) - log sigma(t), sigma(t) = sqrt(1 - alpha(t)^2)."""
-    log_alpha = marginal_log_alpha(table, t)
-    return log_alpha - 0.5 * np.log(-np.expm1(2.0 * log_alpha))
-
-
-def inverse_lambda(table, lamb):
-    """t(lambda): log alpha = -0.5 log(1 + exp(-2 lambda)), then the schedule read backwards."""
-    t_array, log_alphas = table
-    log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * np.asarray(lamb, np.float64))
-    return _interpolate(log_alpha, log_alphas[::-1], t_array[::-1])
-
-
-def time_steps(table, steps: int, skip_type: str) -> np.ndarray:
-    """The steps + 1 solver times from t_T = 1 down to t_0 = 1/N (reference get_time_steps):
-    uniform in t, uniform in lambda ("logSNR") or uniform in sqrt(t) ("time_quadratic")."""
-    t_T, t_0 = 1.0, 1.0 / table[0].shape[0]
-    if skip_type == "time_uniform":
-        return np.linspace(t_T, t_0, steps + 1, dtype=np.float64)
-    if skip_type == "time_quadratic":
-        return np.linspace(np.sqrt(t_T), np.sqrt(t_0), steps + 1, dtype=np.float64) ** 2
-    if skip_type == "logSNR":
-        lambda_T, lambda_0 = marginal_lambda(table, t_T), marginal_lambda(table, t_0)
-        return inverse_lambda(table, np.linspace(lambda_T, lambda_0, steps + 1))
-    raise ValueError(f"skip_type: expected one of {SKIP_TYPES}, got {skip_type!r}")
+# The schedule and model-wrapper helpers live in solver_common (UniPC shares them); these
+# names stay importable from here.
+__all__ = [
+    "CLIPPED_LAMBDA",
+    "SKIP_TYPES",
+    "THRESHOLDING_MAX_VAL",
+    "THRESHOLDING_RATIO",
+    "base_betas",
+    "dpm_solver_plan",
+    "dpm_solver_sample",
+    "dynamic_threshold",
+    "inverse_lambda",
+    "marginal_lambda",
+    "marginal_log_alpha",
+    "time_steps",
+    "update_orders",
+    "vp_log_alpha_table",
+]
+# Earlier private names, kept for callers that imported them from here.
+_eps = model_eps
+_validate = validate_solver_args
 
 
 def update_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
@@ -141,27 +116,6 @@ def _update_coefficients(lambdas, alphas, sigmas, j, step_order):
     return c_x, c
 
 
-def base_betas(diffusion: Diffusion) -> np.ndarray:
-    """The training schedule's betas; DPM-Solver discretises its own time grid over them, so a
-    respaced process (which keeps only abar on a subset) cannot serve."""
-    n = diffusion.num_timesteps
-    if not np.array_equal(diffusion.timestep_map, np.arange(n)):
-        raise ValueError(
-            f"diffusion: DPM-Solver needs the unrespaced schedule, got one respaced to {n} steps "
-            f"(create it with timestep_respacing='')"
-        )
-    return np.asarray(diffusion.betas, np.float64)
-
-
-def _validate(steps, order, skip_type):
-    if order not in (1, 2, 3):
-        raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
-    if not isinstance(steps, int) or steps < order:
-        raise ValueError(f"steps: expected an int >= order ({order}), got {steps!r}")
-    if skip_type not in SKIP_TYPES:
-        raise ValueError(f"skip_type: expected one of {SKIP_TYPES}, got {skip_type!r}")
-
-
 def dpm_solver_plan(
     diffusion: Diffusion,
     *,
@@ -178,14 +132,11 @@ def dpm_solver_plan(
     order orders[k]. Keys: t_continuous and lambda (steps + 1,); model_times, alpha, sigma,
     orders, coef_x (steps,); coef_model (steps, 3); total_n (the clipped schedule length).
     """
-    _validate(steps, order, skip_type)
-    table = vp_log_alpha_table(base_betas(diffusion))
+    validate_solver_args(steps, order, skip_type)
+    table = vp_log_alpha_table(base_betas(diffusion), clip_low_lambda=True)
     total_n = table[0].shape[0]
     ts = time_steps(table, steps, skip_type)
-    log_alphas = marginal_log_alpha(table, ts)
-    alphas = np.exp(log_alphas)
-    sigmas = np.sqrt(-np.expm1(2.0 * log_alphas))
-    lambdas = log_alphas - np.log(sigmas)
+    alphas, sigmas, lambdas = schedule_at(table, ts)
     orders = update_orders(steps, order, lower_order_final)
     coef_x = np.zeros(steps)
     coef_model = np.zeros((steps, 3))
@@ -194,7 +145,7 @@ def dpm_solver_plan(
     return {
         "t_continuous": ts,
         "lambda": lambdas,
-        "model_times": (ts[:-1] - 1.0 / total_n) * 1000.0,
+        "model_times": model_input_times(ts[:-1], total_n),
         "alpha": alphas[:-1],
         "sigma": sigmas[:-1],
         "orders": np.asarray(orders, np.int32),
@@ -202,26 +153,6 @@ def dpm_solver_plan(
         "coef_model": coef_model,
         "total_n": total_n,
     }
-
-
-def dynamic_threshold(x0, ratio=THRESHOLDING_RATIO, max_val=THRESHOLDING_MAX_VAL):
-    """Dynamic thresholding (Imagen, Saharia et al. 2022, sec. 2.3): s = max(ratio-quantile of
-    |x_0| per example, max_val), x_0 <- clip(x_0, -s, s) / s; keeps guided x_0 in range."""
-    flat = jnp.abs(x0).reshape(x0.shape[0], -1)
-    s = jnp.maximum(jnp.quantile(flat, ratio, axis=1, method="linear"), max_val)
-    s = s.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
-    return jnp.clip(x0, -s, s) / s
-
-
-def _eps(output, channels):
-    """The eps part of a model output: all of it, or the first C of 2C channels (the rest is
-    the learned variance, which an ODE solver does not use)."""
-    if output.shape[-1] not in (channels, 2 * channels):
-        raise ValueError(
-            f"model_fn output: expected {channels} or {2 * channels} channels (NHWC), "
-            f"got shape {output.shape}"
-        )
-    return output[..., :channels].astype(jnp.float32)
 
 
 def dpm_solver_sample(
@@ -247,13 +178,9 @@ def dpm_solver_sample(
     thresholding applies `dynamic_threshold` to every x_0 prediction. diffusion, model_fn,
     classifier_fn and the solver options are static; x_T, y and classifier_scale are traced.
     """
-    _validate(steps, order, skip_type)
+    validate_solver_args(steps, order, skip_type)
     base_betas(diffusion)
-    if classifier_fn is not None and y is None:
-        raise ValueError("y: classifier guidance needs the target labels")
-    x_T = jnp.asarray(x_T, jnp.float32)
-    if x_T.ndim < 2:
-        raise ValueError(f"x_T: expected a batch of NHWC images, got shape {x_T.shape}")
+    x_T = check_inputs(x_T, classifier_fn, y)
     return _dpm_solver_sample(
         diffusion,
         model_fn,
@@ -303,26 +230,23 @@ def _dpm_solver_sample(
         skip_type=skip_type,
         lower_order_final=lower_order_final,
     )
-    batch, channels = x_T.shape[0], x_T.shape[-1]
     xs = {
         name: jnp.asarray(np.asarray(plan[name], np.float32))
         for name in ("model_times", "alpha", "sigma", "coef_x", "coef_model")
     }
-
-    def data_prediction(x, s):
-        """x_0 = (x_t - sigma_t eps) / alpha_t, eps classifier-guided, optionally thresholded."""
-        t = jnp.full((batch,), s["model_times"], jnp.float32)
-        eps = _eps(model_fn(x, t), channels)
-        if classifier_fn is not None:
-            eps = eps - s["sigma"] * classifier_guidance_grad(
-                classifier_fn, x, t, y, classifier_scale
-            )
-        x0 = (x - s["sigma"] * eps) / s["alpha"]
-        return dynamic_threshold(x0) if thresholding else x0
+    data_prediction = data_prediction_fn(
+        model_fn,
+        batch=x_T.shape[0],
+        channels=x_T.shape[-1],
+        classifier_fn=classifier_fn,
+        y=y,
+        classifier_scale=classifier_scale,
+        thresholding=thresholding,
+    )
 
     def body(carry, s):
         x, history = carry
-        m = data_prediction(x, s)
+        m = data_prediction(x, s["model_times"], s["alpha"], s["sigma"])
         models = (m, *history)
         x = s["coef_x"] * x + sum(s["coef_model"][i] * models[i] for i in range(len(models)))
         return (x, models[: order - 1]), None
