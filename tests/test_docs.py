@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import importlib.util
 import json
@@ -92,8 +93,13 @@ def load_doc(path: pathlib.Path) -> Doc:
     return _doc(name, lines, [f"{name}:{i + 1}" for i in range(len(lines))])
 
 
+# Dated logs keep the names and commands of their date; they are not checked.
+HISTORY = {"docs/history.md", "CHANGELOG.md"}
+
+
 def doc_paths() -> list[pathlib.Path]:
     paths = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    paths = [p for p in paths if p.relative_to(REPO).as_posix() not in HISTORY]
     paths += sorted((REPO / "configs").glob("*.py"))
     for pattern in ("*.sh", "*.py", "*.ipynb"):
         paths += sorted((REPO / "launch").glob(pattern))
@@ -521,9 +527,16 @@ def known_flags() -> frozenset[str]:
     return frozenset(names)
 
 
+def _ours(name: str) -> bool:
+    """Written like an adm_jax flag (snake_case) or one letter or two from one; other tools'
+    flags (sbatch's --nodes, gcloud's --zone, pip's --user) are not checked."""
+    entry_flags = [n for e in entries().values() for n in e.flags]
+    return "_" in name or bool(difflib.get_close_matches(name, entry_flags, n=1, cutoff=0.8))
+
+
 def check_prose_flags(doc: Doc) -> list[str]:
-    """A backquoted ``--flag`` outside a command is a flag of some entry point (or of a
-    program named in REFERENCE_SCRIPT_FLAGS / PYTEST_FLAGS, or XLA's)."""
+    """A backquoted ``--flag`` outside a command, written like one of ours, is a flag of some
+    entry point (or of a program named in REFERENCE_SCRIPT_FLAGS / PYTEST_FLAGS, or XLA's)."""
     errors = []
     spans = [(c.start, c.end) for c in commands(doc)]
     for match in re.finditer(r"`(--([A-Za-z_][\w-]*))", doc.text):
@@ -531,6 +544,8 @@ def check_prose_flags(doc: Doc) -> list[str]:
         if any(a <= match.start() < b for a, b in spans) or name.startswith(("config.", "xla_")):
             continue
         if doc.text.startswith("*", match.end()) or name in known_flags():  # `--classifier_*`
+            continue
+        if not _ours(name):
             continue
         errors.append(f"{doc.where(match.start())}: {match.group(1)}: no entry point has this flag")
     return errors
@@ -796,6 +811,51 @@ def check_python_names(doc: Doc) -> list[str]:
     return errors
 
 
+# ---- links
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's id for a markdown heading: lower case, punctuation dropped, spaces -> '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+@functools.cache
+def anchors(path: pathlib.Path) -> frozenset[str]:
+    found, seen = set(), {}
+    in_code = False
+    for line in path.read_text().split("\n"):
+        if line.startswith("```"):
+            in_code = not in_code
+        match = None if in_code else re.match(r"#{1,6}\s+(.*?)\s*#*$", line)
+        if match:
+            anchor = github_anchor(match.group(1))
+            n = seen.get(anchor, 0)
+            seen[anchor] = n + 1
+            found.add(anchor if n == 0 else f"{anchor}-{n}")
+    return frozenset(found)
+
+
+def check_links(doc: Doc) -> list[str]:
+    """Relative markdown links point at existing files, and their #anchors at headings."""
+    errors = []
+    if not doc.name.endswith((".md", ".ipynb")):
+        return errors
+    base = (REPO / doc.name).parent
+    for match in re.finditer(r"\]\(([^)\s]+)\)", doc.text):
+        target = match.group(1)
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
+            continue
+        file, _, anchor = target.partition("#")
+        path = (base / file).resolve() if file else REPO / doc.name
+        where = doc.where(match.start())
+        if not path.exists():
+            errors.append(f"{where}: link {target}: no such file")
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            errors.append(f"{where}: link {target}: no heading #{anchor} in {path.name}")
+    return errors
+
+
 CHECKS = {
     "config overrides": check_config_overrides,
     "config files": check_config_files,
@@ -805,6 +865,7 @@ CHECKS = {
     "config field names": check_field_mentions,
     "documented defaults": check_defaults,
     "Python names": check_python_names,
+    "links": check_links,
 }
 
 
@@ -847,7 +908,7 @@ bash launch/tpu_pod.sh configs/imagenet256.py --config.sample.clasifier_scale=2
 
 `train.remat` (default `full`) and `evaluate.batch_size` (global; default 256), `sample.steps=0`
 (the default), `sample.classifier_scale` defaults to 0.0, `train.atention_impl`.
-`--config.train.batch_sise: no such config field` is how a typo is reported; `--verbos`.
+`--config.train.batch_sise: no such config field`; `--verbos`, `--nodes=2`, `--heartbeat_timout`.
 
 `config.nll` fields:
 
@@ -855,6 +916,8 @@ bash launch/tpu_pod.sh configs/imagenet256.py --config.sample.clasifier_scale=2
 |---|---|---|
 | `num_samples` | 100 | images |
 | `seed` | 0 | noise |
+
+See [the table](docs/training.md#no-such-heading) and [this](missing.md).
 """
 
 
@@ -875,7 +938,10 @@ def test_the_checks_catch_mistakes():
         "bad.md:12: `evaluate.batch_size` documented default '256', the code's is 64",
         "bad.md:13: `train.atention_impl`: no such config field",
         "bad.md:14: --verbos: no entry point has this flag",
+        "bad.md:14: --heartbeat_timout: no entry point has this flag",
         "bad.md:13: `sample.classifier_scale` documented default '0.0', the code's is 1.0",
+        "bad.md:23: link docs/training.md#no-such-heading: no heading #no-such-heading",
+        "bad.md:23: link missing.md: no such file",
         "bad.md:20: `num_samples` documented default '100', the code's is 1000 (nll.num_samples)",
     ]
     for line in expected:
