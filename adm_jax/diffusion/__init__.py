@@ -66,6 +66,7 @@ from adm_jax.diffusion.timestep_sampler import (
     loss_second_moment_weights,
     uniform_sample_timesteps,
 )
+from adm_jax.diffusion.unipc import unipc_plan, unipc_sample
 
 __all__ = [
     "COEFFICIENT_NAMES",
@@ -116,5 +117,7 @@ __all__ = [
     "space_timesteps",
     "training_losses",
     "uniform_sample_timesteps",
+    "unipc_plan",
+    "unipc_sample",
     "vb_terms_bpd",
 ]
