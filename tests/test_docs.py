@@ -362,7 +362,7 @@ def _command_config(segment: str) -> str | None:
 def commands(doc: Doc) -> list[Command]:
     found = []
     programs = {**launch_forwards()["*"], **launch_forwards().get(doc.name, {})}
-    patterns = [(r"""-m["',\s]+"?(adm_jax(?:\.\w+)+)""", None)]
+    patterns = [(r"""-m["',\s]+"?(adm_jax(?:\.\w+)+)["']?""", None)]
     patterns += [
         (rf"(?<![\w/.-]){re.escape(word)}(?![\w.-])", mod) for word, mod in programs.items()
     ]
@@ -539,7 +539,10 @@ def check_prose_flags(doc: Doc) -> list[str]:
     entry point (or of a program named in REFERENCE_SCRIPT_FLAGS / PYTEST_FLAGS, or XLA's)."""
     errors = []
     spans = [(c.start, c.end) for c in commands(doc)]
-    for match in re.finditer(r"`(--([A-Za-z_][\w-]*))", doc.text):
+    pattern = r"`(--([A-Za-z_][\w-]*))"
+    if doc.name.endswith((".py", ".ipynb")):  # also "--flag" strings of argument lists
+        pattern = r"(?:`|(?<=[\"']))(--([A-Za-z_][\w-]*))(?=[`\"'=])"
+    for match in re.finditer(pattern, doc.text):
         name = match.group(2)
         if any(a <= match.start() < b for a, b in spans) or name.startswith(("config.", "xla_")):
             continue
@@ -652,6 +655,9 @@ def check_defaults(doc: Doc) -> list[str]:
     # "`f` (default V" / "`f` (..., default V" / "`f` (...; default: V"
     for m in re.finditer(field + r"\s*\(([^()]*?)\bdefault:?\s+" + value, doc.text):
         found.append((m.start(), m.group(1), m.group(3)))
+    # "`f` default V" / "`f`: default V"
+    for m in re.finditer(field + r":?\s+default:?\s+" + value, doc.text):
+        found.append((m.start(), m.group(1), m.group(2)))
     # "`f` defaults to V"
     for m in re.finditer(field + r"\s+defaults\s+to\s+" + value, doc.text):
         found.append((m.start(), m.group(1), m.group(2)))
@@ -918,6 +924,7 @@ bash launch/tpu_pod.sh configs/imagenet256.py --config.sample.clasifier_scale=2
 | `seed` | 0 | noise |
 
 See [the table](docs/training.md#no-such-heading) and [this](missing.md).
+`train.lr` default 1.
 """
 
 
@@ -937,6 +944,7 @@ def test_the_checks_catch_mistakes():
         "bad.md:12: `train.remat` documented default 'full', the code's is 'none'",
         "bad.md:12: `evaluate.batch_size` documented default '256', the code's is 64",
         "bad.md:13: `train.atention_impl`: no such config field",
+        "bad.md:24: `train.lr` documented default '1', the code's is 0.0001",
         "bad.md:14: --verbos: no entry point has this flag",
         "bad.md:14: --heartbeat_timout: no entry point has this flag",
         "bad.md:13: `sample.classifier_scale` documented default '0.0', the code's is 1.0",
@@ -950,3 +958,18 @@ def test_the_checks_catch_mistakes():
     assert "--image_size" not in report  # inside --flags "...": the reference's flags
     assert "seed" not in report and "bad.md:12: `sample.steps" not in report
     assert len(report.split("\n")) == len(expected), report
+
+
+def test_the_checks_catch_mistakes_in_notebook_code():
+    """In notebook and Python code, argument lists and override dicts are checked too."""
+    code = [
+        'command = ["--chekpoint", checkpoint, "--out", out]',
+        'subprocess.run([sys.executable, "-m", "adm_jax.convert", *command], check=True)',
+        'DEMO_OVERRIDES = {"train.num_train_steps": 500, "train.num_steps": 700}',
+    ]
+    doc = _doc("bad.ipynb", code, [f"bad.ipynb cell 4 line {i + 1}" for i in range(len(code))])
+    report = "\n".join(e for check in CHECKS.values() for e in check(doc))
+    assert report.split("\n") == [
+        "bad.ipynb cell 4 line 1: --chekpoint: no entry point has this flag",
+        "bad.ipynb cell 4 line 3: `train.num_train_steps`: no such config field or section",
+    ], report
