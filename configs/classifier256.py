@@ -12,6 +12,9 @@ to 0, 500K steps (the paper trains classifiers 300K-500K steps).
 
 Hardware / time: TPU v4-32 -> ~0.4 days (estimate from the published forward FLOPs at 35%
 MFU, not measured).
+
+Memory (XLA's TPU compiler, no TPU; docs/benchmarks.md): 13.7 of 95 GiB per chip on v5p-8 at
+64 per chip.
 """
 
 from configs import default

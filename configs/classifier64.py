@@ -12,6 +12,9 @@ to 0, 300K steps (the paper trains classifiers 300K-500K steps).
 
 Hardware / time: TPU v4-16 -> ~0.1 days (estimate from the published forward FLOPs at 35%
 MFU, not measured).
+
+Memory (XLA's TPU compiler, no TPU; docs/benchmarks.md): 10.0 of 95 GiB per chip on v5p-8 at
+64 per chip.
 """
 
 from configs import default

@@ -10,6 +10,9 @@ schedule, no dropout, AdamW lr 1e-4, batch 256, EMA 0.9999, 4360K steps.
 
 Hardware / time: TPU v4-128 (64 chips) -> ~3.9 days for 4360K steps (estimate from the
 published forward FLOPs at 35% MFU, not measured).
+
+Memory (XLA's TPU compiler, no TPU; docs/benchmarks.md): at the paper's batch 256 on an
+8-core slice, 36.7 GiB per chip on v5p-8 (64 per chip), 30.4 of 32 on v4-8, 15.6 of 16 on v5e-8.
 """
 
 from configs import default

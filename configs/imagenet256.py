@@ -10,6 +10,9 @@ EMA 0.9999, 1980K steps.
 
 Hardware / time: TPU v4-128 (64 chips), fsdp 4 -> ~6.4 days for 1980K steps (estimate from
 the published forward FLOPs at 35% MFU, not measured).
+
+Memory (XLA's TPU compiler, no TPU; docs/benchmarks.md): at the paper's batch 256, 91.5 of
+95 GiB per chip on v5p-8 (64 per chip, fsdp 4); it does not fit v4-8 or v5e-8.
 """
 
 from configs import default

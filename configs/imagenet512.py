@@ -12,6 +12,9 @@ EMA 0.9999, 1940K steps.
 Hardware / time: TPU v4-256 (128 chips), fsdp 8, remat -> ~5.5 days for 1940K steps
 (estimate from the published forward FLOPs at 35% MFU, not measured; the paper reports
 1914 V100-days).
+
+Memory (XLA's TPU compiler, no TPU; docs/benchmarks.md): with remat, 32 per chip fits v5p-8
+at 67.4 of 95 GiB and 64 per chip does not (two microbatches or a v5p-16 for batch 256).
 """
 
 from configs import imagenet256

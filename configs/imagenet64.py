@@ -9,6 +9,10 @@ EMA 0.9999, 540K steps, hybrid loss with learned sigmas.
 
 Hardware / time: TPU v4-256 (128 chips), batch 2048 -> ~0.7 days for 540K steps
 (estimate: 3 x forward FLOPs from golden/published_models.json at 35% MFU, not measured).
+
+Memory (XLA's TPU compiler, no TPU; docs/benchmarks.md): the paper's batch does not fit an
+8-chip slice (v5p-8: 256 per chip fits at 91.8 of 95 GiB, 512 does not: use
+``train.grad_accum_steps=2`` there).
 """
 
 from configs import default
