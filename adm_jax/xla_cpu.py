@@ -6,7 +6,7 @@ default. On the project's 2-core CPU, YNNPACK's convolutions (above all the weig
 a 16x16 window over the batch) run 2-4x slower than the Eigen kernels XLA uses otherwise, while
 its reductions are 3-5x faster than XLA's own loops. Keeping YNNPACK for reductions only takes
 the demo UNet's train step from 31 to 55-63 img/s and halves the sampler's time per step
-(docs/benchmarks.md, "CPU: where the train step lost to PyTorch"); YNNPACK's dots (attention,
+(docs/history.md, "CPU: where the train step lost to PyTorch"); YNNPACK's dots (attention,
 dense layers) gain a few percent more. The flags choose kernels, not math: results differ by
 float32 round-off. TPU and GPU backends ignore them.
 

@@ -54,7 +54,7 @@ def _with_canonical_conv_kernels(fn):
     with its fast (Eigen, multi-threaded) kernel and its pass that canonicalises the others
     (`ConvCanonicalization`) visits only the entry computation, so inside the sampling
     `lax.scan` (a while-loop body) those convolutions fall back to a naive loop: ~6x slower
-    guided steps on CPU (docs/benchmarks.md, "Guidance overhead on CPU"). Transposing the
+    guided steps on CPU (docs/history.md, "Guidance overhead on CPU"). Transposing the
     kernel here is what that pass does outside a loop, so results equal a standalone step's.
     """
 

@@ -117,7 +117,7 @@ class GroupNorm32(nn.Module):
     reference to float32 round-off; the result is cast back to the input dtype. The gradient is
     a custom VJP (``_group_norm_backward``): autodiff of the forward made XLA:CPU recompute the
     normalised activations in several full passes, which cost more than the block's
-    convolutions at 16x16 with 128 channels (docs/benchmarks.md).
+    convolutions at 16x16 with 128 channels (docs/history.md).
     """
 
     num_groups: int = GROUPS
