@@ -862,6 +862,35 @@ def check_links(doc: Doc) -> list[str]:
     return errors
 
 
+@functools.cache
+def headings(path: pathlib.Path) -> tuple[str, ...]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return tuple(
+        " ".join(m.group(1).replace("`", "").lower().split())
+        for m in re.finditer(r"^#{1,6}\s+(.*?)\s*#*$", text, re.M)
+    )
+
+
+def _section_reference_errors(name: str, text: str, where) -> list[str]:
+    errors = []
+    pattern = r"([\w./-]+\.md)(?:\]\([^)]*\))?\)?,\s+\"([^\"]+)\""
+    for match in re.finditer(pattern, text):
+        file, section = match.group(1), " ".join(match.group(2).replace("`", "").lower().split())
+        base = (REPO / name).parent
+        candidates = [base / file, REPO / file, REPO / "docs" / file]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            errors.append(f"{where(match.start())}: {file}: no such file")
+        elif not any(h.startswith(section) for h in headings(path)):
+            errors.append(f'{where(match.start())}: {file}, "{match.group(2)}": no such section')
+    return errors
+
+
+def check_section_references(doc: Doc) -> list[str]:
+    """``docs/X.md, "Heading"`` names a heading of that file (the start of its text)."""
+    return _section_reference_errors(doc.name, doc.text, doc.where)
+
+
 CHECKS = {
     "config overrides": check_config_overrides,
     "config files": check_config_files,
@@ -872,6 +901,7 @@ CHECKS = {
     "documented defaults": check_defaults,
     "Python names": check_python_names,
     "links": check_links,
+    "section references": check_section_references,
 }
 
 
@@ -882,6 +912,15 @@ CHECKS = {
 def test_docs(check):
     errors = [e for doc in all_docs() for e in CHECKS[check](doc)]
     assert not errors, f"{len(errors)} wrong {check} in the docs:\n" + "\n".join(errors)
+
+
+def test_package_docstrings_name_existing_sections():
+    """The package's docstrings and comments refer to docs sections that exist."""
+    errors = []
+    for path in sorted((REPO / "adm_jax").rglob("*.py")):
+        doc = load_doc(path)
+        errors += _section_reference_errors(doc.name, doc.text, doc.where)
+    assert not errors, "\n".join(errors)
 
 
 def test_the_scan_sees_the_docs():
@@ -924,7 +963,7 @@ bash launch/tpu_pod.sh configs/imagenet256.py --config.sample.clasifier_scale=2
 | `seed` | 0 | noise |
 
 See [the table](docs/training.md#no-such-heading) and [this](missing.md).
-`train.lr` default 1.
+`train.lr` default 1. See docs/sampling.md, "Which sampler" and docs/training.md, "No such part".
 """
 
 
@@ -944,6 +983,7 @@ def test_the_checks_catch_mistakes():
         "bad.md:12: `train.remat` documented default 'full', the code's is 'none'",
         "bad.md:12: `evaluate.batch_size` documented default '256', the code's is 64",
         "bad.md:13: `train.atention_impl`: no such config field",
+        'bad.md:24: docs/training.md, "No such part": no such section',
         "bad.md:24: `train.lr` documented default '1', the code's is 0.0001",
         "bad.md:14: --verbos: no entry point has this flag",
         "bad.md:14: --heartbeat_timout: no entry point has this flag",

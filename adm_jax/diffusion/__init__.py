@@ -26,6 +26,12 @@ from adm_jax.diffusion.gaussian import (
     q_posterior_mean_variance,
     q_sample,
 )
+from adm_jax.diffusion.karras import (
+    karras_noise,
+    karras_plan,
+    karras_sample,
+    karras_sigmas,
+)
 from adm_jax.diffusion.losses import (
     approx_standard_normal_cdf,
     bpd_terms,
@@ -91,6 +97,10 @@ __all__ = [
     "extract",
     "get_named_beta_schedule",
     "importance_sample_timesteps",
+    "karras_noise",
+    "karras_plan",
+    "karras_sample",
+    "karras_sigmas",
     "loss_second_moment_init",
     "loss_second_moment_update",
     "loss_second_moment_warmed_up",
