@@ -1,8 +1,9 @@
-"""Docs that cannot drift: every command line, config field, flag and quoted default in the
-user-facing text exists in the code and says what the code does.
+"""Docs that cannot drift: every command line, config field, flag, quoted default, Python name
+and link in the user-facing text exists in the code and says what the code does.
 
-Scanned: README.md, docs/**/*.md, configs/*.py (docstrings and comments), launch/*.sh,
-launch/*.py and launch/*.ipynb, including files added later. Checked:
+Scanned: README.md, docs/**/*.md (except the dated log docs/history.md), configs/*.py
+(docstrings and comments), launch/*.sh, launch/*.py and launch/*.ipynb, including files added
+later. Checked:
 
 - every ``--config.a.b`` (``=value`` or bare) resolves to a leaf of the config that the
   surrounding command names (``--config=configs/X.py[:variant]``, or a ``configs/X.py``
@@ -12,14 +13,20 @@ launch/*.py and launch/*.ipynb, including files added later. Checked:
   ``"-m", "adm_jax.<entry>"``, a launch script that forwards to an entry point, and a shell
   function of a launch script that sets ``ADM_JAX_MODULE``) is a flag of that entry point,
   and a ``--flag=value`` of an enum or ``choices`` flag names one of its values; every
-  ``--mode=NAME`` anywhere names a mode of adm_jax.main;
-- every backquoted ``section.field`` (``train.batch_size``, ``config.sample.sampler``, ...)
-  is a field of some config;
+  ``--mode=NAME`` anywhere names a mode of adm_jax.main; a backquoted ``--flag`` in prose
+  (or a ``"--flag"`` string in notebook code) written like ours (snake_case, or close to one
+  of ours) is a flag of some entry point or of the reference scripts;
+- every backquoted ``section.field`` (``train.batch_size``, ``config.sample.sampler``; in
+  notebook code also ``"train.num_steps"`` keys) is a field of some config;
+- every backquoted ``adm_jax.x.y`` (and ``bench_lib.y``-style) name exists in the sources;
 - quoted defaults match configs/default.py (the base every config starts from) and the
   entry points' flag defaults: "`train.remat` (default `none`)", "`x` (..., default 256)",
-  "`sample.steps=0` (the default)", "`f` defaults to V", and tables with a "default" column
-  whose first column names fields (the section comes from the nearest ``config.SECTION`` /
-  ``SECTION.field`` mentioned above the table or earlier in the paragraph).
+  "`sample.steps=0` (the default)", "`f` defaults to V", "`f` default V", and tables with a
+  "default" column whose first column names fields (the section comes from the nearest
+  ``config.SECTION`` / ``SECTION.field`` mentioned above the table or earlier in the
+  paragraph);
+- relative links point at existing files and headings; ``docs/X.md, "Heading"`` references
+  (also in the package's docstrings) name an existing section.
 
 Entry points and their flags are read from the sources (``flags.DEFINE_*`` and argparse's
 ``add_argument``) without importing them, so the test runs in about a second and needs no JAX.
