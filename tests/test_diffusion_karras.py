@@ -304,9 +304,9 @@ def test_samplers_match_k_diffusion_transcription(golden, sampler, grid, steps, 
 
 @pytest.mark.parametrize("sampler", dm.karras.SAMPLERS)
 def test_sampler_traces_once(golden, sampler):
-    """One compiled program: new x_T, noise, labels, guidance scales and even new churn / eta
-    never retrace; the model has one call site in the scan (Heun's two calls per step are two
-    iterations), so it is traced exactly once."""
+    """One compiled program: new x_T, noise, labels, guidance scales and even a new eta, churn
+    or sigma grid never retrace; the model has one call site in the scan (Heun's two calls per
+    step are two iterations), so it is traced exactly once."""
     _, a = golden(GOLDEN)
     model_fn, classifier_fn = toy_networks(a)
     traces = {"model": 0, "classifier": 0}
@@ -332,6 +332,9 @@ def test_sampler_traces_once(golden, sampler):
     # classifier_guidance_grad traces the classifier once per platform branch (CPU, default).
     assert first["model"] == 1 and first["classifier"] >= 1, f"{sampler}: traced {first}"
     assert traces == first, f"{sampler}: the second call retraced: {first} -> {traces}"
+    kw.update(sigma_grid="discrete", s_churn=3.0)
+    dm.karras_sample(d, counting_model, x_T, key=jax.random.key(2), y=[2, 2], **kw)
+    assert traces == first, f"{sampler}: another sigma grid retraced: {first} -> {traces}"
     assert np.isfinite(out_a).all() and np.isfinite(out_b).all()
     assert not np.allclose(out_a, out_b)
 

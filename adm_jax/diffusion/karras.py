@@ -193,8 +193,7 @@ def karras_plan(
     the call's update uses) and the update's coefficients: for "heun" second (bool: Heun's
     correction call), churn (the scale of noise[step] added before a first call) and dt; for
     the other samplers a, b, c, e, n with x <- a x + b D + c D_prev + e eps + n noise[step]
-    (eps = (x - D) / sigma). uses_noise:
-    whether any noise enters.
+    (eps = (x - D) / sigma). uses_noise: whether any noise enters.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
@@ -288,9 +287,10 @@ def karras_sample(
     conditional or unconditional model alone, one pass instead of two) outside. Calls outside
     the interval skip the classifier and the guided network entirely (lax.cond).
 
-    diffusion, model_fn, unguided_model_fn, classifier_fn and sampler are static; x_T, noise,
-    key, y and classifier_scale are traced, and so are the plan's arrays: other steps recompile
-    (new shapes), other s_churn, eta, rho, ... do not.
+    model_fn, unguided_model_fn, classifier_fn and sampler are static; x_T, noise, key, y and
+    classifier_scale are traced, and so are the plan's arrays: other steps recompile (new
+    shapes), and so does switching between options that draw noise and options that do not;
+    other s_churn, eta, rho, sigma grids or intervals do not.
     """
     plan = karras_plan(
         diffusion,
