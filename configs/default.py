@@ -145,6 +145,13 @@ def get_config() -> ml_collections.ConfigDict:
             lr_anneal_steps=0,
             grad_clip=0.0,  # global-norm clip; 0 disables (the reference does not clip)
             ema_rate="0.9999",  # comma-separated; "" for none (the classifier keeps none)
+            # Post-hoc EMA (EDM2): power-function EMAs of these relative stds (sigma_rel,
+            # comma-separated, e.g. "0.05,0.10"; "" = none), snapshotted every
+            # posthoc_ema_every steps into WORKDIR/posthoc_ema; --mode=export with
+            # export_ema_std reconstructs any other length from them (docs/training.md).
+            posthoc_ema_stds="",
+            posthoc_ema_every=0,
+            export_ema_std=config_dict.placeholder(float),
             schedule_sampler="uniform",  # or "loss-second-moment" (importance sampling of t)
             noised=True,  # classifier: train on x_t at uniformly random t
             # Precision: compute dtype of the network; master weights, EMA and Adam in float32.

@@ -14,7 +14,7 @@ from adm_jax.train.config_lib import (
     model_kwargs,
     validate_config,
 )
-from adm_jax.train.export import export, load_run_config, restore_inference
+from adm_jax.train.export import export, export_posthoc_ema, load_run_config, restore_inference
 from adm_jax.train.loop import NonFiniteError, RunResult, train_and_evaluate, train_classifier
 from adm_jax.train.sharding import create_mesh
 from adm_jax.train.state import TrainState, create_train_state, make_optimizer
@@ -31,6 +31,7 @@ __all__ = [
     "diffusion_kwargs",
     "ema_rates",
     "export",
+    "export_posthoc_ema",
     "load_run_config",
     "make_optimizer",
     "model_kwargs",

@@ -27,6 +27,7 @@ from adm_jax.models import (
     remat_policy_name,
     with_shape,
 )
+from adm_jax.train import posthoc_ema
 
 MODEL_KINDS = ("unet", "superres", "classifier")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
@@ -63,6 +64,17 @@ def ema_rates(config) -> tuple[float, ...]:
     """config.train.ema_rate ("0.9999" or "0.9999,0.99" or "") as floats."""
     text = str(config.train.ema_rate).strip()
     return tuple(float(r) for r in text.split(",") if r.strip()) if text else ()
+
+
+def posthoc_ema_stds(config) -> tuple[float, ...]:
+    """config.train.posthoc_ema_stds ("0.05,0.10" or "") as floats: the power-function EMAs
+    kept after the constant-rate ones in ``TrainState.ema_params``."""
+    text = str(config.train.get("posthoc_ema_stds", "") or "").strip()
+    return tuple(float(s) for s in text.split(",") if s.strip()) if text else ()
+
+
+def num_emas(config) -> int:
+    return len(ema_rates(config)) + len(posthoc_ema_stds(config))
 
 
 def model_flags(config) -> dict[str, Any]:
@@ -246,6 +258,27 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
         fail("train.ema_rate", f"expected comma-separated floats, got {t.ema_rate!r}")
     if any(not 0 < r < 1 for r in rates):
         fail("train.ema_rate", f"every rate must be in (0, 1), got {t.ema_rate!r}")
+    try:
+        stds = posthoc_ema_stds(config)
+    except ValueError:
+        fail(
+            "train.posthoc_ema_stds", f"expected comma-separated floats, got {t.posthoc_ema_stds!r}"
+        )
+    for std in stds:
+        try:
+            posthoc_ema.std_to_exp(std)
+        except ValueError as err:
+            fail("train.posthoc_ema_stds", str(err))
+    every = t.get("posthoc_ema_every", 0)
+    if not isinstance(every, int) or every < 0:
+        fail("train.posthoc_ema_every", f"expected an integer >= 0, got {every!r}")
+    if stds and not every:
+        fail("train.posthoc_ema_every", "must be > 0 when train.posthoc_ema_stds is set")
+    if t.get("export_ema_std") is not None:
+        try:
+            posthoc_ema.std_to_exp(float(t.export_ema_std))
+        except (TypeError, ValueError) as err:
+            fail("train.export_ema_std", str(err))
     if t.schedule_sampler not in SCHEDULE_SAMPLERS:
         fail("train.schedule_sampler", f"unknown {t.schedule_sampler!r}; {SCHEDULE_SAMPLERS}")
     if t.dtype == "float16":

@@ -16,7 +16,7 @@ from absl import logging
 from adm_jax import checkpoints as inference_lib
 from adm_jax import paths
 from adm_jax.models import abstract_params
-from adm_jax.train import checkpointing, config_lib
+from adm_jax.train import checkpointing, config_lib, posthoc_ema
 
 
 def _ema_index(config, ema_rate: str | float | None) -> int | None:
@@ -49,7 +49,8 @@ def _restore_params(workdir: str, config, *, ema_rate=None, step=None, sharding=
     else:
         # The EMA tuple is stored as a list, which partial restore cannot thin out.
         rates = config_lib.ema_rates(config)
-        tree = ckpt.restore_subtree({"ema_params": [params_abs] * len(rates)}, step)
+        num = config_lib.num_emas(config)
+        tree = ckpt.restore_subtree({"ema_params": [params_abs] * num}, step)
         params, rate = tree["ema_params"][index], rates[index]
     ckpt.close()
     return params, step, rate
@@ -87,16 +88,46 @@ def restore_inference(
     )
 
 
+def export_posthoc_ema(
+    workdir, run_config, std: float, *, step=None, from_stds=None
+) -> inference_lib.InferenceCheckpoint:
+    """The EMA of relative std ``std`` reconstructed from the run's post-hoc EMA snapshots."""
+    module = config_lib.build_model(run_config)
+    sharding = inference_lib.replicated_sharding()
+    params_abs = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        abstract_params(module),
+    )
+    params, at_step = posthoc_ema.reconstruct(
+        workdir, std, params_abs, step=step, from_stds=from_stds
+    )
+    return inference_lib.InferenceCheckpoint(
+        kind=run_config.model.kind,
+        model_kwargs=inference_lib._jsonable(config_lib.model_kwargs(run_config)),
+        diffusion_kwargs=config_lib.diffusion_kwargs(run_config),
+        params=params,
+        extra={"step": at_step, "ema_rate": None, "ema_std": float(std), "source": str(workdir)},
+    )
+
+
 def export(config, workdir: str, out: str | None = None, *, ema_rate=None) -> str:
     """Writes the latest checkpoint's EMA params of ``workdir`` as an inference checkpoint
-    (default ``WORKDIR/export/step_<N>``) and returns its path. The model description comes
-    from the config stored with the checkpoint (``config`` is used only if none is stored)."""
+    (default ``WORKDIR/export/step_<N>``) and returns its path. With
+    ``config.train.export_ema_std`` set, the EMA of that relative std is reconstructed from the
+    post-hoc EMA snapshots instead (default ``WORKDIR/export/step_<N>_std<std>``). The model
+    description comes from the config stored with the checkpoint (``config`` is used only if
+    none is stored)."""
     workdir = paths.resolved(workdir)
     try:
         run_config = load_run_config(workdir)
     except Exception:  # noqa: BLE001 - fall back to the given config
         run_config = config
-    restored = restore_inference(workdir, ema_rate=ema_rate)
+    std = config.train.get("export_ema_std")
+    if std is not None:
+        restored = export_posthoc_ema(workdir, run_config, float(std))
+        out = out or posthoc_ema.default_export_path(workdir, restored.extra["step"], float(std))
+    else:
+        restored = restore_inference(workdir, ema_rate=ema_rate)
     step = restored.extra["step"]
     out = out or workdir / "export" / f"step_{step:08d}"
     inference_lib.save_inference_checkpoint(
@@ -107,8 +138,9 @@ def export(config, workdir: str, out: str | None = None, *, ema_rate=None) -> st
         diffusion_kwargs=config_lib.diffusion_kwargs(run_config),
         extra=restored.extra,
     )
-    logging.info("Exported step %d (EMA %s) to %s", step, restored.extra["ema_rate"], out)
+    ema = restored.extra["ema_rate"] if std is None else f"std {std}"
+    logging.info("Exported step %d (EMA %s) to %s", step, ema, out)
     return os.fspath(out)
 
 
-__all__ = ["export", "load_run_config", "restore_inference"]
+__all__ = ["export", "export_posthoc_ema", "load_run_config", "restore_inference"]

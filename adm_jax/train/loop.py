@@ -36,6 +36,7 @@ from adm_jax.train import (
     checkpointing,
     config_lib,
     init_from,
+    posthoc_ema,
     sharding,
     steps,
 )
@@ -280,6 +281,10 @@ def _train(
         if started:
             logging.info("Saving checkpoint at step %d", at_step)
 
+    stds = config_lib.posthoc_ema_stds(config)
+    snapshots = posthoc_ema.SnapshotWriter(workdir, stds) if stds else None
+    first_power_ema = len(config_lib.ema_rates(config))
+
     acc = metrics_lib.MetricAccumulator()
     last = {}
     preempted = False
@@ -326,6 +331,8 @@ def _train(
                 last.update(ev)
             if not classifier and tc.sample_every and step % tc.sample_every == 0:
                 _write_samples(sample_grid, state, writer, workdir, step, last_batch)
+            if snapshots is not None and step % tc.posthoc_ema_every == 0:
+                snapshots.save(step, state.ema_params[first_power_ema:])
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not is_last:
                 save(step)
             t_log += time.perf_counter() - t_side
@@ -335,6 +342,8 @@ def _train(
         if step not in ckpt.all_steps():  # already saved: a periodic save at the same step
             save(step, force=True)
         ckpt.close()
+        if snapshots is not None:
+            snapshots.close()
     writer.flush()
     if preempted:
         logging.warning("Stopped at step %d after a preemption signal (checkpoint saved).", step)

@@ -2,9 +2,9 @@
 
 Everything that determines the next step lives in ``TrainState`` (a pytree of arrays), so
 a checkpoint of it plus the data iterator position resumes a run bit-for-bit: parameters,
-AdamW state (float32), one EMA per configured rate, the step, the base RNG key (per-step keys
-are ``fold_in(rng, step)``), the importance sampler's loss history, and the non-finite-step
-counters.
+AdamW state (float32), one EMA per configured rate and post-hoc EMA std, the step, the base
+RNG key (per-step keys are ``fold_in(rng, step)``), the importance sampler's loss history,
+and the non-finite-step counters.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class TrainState:
     step: jax.Array  # int32 scalar: steps taken (skipped non-finite steps included)
     params: Any
     opt_state: Any
-    ema_params: tuple  # one params pytree per config.train.ema_rate entry, same order
+    # One params pytree per config.train.ema_rate entry, then one per posthoc_ema_stds entry.
+    ema_params: tuple
     rng: jax.Array  # uint32[2] base key
     sampler_state: Any  # LossSecondMomentState for "loss-second-moment", else None
     skipped: jax.Array  # int32: total non-finite steps skipped
@@ -70,7 +71,7 @@ def current_lr(opt_state) -> jax.Array:
 
 def make_init_fn(module, config, tx):
     """rng -> TrainState (pure; jit it with out_shardings to build it in place)."""
-    rates = config_lib.ema_rates(config)
+    num_emas = config_lib.num_emas(config)
     use_sampler = config.train.schedule_sampler == "loss-second-moment"
 
     def init(rng):
@@ -85,7 +86,7 @@ def make_init_fn(module, config, tx):
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
-            ema_params=tuple(params for _ in rates),
+            ema_params=tuple(params for _ in range(num_emas)),
             rng=state_rng,
             sampler_state=sampler_state,
             skipped=jnp.zeros((), jnp.int32),

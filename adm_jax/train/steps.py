@@ -13,6 +13,7 @@ consumed) and ``skipped`` / ``nonfinite_streak`` count the event.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -21,7 +22,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from adm_jax import diffusion as dlib
-from adm_jax.train import config_lib
+from adm_jax.train import config_lib, posthoc_ema
 from adm_jax.train import sharding as sharding_lib
 from adm_jax.train.state import TrainState, current_lr
 
@@ -128,6 +129,18 @@ def _accumulate_grads(loss_and_aux: Callable, params, inputs, k: int):
     return loss / k, grads, _merge_microbatches(aux)
 
 
+def ema_decays(config) -> tuple:
+    """One decay per ``TrainState.ema_params`` entry: the constant ``train.ema_rate`` values
+    (Python floats, folded into the program), then a function of the step for each post-hoc
+    power EMA (``train.posthoc_ema_stds``)."""
+    constant = config_lib.ema_rates(config)
+    powers = tuple(
+        functools.partial(posthoc_ema.power_decay, gamma=posthoc_ema.std_to_exp(std))
+        for std in config_lib.posthoc_ema_stds(config)
+    )
+    return constant + powers
+
+
 def _apply_update(state: TrainState, tx, grads, ok, ema_rates, sampler_state):
     """AdamW update + EMA, all kept unchanged when ``ok`` is False.
 
@@ -138,9 +151,10 @@ def _apply_update(state: TrainState, tx, grads, ok, ema_rates, sampler_state):
     def update(_):
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        decays = [r(state.step + 1) if callable(r) else r for r in ema_rates]
         new_ema = tuple(
             jax.tree.map(lambda e, p, r=r: r * e + (1.0 - r) * p, ema, new_params)
-            for r, ema in zip(ema_rates, state.ema_params, strict=True)
+            for r, ema in zip(decays, state.ema_params, strict=True)
         )
         return new_params, new_opt, new_ema, sampler_state
 
@@ -173,7 +187,7 @@ def make_diffusion_train_step(module, diffusion, tx, config):
             "(build it with adm_jax.train.build_model)"
         )
     tc = config.train
-    rates = tuple(float(r) for r in str(tc.ema_rate).split(",") if r.strip())
+    rates = ema_decays(config)
     importance = tc.schedule_sampler == "loss-second-moment"
     k = int(tc.grad_accum_steps)
     T = diffusion.num_timesteps
@@ -243,7 +257,7 @@ def make_classifier_train_step(module, diffusion, tx, config):
     classifier_train.py): x_t = q_sample(x_0, t) at uniformly random t (if train.noised),
     cross-entropy, acc@1 / acc@5, per-quartile logging."""
     tc = config.train
-    rates = tuple(float(r) for r in str(tc.ema_rate).split(",") if r.strip())
+    rates = ema_decays(config)
     k = int(tc.grad_accum_steps)
     T = diffusion.num_timesteps
 
