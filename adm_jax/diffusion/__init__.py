@@ -43,6 +43,12 @@ from adm_jax.diffusion.losses import (
     training_losses,
     vb_terms_bpd,
 )
+from adm_jax.diffusion.repaint import (
+    get_schedule_jump,
+    repaint_draw_order,
+    repaint_noise,
+    repaint_sample,
+)
 from adm_jax.diffusion.samplers import (
     classifier_guidance_grad,
     ddim_reverse_sample,
@@ -96,6 +102,7 @@ __all__ = [
     "dynamic_threshold",
     "extract",
     "get_named_beta_schedule",
+    "get_schedule_jump",
     "importance_sample_timesteps",
     "karras_noise",
     "karras_plan",
@@ -120,6 +127,9 @@ __all__ = [
     "q_mean_variance",
     "q_posterior_mean_variance",
     "q_sample",
+    "repaint_draw_order",
+    "repaint_noise",
+    "repaint_sample",
     "respace_betas",
     "sample",
     "sample_loop",
