@@ -68,4 +68,14 @@ def test_launch_scripts_parse(script):
     subprocess.run(["bash", "-n", str(path)], check=True)
     text = path.read_text()
     assert "python -m adm_jax.main" in text
-    assert "requirements.txt" in text
+    assert "requirements.txt" in text or "launch/install.sh" in text
+
+
+@pytest.mark.parametrize("script", ["gpu.sh", "slurm_gpu.sh"])
+def test_gpu_scripts_install_nothing_and_name_the_installer(script):
+    """GPU hosts and SLURM jobs use the venv launch/install.sh made beforehand (compute nodes
+    often have no internet); tests/test_launch_slurm.py runs both scripts."""
+    text = (REPO_ROOT / "launch" / script).read_text()
+    assert "pip install" not in text and "uv pip" not in text and "-m venv" not in text
+    assert "bash launch/install.sh cuda12 $VENV" in text
+    assert "ADM_JAX_VENV:-.venv" in text
