@@ -54,7 +54,8 @@ def unipc_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
 
 
 def b_of_h(hh: float, variant: str) -> float:
-    """B(h) of UniPC's eq. (for data prediction hh = -h): hh ("bh1") or e^hh - 1 ("bh2")."""
+    """UniPC's B(h) (paper sec. 3.3, its two choices), for data prediction at hh = -h:
+    hh ("bh1") or e^hh - 1 ("bh2")."""
     if variant == "bh1":
         return hh
     if variant == "bh2":
