@@ -40,7 +40,7 @@ fi
 # jax's SLURM detection gives each process the single GPU numbered SLURM_LOCALID (it assumes
 # one process per GPU); here one process per node drives every GPU of its node.
 if [ -z "${JAX_LOCAL_DEVICE_IDS:-}" ]; then
-  GPUS_ON_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+  GPUS_ON_NODE=${SLURM_GPUS_ON_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
   if [ "$GPUS_ON_NODE" -gt 0 ]; then
     JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((GPUS_ON_NODE - 1)))
     export JAX_LOCAL_DEVICE_IDS

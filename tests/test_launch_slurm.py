@@ -287,3 +287,25 @@ def test_fake_sbatch_refuses_what_it_does_not_simulate(tmp_path):
     assert slurm_sim.parse_signal(directives["signal"]) == {
         "signal": 10, "seconds": 300, "batch_only": True,
     }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_slurm_job_without_gpu_count_and_a_failing_process(tmp_path):
+    """Without --gpus-per-node (no SLURM_GPUS_ON_NODE) and without nvidia-smi the script still
+    runs (JAX keeps its own device choice); a process that fails fails the job with its one-line
+    error in the log and its exit code."""
+    env = cluster_env(tmp_path / "slurm", ADM_JAX_VENV=str(REPO_ROOT / ".venv"))
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--output", str(tmp_path / "slurm-%j.out"),
+         "launch/slurm_gpu.sh", "configs/no_such_config.py", f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    job_id = int(out.stdout)
+    log = tmp_path / f"slurm-{job_id}.out"
+    wait_for(lambda: job_field(job_id, "JobState", env) not in ("PENDING", "RUNNING"),
+             "the job's end", log, timeout=RUN_DEADLINE)  # fmt: skip
+    text = log.read_text()
+    assert f"[slurm_gpu] job {job_id} run 1: 1 node(s) 127.0.0.1, GPUs none" in text, text
+    assert job_field(job_id, "JobState", env) == "FAILED", text
+    assert job_field(job_id, "ExitCode", env) != "0:0"
+    assert "no_such_config.py" in text and "Traceback" not in text, text
