@@ -129,11 +129,14 @@ def _tiny_reference_checkpoint(path, kind, flags):
 
 
 @pytest.mark.slow
-def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch, demo_smoke_run):
-    """Runs every cell a CPU can run, in order, with small parameters: the demo on a smoke
-    config (in the shared smoke run's workdir, so it completes at once), then
+def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch, capsys, demo_smoke_run):
+    """Runs every cell but TPU-only ones, in order, with small parameters: the install cell in
+    this checkout (the pins of requirements.txt are installed: it must find nothing to
+    install; PIP_NO_INDEX makes any pip call fail rather than download), the device check,
+    the demo on a smoke config (in the shared smoke run's workdir, so it completes at once),
+    the download cell (the checkpoints exist, the URLs are unreachable: nothing is fetched),
     conversion of and guided sampling from a (random, tiny) reference-format checkpoint in
-    place of the downloaded OpenAI one, DPM-Solver++, and classifier-free guidance."""
+    place of the OpenAI one, DPM-Solver++, and classifier-free guidance."""
     workdir = demo_smoke_run[0]  # the shards record their checkpoints' absolute paths
     model_flags = (
         "--image_size 64 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
@@ -145,10 +148,13 @@ def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch, demo_smoke_run):
         "--classifier_attention_resolutions 8"
     )
     overrides = {
+        "RUNTIME": "cpu",  # conftest runs JAX on the CPU (JAX_PLATFORMS=cpu) on any machine
         "WORKDIR": str(workdir),
         "DEMO_OVERRIDES": DEMO_SMOKE_OVERRIDES,
+        "MODEL_URL": "http://127.0.0.1:9/m.pt",  # the discard port: a download would fail
         "MODEL_CHECKPOINT": _tiny_reference_checkpoint(tmp_path / "m.npz", "unet", model_flags),
         "MODEL_FLAGS": model_flags,
+        "CLASSIFIER_URL": "http://127.0.0.1:9/c.pt",
         "CLASSIFIER_CHECKPOINT": _tiny_reference_checkpoint(
             tmp_path / "c.npz", "classifier", classifier_flags
         ),
@@ -160,14 +166,41 @@ def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch, demo_smoke_run):
     }
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
     namespace = {"__name__": "__notebook__"}
-    for cell in _cells():
+    code = [c for c in _cells() if c.cell_type == "code"]
+    for index, cell in enumerate(code):
         tags = set(cell.metadata.get("tags", []))
-        if cell.cell_type != "code" or SKIPPED_TAGS & tags:
+        if SKIPPED_TAGS & tags:
             continue
-        exec(compile(cell.source, f"<notebook cell {cell.execution_count}>", "exec"), namespace)
+        exec(compile(cell.source, f"<notebook code cell {index}>", "exec"), namespace)
         if "parameters" in tags:
+            assert set(overrides) <= set(namespace), set(overrides) - set(namespace)
             namespace.update(overrides)
+    out = capsys.readouterr().out
+
+    # The install cell: this checkout, CPU jax and every non-test pin, all present.
+    assert namespace["checkout"] == REPO_ROOT
+    assert "nothing to install" in out
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    test_only = namespace["TEST_ONLY"]
+    assert test_only <= set(pins) and "pytest" in test_only and "jax" not in test_only
+    expected = {f"{name}=={pins[name]}" for name in set(pins) - test_only}
+    assert set(namespace["requirements"]) == expected
+    assert namespace["detect_runtime"]()[0] in ("tpu", "gpu", "cpu")
+    monkeypatch.setenv("TPU_NAME", "colab-tpu")
+    assert namespace["detect_runtime"]()[0] == "tpu"
+    assert namespace["satisfied"](f"jax=={pins['jax']}")
+    if namespace["installed"]("libtpu") is None:  # the extra's libtpu is part of the check
+        assert not namespace["satisfied"](f"jax[tpu]=={pins['jax']}")
+
+    assert "m.npz: " in out and "downloading" not in out
     assert (workdir / "openai_guided_samples.png").stat().st_size > 0
     assert (tmp_path / "converted" / "model" / "model.json").exists()
     assert (workdir / "openai_dpm_solver_3.png").stat().st_size > 0
