@@ -22,6 +22,7 @@ commands, for events the cluster causes rather than the user:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -40,7 +41,6 @@ STATE_ENV = "FAKE_SLURM_STATE"
 # a preempted job's time to save before SIGKILL (GraceTime); environment overrides for tests.
 KILL_WAIT = float(os.environ.get("FAKE_SLURM_KILL_WAIT", "30"))
 GRACE_TIME = float(os.environ.get("FAKE_SLURM_GRACE_TIME", "120"))
-HERE = Path(__file__).resolve().parent
 ACTIVE_STATES = ("PENDING", "RUNNING")
 
 
@@ -104,7 +104,7 @@ def _port_is_free(port: int) -> bool:
             try:
                 s.bind((address, port))
             except OSError as err:
-                if family == socket.AF_INET6 and err.errno == 97:  # no IPv6 on this host
+                if family == socket.AF_INET6 and err.errno == errno.EAFNOSUPPORT:  # no IPv6 here
                     continue
                 return False
     return True
