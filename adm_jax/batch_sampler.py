@@ -111,10 +111,13 @@ class BatchSampler:
                     kwargs["low_res"] = jnp.tile(low_res, (x.shape[0] // low_res.shape[0], 1, 1, 1))
                 return constrain(model_apply(model_params, constrain(x), t, **kwargs))
 
+            unguided_model_fn = None
             if unconditional:
                 model_fn = lambda x, t: net(x, t, jnp.full_like(labels, null_label))
             elif null_label is not None:
                 model_fn = classifier_free_model_fn(net, labels, null_label, cfg)
+                # Outside sample.guidance_interval: the conditional model, one pass.
+                unguided_model_fn = lambda x, t: net(x, t, labels)
             else:
                 model_fn = lambda x, t: net(x, t, labels if class_cond else None)
             classifier_fn = None
@@ -130,6 +133,7 @@ class BatchSampler:
                 classifier_fn=classifier_fn,
                 y=labels,
                 classifier_scale=scale,
+                unguided_model_fn=unguided_model_fn,
             )
             return to_uint8(x)
 

@@ -197,17 +197,26 @@ def get_config() -> ml_collections.ConfigDict:
             classifier_scale=1.0,
             num_samples=10_000,
             batch_size=16,
-            # "ddpm" (ancestral) | "ddim" | "dpm++" (DPM-Solver++(2M)); see docs/sampling.md.
+            # "ddpm" (ancestral) | "ddim" | "dpm++" (DPM-Solver++(2M)) | "unipc" | k-diffusion's
+            # "heun" | "euler_ancestral" | "dpmpp_2m" | "dpmpp_2m_sde"; see docs/sampling.md.
             sampler="ddpm",
             # Model evaluations (NFE). ddpm/ddim: >0 replaces timestep_respacing by "N" /
-            # "ddimN", 0 keeps timestep_respacing. dpm++: 0 means 20.
+            # "ddimN", 0 keeps timestep_respacing. The solvers: steps (0 means 20).
             steps=0,
+            sigma_grid="karras",  # k-diffusion samplers: "karras" (rho 7) | "discrete"
+            s_churn=0.0,  # heun: EDM's churn (0 = deterministic)
+            unipc_variant="bh2",  # unipc: "bh1" | "bh2"
+            # k-diffusion samplers: guidance (classifier and classifier-free) only where
+            # lo < sigma <= hi, "lo,hi"; "" = at every step.
+            guidance_interval="",
             # Classifier-free guidance scale (1 = conditional, 0 = unconditional, >1 guided);
             # None = off. Needs a model trained with model.class_dropout_prob > 0.
             cfg_scale=config_dict.placeholder(float),
-            thresholding=False,  # dpm++ only: dynamic thresholding of x_0 (Imagen)
+            thresholding=False,  # dpm++ / unipc: dynamic thresholding of x_0 (Imagen)
             use_ddim=False,  # the old spelling of sampler="ddim"
-            eta=0.0,
+            # Noise of ddim (0 = deterministic), euler_ancestral and dpmpp_2m_sde (1 = full
+            # ancestral noise); None = the sampler's default (0 for ddim, 1 for the others).
+            eta=config_dict.placeholder(float),
             timestep_respacing="250",
             clip_denoised=True,
             class_labels="random",

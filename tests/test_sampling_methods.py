@@ -1,5 +1,6 @@
-"""sample.sampler / steps / cfg_scale: DDPM, DDIM and DPM-Solver++ through --mode=sample's
-BatchSampler equal the diffusion functions called directly; classifier-free guidance at scale 1
+"""sample.sampler / steps / cfg_scale: DDPM, DDIM, DPM-Solver++, UniPC and the k-diffusion
+samplers through --mode=sample's BatchSampler equal the diffusion functions called directly;
+the guidance interval switches classifier-free guidance; classifier-free guidance at scale 1
 is conditional sampling; one compilation per job; one-line field errors; the sweep grid.
 
 Tiny 8x8 networks with random parameters (tests/test_sampling_sampler.py's), T = 100.
@@ -56,10 +57,17 @@ def _direct(job, name, batch_index):
     key = jax.random.fold_in(jax.random.PRNGKey(job.seed), batch_index)
     model_fn = lambda x, t: module.apply({"params": ckpt.params}, x, t, y=labels)
     shape = (job.batch_size, *job.sampler.image_shape)
-    if name == "dpm++":
+    if name in methods.SOLVERS:
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape)
         d = dlib.create_diffusion(**DIFFUSION)
-        x = dlib.dpm_solver_sample(d, model_fn, x_T, steps=STEPS, order=2)
+        if name == "dpm++":
+            x = dlib.dpm_solver_sample(d, model_fn, x_T, steps=STEPS, order=2)
+        elif name == "unipc":
+            x = dlib.unipc_sample(d, model_fn, x_T, steps=STEPS, order=2, variant="bh2")
+        else:  # k-diffusion: the job's eta (its config sets 0.0), churn 0, Karras grid
+            eta = job.sampler.method.eta
+            key = jax.random.fold_in(key, 1)
+            x = dlib.karras_sample(d, model_fn, x_T, sampler=name, steps=STEPS, eta=eta, key=key)
     else:
         respacing = f"ddim{STEPS}" if name == "ddim" else str(STEPS)
         d = dlib.create_diffusion(**DIFFUSION, timestep_respacing=respacing)
@@ -75,10 +83,21 @@ def _assert_images_close(a, b):
 
 
 @pytest.mark.parametrize(
-    "name", ["ddpm", pytest.param("ddim", marks=pytest.mark.slow), "dpm++"]
-)  # ddim: the ddpm code path with use_ddim; two compiles of ~7 s each
+    "name",
+    [
+        "ddpm",
+        pytest.param("ddim", marks=pytest.mark.slow),
+        "dpm++",
+        "unipc",
+        pytest.param("heun", marks=pytest.mark.slow),
+        pytest.param("euler_ancestral", marks=pytest.mark.slow),
+        pytest.param("dpmpp_2m", marks=pytest.mark.slow),
+        "dpmpp_2m_sde",
+    ],
+)  # slow: code paths another case covers (ddim: ddpm's; the k-diffusion samplers: one scan)
 def test_dispatch_equals_the_diffusion_functions(ckpts, tmp_path, name):
-    job = _job(ckpts, tmp_path, sampler=name)
+    # eta 1 (k-diffusion's default) for the ancestral samplers: _config's 0.0 is DDIM's.
+    job = _job(ckpts, tmp_path, sampler=name, **({"eta": 1.0} if name != "ddim" else {}))
     assert job.sampler.method.name == name and job.sampler.method.steps == STEPS
     assert job.provenance["sampler"] == name and job.provenance["steps"] == STEPS
     images, _ = job.sample_batch(1)
@@ -132,6 +151,12 @@ def test_resuming_with_another_sampler_is_refused(ckpts, tmp_path):
         (dict(cfg_scale=1.0), r"^sample\.cfg_scale: .* has no null label"),
         (dict(thresholding=True), r"^sample\.thresholding: dynamic thresholding is a dpm\+\+"),
         (dict(sampler="dpm++", use_ddim=True), r"^sample\.use_ddim: True contradicts"),
+        (dict(sampler="heun", sigma_grid="edm"), r"^sample\.sigma_grid: expected one of"),
+        (dict(sampler="unipc", unipc_variant="bh3"), r"^sample\.unipc_variant: expected one"),
+        (dict(guidance_interval="0.3,5"), r"^sample\.guidance_interval: is a sigma range of"),
+        (dict(sampler="heun", guidance_interval="5"), r"^sample\.guidance_interval: expected"),
+        (dict(sampler="heun", guidance_interval="5,1"), r"^sample\.guidance_interval: needs"),
+        (dict(sampler="euler_ancestral", eta=-1.0), r"^sample\.eta: must be a finite number"),
     ],
 )
 def test_field_errors_are_one_line(ckpts, tmp_path, sample, error):
@@ -148,6 +173,21 @@ def test_run_job_refuses_bad_scales(ckpts, tmp_path):
         sampler.run_job(job, str(tmp_path), num_samples=8, classifier_scale=float("nan"))
 
 
+def test_guidance_interval_switches_classifier_free_guidance(ckpts, tmp_path):
+    """dpmpp_2m (deterministic) with cfg_scale 3: an interval that holds no step's sigma is
+    the conditional model; one that holds every sigma is guidance at every step."""
+    kw = dict(checkpoint="cfg", sampler="dpmpp_2m")
+    conditional = _job(ckpts, tmp_path, **kw)
+    everywhere = _job(ckpts, tmp_path, **kw, cfg_scale=3.0)
+    nowhere = _job(ckpts, tmp_path, **kw, cfg_scale=3.0, guidance_interval="1e6,1e7")
+    inside = _job(ckpts, tmp_path, **kw, cfg_scale=3.0, guidance_interval="0,1e7")
+    base = conditional.sample_batch(0)[0]
+    guided = everywhere.sample_batch(0)[0]
+    assert np.abs(guided.astype(int) - base.astype(int)).mean() > 1.0
+    _assert_images_close(nowhere.sample_batch(0)[0], base)
+    _assert_images_close(inside.sample_batch(0)[0], guided)
+
+
 def test_sampler_spec_fields_and_backward_compatibility():
     spec = lambda **f: methods.sampler_spec({"timestep_respacing": "250", **f})
     assert spec() == methods.SamplerSpec("ddpm", "250")
@@ -159,6 +199,14 @@ def test_sampler_spec_fields_and_backward_compatibility():
     assert (dpm.name, dpm.respacing, dpm.steps, dpm.order) == ("dpm++", "", 20, 2)
     assert (dpm.label, dpm.tag) == ("DPM-Solver++(2M)-20", "dpmpp20")
     assert spec(sampler="dpm++", steps=1).order == 1
+    heun = spec(sampler="heun", steps=10, s_churn=40, sigma_grid="discrete")
+    assert (heun.respacing, heun.steps, heun.s_churn, heun.sigma_grid) == ("", 10, 40, "discrete")
+    assert (heun.label, heun.tag) == ("Heun-10", "heun10")
+    assert spec(sampler="euler_ancestral").eta == 1.0  # k-diffusion's default; DDIM's is 0
+    assert spec(sampler="ddim").eta == 0.0
+    assert spec(sampler="dpmpp_2m_sde", guidance_interval="0.3,5").guidance_interval == (0.3, 5)
+    assert methods.parse_sampler("dpmpp_2m_sde10").name == "dpmpp_2m_sde"
+    assert methods.parse_sampler("unipc8").steps == 8
     assert methods.cfg_scale_of({"cfg_scale": ""}) is None
     assert methods.cfg_scale_of({"cfg_scale": None}) is None
     assert methods.cfg_scale_of({"cfg_scale": 0}) == 0.0

@@ -1,14 +1,18 @@
-"""Which reverse process samples: DDPM (ancestral), DDIM, or DPM-Solver++(2M), as one spec.
+"""Which reverse process samples, as one spec: DDPM (ancestral), DDIM, DPM-Solver++(2M),
+UniPC, or one of k-diffusion's samplers (EDM Heun, Euler ancestral, DPM-Solver++(2M) and its
+SDE variant) on ADM's schedule.
 
 ``sampler_spec`` turns the ``sample.*`` fields (``sampler``, ``steps``, ``timestep_respacing``,
-``use_ddim``, ``eta``, ``thresholding``) into a ``SamplerSpec``; ``sample_images`` runs it.
+``use_ddim``, ``eta``, ``thresholding``, ``sigma_grid``, ``s_churn``, ``unipc_variant``,
+``guidance_interval``) into a ``SamplerSpec``; ``sample_images`` runs it.
 ``adm_jax.batch_sampler.BatchSampler`` runs every sampler through these two, for
 ``--mode=sample``, the guidance sweep, the training loop's sample grid and the benchmark, so a
 sampler behaves the same everywhere.
 
 NFE (model evaluations per sample) is the number of reverse steps: a respaced DDPM/DDIM
-process of N steps, or N DPM-Solver++ steps. Classifier-free guidance runs each evaluation on
-a doubled batch; classifier guidance adds a classifier forward and backward per evaluation.
+process of N steps, or N solver steps (EDM Heun: 2N - 1). Classifier-free guidance runs each
+evaluation on a doubled batch; classifier guidance adds a classifier forward and backward per
+evaluation.
 """
 
 from __future__ import annotations
@@ -22,12 +26,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from adm_jax.diffusion import karras, unipc
 from adm_jax.diffusion.dpm_solver import dpm_solver_sample
 from adm_jax.diffusion.samplers import sample
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+KARRAS_SAMPLERS = karras.SAMPLERS  # heun, euler_ancestral, dpmpp_2m, dpmpp_2m_sde
+# Solvers on the training schedule (no timestep_respacing): sample.steps solver steps.
+SOLVERS = ("dpm++", "unipc", *KARRAS_SAMPLERS)
+SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 DPM_DEFAULT_STEPS = 20
 DPM_ORDER = 2  # DPM-Solver++(2M), the guided-sampling default of Lu et al. 2022
+# k-diffusion's eta for euler_ancestral and dpmpp_2m_sde (full ancestral noise); DDIM's is 0.
+KARRAS_DEFAULT_ETA = 1.0
+_LABELS = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "unipc": "UniPC",
+    "heun": "Heun",
+    "euler_ancestral": "Euler-a",
+    "dpmpp_2m": "DPM++(2M)",
+    "dpmpp_2m_sde": "DPM++(2M)-SDE",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,25 +60,35 @@ class SamplerSpec:
     steps: int = 0
     eta: float = 0.0
     thresholding: bool = False
+    sigma_grid: str = "karras"  # k-diffusion samplers: "karras" (rho 7) or "discrete"
+    s_churn: float = 0.0  # heun: EDM's stochastic churn
+    variant: str = "bh2"  # unipc: B(h) variant
+    # (sigma_lo, sigma_hi): guidance only where lo < sigma <= hi (k-diffusion samplers).
+    guidance_interval: tuple[float, float] | None = None
 
     @property
     def label(self) -> str:
-        """Human-readable: "DDPM-250", "DDIM-25", "DPM-Solver++(2M)-20"."""
-        names = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": f"DPM-Solver++({self.order}M)"}
+        """Human-readable: "DDPM-250", "DDIM-25", "DPM-Solver++(2M)-20", "Heun-10"."""
+        names = {**_LABELS, "dpm++": f"DPM-Solver++({self.order}M)"}
         return f"{names[self.name]}-{self.steps}"
 
     @property
     def tag(self) -> str:
-        """File-name safe: "ddpm250", "ddim25", "dpmpp20"."""
+        """File-name safe: "ddpm250", "ddim25", "dpmpp20", "dpmpp_2m_sde10"."""
         return f"{self.name.replace('++', 'pp')}{self.steps}"
 
     @property
     def order(self) -> int:
         return min(DPM_ORDER, max(self.steps, 1))
 
+    @property
+    def on_training_schedule(self) -> bool:
+        """Solvers discretise the unrespaced training schedule themselves."""
+        return self.name in SOLVERS
+
     def with_nfe(self, diffusion) -> SamplerSpec:
         """ddpm/ddim: NFE is the respaced process's length (known once it is built)."""
-        if self.name == "dpm++":
+        if self.on_training_schedule:
             return self
         return dataclasses.replace(self, steps=int(diffusion.num_timesteps))
 
@@ -74,6 +103,22 @@ def config_get(section: Any, name: str, default: Any = None) -> Any:
     return getattr(section, name, default)
 
 
+def _guidance_interval(value: Any) -> tuple[float, float] | None:
+    """``sample.guidance_interval``: "lo,hi" (sigmas) or "" for guidance everywhere."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"sample.guidance_interval: expected 'lo,hi' (sigmas, e.g. '0.3,5'), got {value!r}"
+        ) from None
+    if not 0 <= lo < hi:
+        raise ValueError(f"sample.guidance_interval: needs 0 <= lo < hi, got {value!r}")
+    return lo, hi
+
+
 def sampler_spec(sample_config: Any, **overrides) -> SamplerSpec:
     """The ``SamplerSpec`` of ``config.sample`` (a ConfigDict or mapping; ``overrides`` replace
     its fields, e.g. ``sampler="dpm++", steps=10`` for a sweep). One-line ValueErrors name
@@ -81,8 +126,9 @@ def sampler_spec(sample_config: Any, **overrides) -> SamplerSpec:
 
     Backward compatible: ``use_ddim=True`` is the old spelling of ``sampler="ddim"``;
     ``steps=0`` keeps ``timestep_respacing`` as it is for ddpm/ddim ("250", "ddim25",
-    "10,15,20"), ``steps=N > 0`` replaces it by "N" (ddpm) or "ddimN" (ddim). dpm++ ignores
-    timestep_respacing and runs ``steps`` (default 20) solver steps.
+    "10,15,20"), ``steps=N > 0`` replaces it by "N" (ddpm) or "ddimN" (ddim). The solvers
+    (dpm++, unipc, heun, euler_ancestral, dpmpp_2m, dpmpp_2m_sde) ignore timestep_respacing
+    and run ``steps`` (default 20) solver steps on the training schedule.
     """
     get = lambda name, default=None: overrides.get(name, config_get(sample_config, name, default))
     name = str(get("sampler", "ddpm") or "ddpm").strip().lower()
@@ -96,34 +142,76 @@ def sampler_spec(sample_config: Any, **overrides) -> SamplerSpec:
         raise ValueError(f"sample.steps: must be >= 0 (0 = the sampler's default), got {steps}")
     thresholding = bool(get("thresholding", False))
     if bool(get("use_ddim", False)):
-        if name == "dpm++":
+        if name != "ddpm" and name != "ddim":
             raise ValueError(
-                "sample.use_ddim: True contradicts sample.sampler='dpm++' (use_ddim is the old "
-                "spelling of sampler='ddim'; set it False)"
+                f"sample.use_ddim: True contradicts sample.sampler={name!r} (use_ddim is the "
+                "old spelling of sampler='ddim'; set it False)"
             )
         name = "ddim"
-    if name == "dpm++":
-        return SamplerSpec("dpm++", "", steps or DPM_DEFAULT_STEPS, 0.0, thresholding)
-    if thresholding:
+    eta = get("eta", None)
+    try:
+        eta = None if eta is None or eta == "" else float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"sample.eta: expected a number, got {eta!r}") from None
+    if eta is not None and not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"sample.eta: must be a finite number >= 0, got {eta!r}")
+    interval = _guidance_interval(get("guidance_interval", ""))
+    if interval is not None and name not in KARRAS_SAMPLERS:
         raise ValueError(
-            f"sample.thresholding: dynamic thresholding is a dpm++ option; {name} clips x_0 "
-            "with sample.clip_denoised"
+            f"sample.guidance_interval: is a sigma range of the k-diffusion samplers "
+            f"{KARRAS_SAMPLERS}, not of {name!r}"
+        )
+    if thresholding and name not in ("dpm++", "unipc"):
+        raise ValueError(
+            f"sample.thresholding: dynamic thresholding is a dpm++ / unipc option; {name} "
+            "clips x_0 with sample.clip_denoised"
+        )
+    if name in SOLVERS:
+        sigma_grid = str(get("sigma_grid", "karras") or "karras")
+        if sigma_grid not in karras.SIGMA_GRIDS:
+            raise ValueError(
+                f"sample.sigma_grid: expected one of {karras.SIGMA_GRIDS}, got {sigma_grid!r}"
+            )
+        variant = str(get("unipc_variant", "bh2") or "bh2")
+        if variant not in unipc.VARIANTS:
+            raise ValueError(
+                f"sample.unipc_variant: expected one of {unipc.VARIANTS}, got {variant!r}"
+            )
+        s_churn = float(get("s_churn", 0.0) or 0.0)
+        if not (math.isfinite(s_churn) and s_churn >= 0):
+            raise ValueError(f"sample.s_churn: must be a finite number >= 0, got {s_churn}")
+        return SamplerSpec(
+            name,
+            "",
+            steps or DPM_DEFAULT_STEPS,
+            KARRAS_DEFAULT_ETA if eta is None else eta,
+            thresholding,
+            sigma_grid=sigma_grid,
+            s_churn=s_churn,
+            variant=variant,
+            guidance_interval=interval,
         )
     respacing = str(get("timestep_respacing", "") or "")
     if steps:
         respacing = f"ddim{steps}" if name == "ddim" else str(steps)
-    return SamplerSpec(name, respacing, 0, float(get("eta", 0.0) or 0.0), False)
+    return SamplerSpec(name, respacing, 0, eta or 0.0, False)
 
 
-_TAG = re.compile(r"^(ddpm|ddim|dpm\+\+|dpmpp)?(\d+)$")
+_TAG = re.compile(
+    r"^(ddpm|ddim|dpm\+\+|unipc|heun|euler_ancestral|dpmpp_2m_sde|dpmpp_2m|dpmpp)?(\d+)$"
+)
 
 
 def parse_sampler(text: str, field: str = "samplers") -> SamplerSpec:
-    """Sampler tags: "ddpm250", "ddim25", "dpm++20" (or "dpmpp20"); a bare number or
-    "ddimN" is a timestep_respacing as before ("250" = DDPM-250)."""
+    """Sampler tags: "ddpm250", "ddim25", "dpm++20" (or "dpmpp20"), "unipc10", "heun10",
+    "dpmpp_2m_sde20", ...; a bare number or "ddimN" is a timestep_respacing as before
+    ("250" = DDPM-250)."""
     match = _TAG.match(str(text).strip().lower())
     if not match:
-        raise ValueError(f"{field}: expected e.g. ddpm250, ddim25 or dpm++20, got {text!r}")
+        raise ValueError(
+            f"{field}: expected a sampler name from {SAMPLERS} and a step count, e.g. ddpm250, "
+            f"ddim25, dpm++20 or heun10, got {text!r}"
+        )
     name = {"dpmpp": "dpm++", None: "ddpm"}.get(match.group(1), match.group(1))
     return sampler_spec({"sampler": name, "steps": int(match.group(2))})
 
@@ -159,18 +247,22 @@ def sample_images(
     classifier_fn: Callable[..., jax.Array] | None = None,
     y: jax.Array | None = None,
     classifier_scale: Any = 0.0,
+    unguided_model_fn: Callable[..., jax.Array] | None = None,
 ) -> jax.Array:
     """x_0 in [-1, 1] by ``spec`` (traceable: call it inside your jit).
 
-    ddpm/ddim: ``adm_jax.diffusion.sample`` on the respaced ``diffusion``; dpm++:
-    ``adm_jax.diffusion.dpm_solver_sample`` on the unrespaced one, from the same x_T
-    (``normal(fold_in(key, 0))``), so the samplers start from the same noise for one key.
+    ddpm/ddim: ``adm_jax.diffusion.sample`` on the respaced ``diffusion``; the solvers
+    (``dpm_solver_sample``, ``unipc_sample``, ``karras_sample``) on the unrespaced one, from
+    the same x_T (``normal(fold_in(key, 0))``), so the samplers start from the same noise for
+    one key. ``unguided_model_fn``: the model outside ``spec.guidance_interval`` (e.g. the
+    conditional model when ``model_fn`` is a classifier-free guidance wrapper).
     """
     guidance: Mapping[str, Any] = {}
     if classifier_fn is not None:
         guidance = dict(classifier_fn=classifier_fn, y=y, classifier_scale=classifier_scale)
-    if spec.name == "dpm++":
+    if spec.on_training_schedule:
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+    if spec.name == "dpm++":
         return dpm_solver_sample(
             diffusion,
             model_fn,
@@ -180,6 +272,40 @@ def sample_images(
             thresholding=spec.thresholding,
             **guidance,
         )
+    if spec.name == "unipc":
+        return unipc.unipc_sample(
+            diffusion,
+            model_fn,
+            x_T,
+            steps=spec.steps,
+            order=spec.order,
+            variant=spec.variant,
+            thresholding=spec.thresholding,
+            **guidance,
+        )
+    if spec.name in KARRAS_SAMPLERS:
+        interval = {}
+        if spec.guidance_interval is not None:
+            interval = dict(guidance_interval=spec.guidance_interval)
+            if unguided_model_fn is not None:
+                interval["unguided_model_fn"] = unguided_model_fn
+            elif classifier_fn is None:
+                interval = {}  # nothing to switch: no guidance at all
+        x = karras.karras_sample(
+            diffusion,
+            model_fn,
+            x_T,
+            sampler=spec.name,
+            steps=spec.steps,
+            sigma_grid=spec.sigma_grid,
+            s_churn=spec.s_churn,
+            eta=spec.eta,
+            key=jax.random.fold_in(key, 1),
+            **guidance,
+            **interval,
+        )
+        # The k-diffusion samplers do not clip; the images are clipped when quantised.
+        return jnp.clip(x, -1.0, 1.0) if clip_denoised else x
     return sample(
         diffusion,
         model_fn,

@@ -434,7 +434,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
     def make_job(**overrides) -> SamplingJob:
         spec = methods.sampler_spec(sc, **overrides)
         diffusion_kwargs = dict(base_diffusion)
-        if spec.name == "dpm++":  # DPM-Solver discretises the training schedule itself
+        if spec.on_training_schedule:  # the solvers discretise the training schedule
             diffusion_kwargs["timestep_respacing"] = ""
         elif spec.respacing:
             diffusion_kwargs["timestep_respacing"] = spec.respacing
