@@ -11,6 +11,10 @@ requeue; every node is this machine, each "GPU" a simulated XLA CPU device).
   requeue by the cluster), resume again and finish: one job, three runs, one log;
 * launch/gpu.sh as two hosts with JAX_COORDINATOR_ADDRESS on 127.0.0.1;
 * both scripts stop in one line, naming the install command, when the venv is missing.
+
+Time on the 2-core test machine, shared with other test runs (load average 9-10): the SLURM
+test 500 s (install 19 s with a warm uv cache; three runs of two processes: the first compiles,
+each start imports the stack from a venv without bytecode), gpu.sh 140 s, the rest seconds.
 """
 
 import json
@@ -179,6 +183,8 @@ def test_documented_slurm_commands_train_preempt_requeue_resume(tmp_path, tiny_t
     # One process per node, connected by jax's SLURM detection (SLURM_* variables only).
     assert "JAX_COORDINATOR_ADDRESS" not in env
     assert len(re.findall(r"JAX process [01]/2; 4 local / 8 global devices", text)) == 6, text
+    # Each process got every "GPU" of its node (jax alone would give it only SLURM_LOCALID's).
+    assert text.count("JAX distributed initialized with visible devices: 0,1,2,3") == 6, text
     assert text.count("[slurm_gpu] job") == 3 and "GPUs 0,1,2,3" in text
     assert "time limit near" in text and "SIGTERM (preemption)" in text
     # Each run resumed from the checkpoint the previous one wrote, and the steps continued.
