@@ -315,3 +315,42 @@ def test_slurm_job_without_gpu_count_and_a_failing_process(tmp_path):
     assert job_field(job_id, "JobState", env) == "FAILED", text
     assert job_field(job_id, "ExitCode", env) != "0:0"
     assert "no_such_config.py" in text and "Traceback" not in text, text
+
+
+def test_fake_cluster_requeue_and_cancel_rules(tmp_path):
+    """The simulation's requeue rules, which the scripts rely on: scontrol requeue reruns the
+    batch script with SLURM_RESTART_COUNT; --no-requeue refuses it; scancel cancels for good."""
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/usr/bin/env bash\n#SBATCH --open-mode=append\n"
+        'echo "run ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"\nsrun sleep 60\n'
+    )
+    env = cluster_env(tmp_path / "slurm")
+
+    def submit(*options):
+        out = subprocess.run(
+            ["sbatch", "--parsable", "--nodes=2", *options, str(script)], cwd=tmp_path, env=env,
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        return int(out.stdout)
+
+    def state(job_id):
+        return job_field(job_id, "JobState", env)
+
+    requeueable = submit("--requeue")
+    log = tmp_path / f"slurm-{requeueable}.out"
+    wait_for(lambda: log.exists() and "run 0" in log.read_text(), "run 0", log, timeout=30)
+    subprocess.run(["scontrol", "requeue", str(requeueable)], env=env, check=True, timeout=30)
+    wait_for(lambda: "run 1 on 127.0.0.[1-2]" in log.read_text(), "the rerun", log, timeout=30)
+    assert job_field(requeueable, "Restarts", env) == "1"
+    subprocess.run(["scancel", str(requeueable)], env=env, check=True, timeout=30)
+    wait_for(lambda: state(requeueable) == "CANCELLED", "the cancel", log, timeout=30)
+
+    never = submit("--no-requeue")
+    refused = subprocess.run(
+        ["scontrol", "requeue", str(never)], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode == 1 and "presently disabled" in refused.stderr
+    subprocess.run(["scancel", str(never)], env=env, check=True, timeout=30)
+    wait_for(lambda: state(never) == "CANCELLED", "the cancel", log, timeout=30)
+    assert job_field(never, "Restarts", env) == "0"

@@ -266,7 +266,10 @@ def sbatch(argv: list[str]) -> int:
         if "gpus-per-node" in options
         else 0,
         "ntasks_per_node": _positive_int(options, "ntasks-per-node", 1),
+        # Requeued by a preemption only with --requeue (a cluster with JobRequeue=0);
+        # never requeued, not even by scontrol, with --no-requeue.
         "requeue": "requeue" in options and "no-requeue" not in options,
+        "no_requeue": "no-requeue" in options,
         "signal": parse_signal(options["signal"]) if "signal" in options else None,
         "open_mode": options.get("open-mode", "truncate"),
         "output": str(Path(submit_dir, output)),
@@ -515,6 +518,8 @@ def scancel(argv: list[str]) -> int:
 def scontrol(argv: list[str]) -> int:
     if argv[:1] == ["requeue"]:
         for job_id in _job_ids(argv[1:], "scontrol requeue"):
+            if load_job(job_id)["no_requeue"]:
+                raise SlurmError(f"Requested operation is presently disabled for job {job_id}")
             end_job(job_id, "requeue", KILL_WAIT)
         return 0
     if argv[:2] == ["show", "job"] and len(argv) == 3:
