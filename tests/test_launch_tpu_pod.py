@@ -444,3 +444,27 @@ def test_fake_gcloud_fails_loudly_and_checks_states(cloud_state):
     assert gcloud(env, "_fake", "preempt", "t", "--zone=us-east5-a").returncode == 0
     refused = gcloud(env, *ssh, "--worker=0", "--command=true")
     assert refused.returncode == 1 and "state PREEMPTED, not READY" in refused.stderr
+
+
+@pytest.mark.slow
+def test_ship_uncommitted_installs_the_working_tree(cloud_state, checkout):
+    """SHIP_UNCOMMITTED=1: the workers get the files as they are on disk, edits and new files
+    included (on a 1-worker v4-8; the real launch/install.sh runs there)."""
+    clone = cloud_state.parent / "clone"
+    subprocess.run(["git", "clone", "-q", str(checkout), str(clone)], check=True, timeout=60)
+    (clone / "notes.txt").write_text("not committed\n")
+    with open(clone / "configs" / "tiny.py", "a") as f:
+        f.write("# an uncommitted edit\n")
+    env = cloud_env(cloud_state, ZONE="us-central2-b", TPU_NAME="ship", TPU_TYPE="v4-8",
+                    SHIP_UNCOMMITTED=1)  # fmt: skip
+    for command in ("create", "install"):
+        proc = run(f"{SCRIPT} {command}", clone, env, timeout=COMMAND_TIMEOUT)
+        assert proc.returncode == 0, f"{command}:\n{proc.stdout}\n{proc.stderr}"
+    assert "with uncommitted changes" in proc.stdout, proc.stdout
+    assert "[install] adm_jax ready" in proc.stdout, proc.stdout
+    home = cloud_state / "tpus" / "us-central2-b" / "ship" / "worker-0"
+    assert (home / "adm_jax" / "notes.txt").read_text() == "not committed\n"
+    assert (home / "adm_jax" / "configs" / "tiny.py").read_text().endswith("uncommitted edit\n")
+    assert not (home / "adm_jax" / ".git").exists()
+    assert (home / "adm_jax_venv" / "bin" / "python").exists()
+    assert run(f"{SCRIPT} delete", clone, env).returncode == 0
