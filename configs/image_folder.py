@@ -25,9 +25,9 @@ or a CPU all run it; the global batch (64) must be a multiple of the device coun
 Hardware / time: NOT measured on a GPU (none was lent to this task). Estimate for one H100
 in bfloat16 at 15-35% of its 989 TFLOP/s: 650-1500 training images/s, so the default
 100,000 steps of 64 images take about 1.2-2.7 hours, and 10,000 samples of 100 DDPM steps
-about 5-15 minutes. Measured on the 2-core CPU of the tests (shared with other jobs, load
-6 to 10): the "Try it on a CPU" settings of docs/own_data.md (8x8 images, a 32-channel
-UNet, 20 steps, 8 samples) run the whole walk in 3 to 5 minutes, mostly compilation.
+about 5-15 minutes. Measured on the 2-core CPU of the tests: the "Try it on a CPU" settings
+of docs/own_data.md (8x8 images, a 32-channel UNet, 20 steps, 8 samples) run the whole walk
+in 76 s idle, 3 to 5 minutes while other jobs share the machine; mostly compilation.
 
 Every override a user needs, together (data.image_size, data.channels and data.class_cond
 are the model's own fields: setting either twin sets both):

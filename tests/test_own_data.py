@@ -128,6 +128,27 @@ def test_config_sizes_twins_and_device_counts():
         image_folder.get_config("48")
 
 
+def test_builder_cli_reports_splits_classes_and_overrides(tmp_path, capsys):
+    from adm_jax.data import builders
+
+    write_images(tmp_path / "train", grey=False, classes=("cat", "dog"), per_class=2)
+    write_images(tmp_path / "val", grey=False, classes=("cat", "dog"), per_class=1)
+    argv = [str(tmp_path / "train"), f"--data_dir={tmp_path / 'tfds'}", "--name=pets"]
+    argv.append(f"--validation_dir={tmp_path / 'val'}")
+    assert builders.main(argv) == "pets"
+    out = capsys.readouterr().out
+    assert "built: train 4 images, validation 2 images" in out
+    assert "2 classes: 0=cat, 1=dog" in out
+    overrides = f"--config.data.name=pets --config.data.data_dir={tmp_path / 'tfds'} "
+    assert overrides + "--config.model.class_cond=True --config.model.num_classes=2" in out
+    builders.main(argv)  # the same version again: reused, and says how to rebuild
+    assert "exists already (reused; pass a new --version to rebuild)" in capsys.readouterr().out
+    builders.main([*argv[:3], "--labels=none", "--version=1.0.1"])
+    out = capsys.readouterr().out
+    assert "1.0.1 built: train 4 images" in out and "unlabeled" in out
+    assert "--config.model.class_cond" not in out
+
+
 def test_builder_cli_one_line_errors(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "adm_jax.data.builders", str(tmp_path / "missing")]
