@@ -47,7 +47,7 @@ def published(golden):
 
 def test_every_config_file_is_covered():
     files = {p.stem for p in (REPO / "configs").glob("*.py")} - {"__init__", "default", "demo"}
-    assert files == set(PUBLISHED) | {"tiny"}
+    assert files == set(PUBLISHED) | {"tiny", "image_folder"}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
