@@ -4,7 +4,7 @@ The whole walk (images -> dataset -> train -> sample -> reference batch -> FID -
 docs/own_data.md. In short, for a folder my_images/<class>/*.png of 64x64-or-larger colour
 images in 10 classes:
 
-    python -m adm_jax.data.builders my_images --data_dir=tfds --name=my_images
+    python -m adm_jax.data.prepare my_images --data_dir=tfds --name=my_images
     python -m adm_jax.main --config=configs/image_folder.py:64 --workdir=runs/my_images \
         --config.data.name=my_images --config.data.data_dir=tfds \
         --config.model.class_cond=True --config.model.num_classes=10

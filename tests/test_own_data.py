@@ -95,7 +95,7 @@ def test_settings_blocks_agree_and_the_walk_reads_only_them():
     commands = interpret(fenced_block("walk"), {**user})
     modules = [argv[2] for argv in commands]
     assert modules == [
-        "adm_jax.data.builders",
+        "adm_jax.data.prepare",
         "adm_jax.main",
         "adm_jax.main",
         "adm_jax.sampling.io",
@@ -129,21 +129,21 @@ def test_config_sizes_twins_and_device_counts():
 
 
 def test_builder_cli_reports_splits_classes_and_overrides(tmp_path, capsys):
-    from adm_jax.data import builders
+    from adm_jax.data import prepare
 
     write_images(tmp_path / "train", grey=False, classes=("cat", "dog"), per_class=2)
     write_images(tmp_path / "val", grey=False, classes=("cat", "dog"), per_class=1)
     argv = [str(tmp_path / "train"), f"--data_dir={tmp_path / 'tfds'}", "--name=pets"]
     argv.append(f"--validation_dir={tmp_path / 'val'}")
-    assert builders.main(argv) == "pets"
+    assert prepare.main(argv) == "pets"
     out = capsys.readouterr().out
     assert "built: train 4 images, validation 2 images" in out
     assert "2 classes: 0=cat, 1=dog" in out
     overrides = f"--config.data.name=pets --config.data.data_dir={tmp_path / 'tfds'} "
     assert overrides + "--config.model.class_cond=True --config.model.num_classes=2" in out
-    builders.main(argv)  # the same version again: reused, and says how to rebuild
+    prepare.main(argv)  # the same version again: reused, and says how to rebuild
     assert "exists already (reused; pass a new --version to rebuild)" in capsys.readouterr().out
-    builders.main([*argv[:3], "--labels=none", "--version=1.0.1"])
+    prepare.main([*argv[:3], "--labels=none", "--version=1.0.1"])
     out = capsys.readouterr().out
     assert "1.0.1 built: train 4 images" in out and "unlabeled" in out
     assert "--config.model.class_cond" not in out
@@ -151,7 +151,7 @@ def test_builder_cli_reports_splits_classes_and_overrides(tmp_path, capsys):
 
 def test_builder_cli_one_line_errors(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "adm_jax.data.builders", str(tmp_path / "missing")]
+    cmd = [sys.executable, "-m", "adm_jax.data.prepare", str(tmp_path / "missing")]
     proc = subprocess.run(
         [*cmd, f"--data_dir={tmp_path}", "--name=my_images"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
@@ -207,7 +207,7 @@ def run_walk(tmp_path, variant: dict[str, str], *, num_devices: int, num_command
         )  # fmt: skip
         seconds.append(round(time.monotonic() - start, 1))
         assert proc.returncode == 0, f"{shlex.join(argv[1:])}\n{proc.stderr[-4000:]}"
-        if argv[2] == "adm_jax.data.builders":
+        if argv[2] == "adm_jax.data.prepare":
             env["_build_stdout"] = proc.stdout
     print(f"own_data walk ({num_devices} devices, {variant}): seconds per command {seconds}")
     return env, seconds
