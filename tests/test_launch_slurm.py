@@ -12,9 +12,9 @@ requeue; every node is this machine, each "GPU" a simulated XLA CPU device).
 * launch/gpu.sh as two hosts with JAX_COORDINATOR_ADDRESS on 127.0.0.1;
 * both scripts stop in one line, naming the install command, when the venv is missing.
 
-Time on the 2-core test machine, shared with other test runs (load average 9-10): the SLURM
-test 500 s (install 19 s with a warm uv cache; three runs of two processes: the first compiles,
-each start imports the stack from a venv without bytecode), gpu.sh 140 s, the rest seconds.
+Time on the 2-core test machine: the SLURM test 160 s (install 12 s with a warm uv cache;
+three runs of two processes, the first compiles the step), gpu.sh 50 s, the rest seconds; the
+whole file 3.5 minutes. Shared with other test runs (load average 9-10): 500 s and 140 s.
 """
 
 import json
