@@ -245,8 +245,10 @@ def _train(
     if not classifier and tc.sample_every:
         sample_grid = _SampleGrid(config, module, mesh)
 
-    writer = metrics_lib.create_writer(workdir, tensorboard=tc.get("tensorboard", True))
     step = int(jax.device_get(state.step))
+    writer = metrics_lib.create_writer(
+        workdir, tensorboard=tc.get("tensorboard", True), resume_step=step
+    )
     if first_batch is None:
         first_batch = next(train_iter)
     with jax.set_mesh(mesh):
@@ -280,6 +282,7 @@ def _train(
         )
         if started:
             logging.info("Saving checkpoint at step %d", at_step)
+        writer.flush()  # the metrics up to a checkpoint outlive a preemption (bucket workdirs)
 
     stds = config_lib.posthoc_ema_stds(config)
     snapshots = posthoc_ema.SnapshotWriter(workdir, stds) if stds else None

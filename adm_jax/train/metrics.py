@@ -121,16 +121,26 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     Local files are appended to. Object stores (gs://, s3://) cannot append, so there the
     rows are kept and the whole file is rewritten (one write, atomic there) at most every
-    ``remote_flush_seconds`` and on ``flush``/``close``.
+    ``remote_flush_seconds`` and on ``flush``/``close`` (the loop flushes at every checkpoint,
+    so the rows up to a checkpoint survive a preemption).
+
+    ``resume_step``: a resumed run drops the rows after the step it resumed from (steps that
+    a killed run logged past its last checkpoint, which this run trains again), so the file
+    holds every step once.
     """
 
-    def __init__(self, path, *, remote_flush_seconds: float = 30.0):
+    def __init__(self, path, *, remote_flush_seconds: float = 30.0, resume_step: int = 0):
         self._path = epath.Path(path)
         self._remote = "://" in os.fspath(self._path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._rows: list[str] = []
-        if self._remote and self._path.exists():
-            self._rows = self._path.read_text().splitlines()
+        if self._path.exists():
+            rows = self._path.read_text().splitlines()
+            kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= resume_step]
+            if self._remote:
+                self._rows = kept
+            if len(kept) != len(rows):
+                self._path.write_text("".join(r + "\n" for r in kept))
         self._dirty = False
         self._flush_every = remote_flush_seconds
         self._last_flush = time.monotonic()
@@ -181,7 +191,7 @@ class JsonlWriter(metric_writers.MetricWriter):
         self.flush()
 
 
-def create_writer(workdir, *, tensorboard: bool = True):
+def create_writer(workdir, *, tensorboard: bool = True, resume_step: int = 0):
     """TensorBoard (workdir/) + console + metrics.jsonl on process 0; console-only elsewhere.
 
     ``tensorboard=False`` skips the event files: they go through TensorFlow's own file system
@@ -194,7 +204,7 @@ def create_writer(workdir, *, tensorboard: bool = True):
     )
     if jax.process_index() > 0:
         return writer
-    jsonl = JsonlWriter(epath.Path(workdir) / "metrics.jsonl")
+    jsonl = JsonlWriter(epath.Path(workdir) / "metrics.jsonl", resume_step=resume_step)
     return metric_writers.MultiWriter([writer, jsonl])
 
 
