@@ -136,6 +136,13 @@ def test_resuming_with_another_sampler_is_refused(ckpts, tmp_path):
     with pytest.raises(ValueError, match=r"sampler: 'ddim' -> 'dpm\+\+'") as info:
         sampler.run_job(other, out, num_samples=16)
     assert "\n" not in str(info.value)
+    # The k-diffusion samplers' options shape the images too.
+    heun = job.with_sampler(sampler="heun")
+    out = str(tmp_path / "heun")
+    assert sampler.run_job(heun, out, num_samples=16, max_batches=1) is None
+    discrete = job.with_sampler(sampler="heun", sigma_grid="discrete")
+    with pytest.raises(ValueError, match=r"sigma_grid: 'karras' -> 'discrete'"):
+        sampler.run_job(discrete, out, num_samples=16)
 
 
 @pytest.mark.parametrize(

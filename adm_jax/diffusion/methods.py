@@ -86,6 +86,19 @@ class SamplerSpec:
         """Solvers discretise the unrespaced training schedule themselves."""
         return self.name in SOLVERS
 
+    def options(self) -> dict[str, Any]:
+        """The fields besides name, steps, eta and thresholding that shape this sampler's
+        images (recorded with a sampling run, so a resume with other values is refused)."""
+        if self.name == "unipc":
+            return {"unipc_variant": self.variant}
+        if self.name in KARRAS_SAMPLERS:
+            interval = None if self.guidance_interval is None else list(self.guidance_interval)
+            options = {"sigma_grid": self.sigma_grid, "guidance_interval": interval}
+            if self.name == "heun":
+                options["s_churn"] = self.s_churn
+            return options
+        return {}
+
     def with_nfe(self, diffusion) -> SamplerSpec:
         """ddpm/ddim: NFE is the respaced process's length (known once it is built)."""
         if self.on_training_schedule:

@@ -469,6 +469,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
             steps=spec.steps,
             eta=spec.eta,
             thresholding=spec.thresholding,
+            **spec.options(),
         )
         return SamplingJob(
             sampler=sampler,
