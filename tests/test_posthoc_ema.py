@@ -11,6 +11,8 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from test_train_loop import ListIterator  # noqa: E402
+
 from adm_jax import checkpoints as inference_lib  # noqa: E402
 from adm_jax import train  # noqa: E402
 from adm_jax.train import checkpointing, posthoc_ema, sharding  # noqa: E402
@@ -100,22 +102,8 @@ def test_run_snapshots_and_export_reconstruct_the_tracked_ema(tmp_path):
         for _ in range(c.num_steps)
     ]
 
-    class Batches:
-        def __init__(self):
-            self.i = 0
-
-        def __next__(self):
-            self.i += 1
-            return jax.device_put(batches[self.i - 1], sharding.batch_sharding(mesh))
-
-        def get_state(self):
-            return {"i": self.i}
-
-        def set_state(self, state):
-            self.i = state["i"]
-
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir), train_iter=Batches())
+    train.train_and_evaluate(config, str(workdir), train_iter=ListIterator(batches, mesh))
     snap_dir = posthoc_ema.snapshot_dir(workdir)
     assert sorted(int(p.name) for p in snap_dir.iterdir() if p.name.isdigit()) == list(
         range(4, 25, 4)

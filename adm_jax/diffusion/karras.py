@@ -26,6 +26,7 @@ import numpy as np
 
 from adm_jax.diffusion.samplers import classifier_guidance_grad
 from adm_jax.diffusion.schedules import Diffusion
+from adm_jax.diffusion.solver_common import model_eps
 
 SAMPLERS = ("heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde")
 SIGMA_GRIDS = ("discrete", "karras")
@@ -235,17 +236,6 @@ def karras_noise(key, steps: int, shape, dtype=jnp.float32):
     )
 
 
-def _eps(output, channels):
-    """The eps part of a model output: all of it, or the first C of 2C channels (the rest is
-    a learned variance, which these samplers do not use)."""
-    if output.shape[-1] not in (channels, 2 * channels):
-        raise ValueError(
-            f"model_fn output: expected {channels} or {2 * channels} channels (NHWC), "
-            f"got shape {output.shape}"
-        )
-    return output[..., :channels].astype(jnp.float32)
-
-
 def karras_sample(
     diffusion: Diffusion,
     model_fn,
@@ -381,7 +371,7 @@ def _karras_sample(
     x = x_T * sigma_start
     batch, channels = x.shape[0], x.shape[-1]
 
-    def guided_eps(x, s):
+    def guidedmodel_eps(x, s):
         """eps of the denoiser D(x, sigma) = x - sigma eps(x c_in, t(sigma)), guided where on:
         eps - classifier_scale sigma c_in grad log p(y | x c_in, t) (D' = D + classifier_scale
         sigma^2 c_in grad). The samplers' updates use it directly where they can ((x - D) /
@@ -389,12 +379,12 @@ def _karras_sample(
         x_vp = x * s["c_in"]
         t = jnp.full((batch,), s["model_times"], jnp.float32)
         if unguided_model_fn is None:
-            eps = _eps(model_fn(x_vp, t), channels)
+            eps = model_eps(model_fn(x_vp, t), channels)
         else:
             eps = jax.lax.cond(
                 s["guided"],
-                lambda: _eps(model_fn(x_vp, t), channels),
-                lambda: _eps(unguided_model_fn(x_vp, t), channels),
+                lambda: model_eps(model_fn(x_vp, t), channels),
+                lambda: model_eps(unguided_model_fn(x_vp, t), channels),
             )
         if classifier_fn is not None:
 
@@ -418,13 +408,13 @@ def _karras_sample(
     def heun_body(carry, s):
         x, x_hat, d = carry
         x_in = jnp.where(s["second"], x, x + s["churn"] * draw(s))
-        d_k = guided_eps(x_in, s)  # (x - D) / sigma
+        d_k = guidedmodel_eps(x_in, s)  # (x - D) / sigma
         x_new = jnp.where(s["second"], x_hat + 0.5 * (d + d_k) * s["dt"], x_in + d_k * s["dt"])
         return (x_new, jnp.where(s["second"], x_hat, x_in), jnp.where(s["second"], d, d_k)), None
 
     def linear_body(carry, s):
         x, denoised_prev = carry
-        eps = guided_eps(x, s)
+        eps = guidedmodel_eps(x, s)
         denoised = x - s["denoiser_sigmas"] * eps
         x = s["a"] * x + s["b"] * denoised + s["c"] * denoised_prev + s["e"] * eps
         if noise is not None or key is not None:

@@ -28,6 +28,27 @@ def _ema_index(config, ema_rate: str | float | None) -> int | None:
     return rates.index(float(ema_rate))
 
 
+def _abstract_params(config, sharding=None):
+    """ShapeDtypeStructs of config.model's parameters, placed by ``sharding`` (default:
+    replicated), for a restore straight into place."""
+    if sharding is None:
+        sharding = inference_lib.replicated_sharding()
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        abstract_params(config_lib.build_model(config)),
+    )
+
+
+def _inference_checkpoint(config, params, extra) -> inference_lib.InferenceCheckpoint:
+    return inference_lib.InferenceCheckpoint(
+        kind=config.model.kind,
+        model_kwargs=inference_lib._jsonable(config_lib.model_kwargs(config)),
+        diffusion_kwargs=config_lib.diffusion_kwargs(config),
+        params=params,
+        extra=extra,
+    )
+
+
 def _restore_params(workdir: str, config, *, ema_rate=None, step=None, sharding=None):
     """(params, step, rate) from a training workdir: the EMA for ``ema_rate`` (default: the
     first configured rate), or the raw params when the run keeps no EMA (classifiers)."""
@@ -35,13 +56,7 @@ def _restore_params(workdir: str, config, *, ema_rate=None, step=None, sharding=
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"checkpoint: no training checkpoint in {ckpt.directory}")
-    module = config_lib.build_model(config)
-    if sharding is None:
-        sharding = inference_lib.replicated_sharding()
-    params_abs = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-        abstract_params(module),
-    )
+    params_abs = _abstract_params(config, sharding)
     index = _ema_index(config, ema_rate)
     if index is None:
         tree = ckpt.restore_subtree({"params": params_abs}, step)
@@ -79,35 +94,19 @@ def restore_inference(
     params, step, rate = _restore_params(
         path, config, ema_rate=ema_rate, step=step, sharding=sharding
     )
-    return inference_lib.InferenceCheckpoint(
-        kind=config.model.kind,
-        model_kwargs=inference_lib._jsonable(config_lib.model_kwargs(config)),
-        diffusion_kwargs=config_lib.diffusion_kwargs(config),
-        params=params,
-        extra={"step": int(step), "ema_rate": rate, "source": os.fspath(path)},
-    )
+    extra = {"step": int(step), "ema_rate": rate, "source": os.fspath(path)}
+    return _inference_checkpoint(config, params, extra)
 
 
 def export_posthoc_ema(
     workdir, run_config, std: float, *, step=None, from_stds=None
 ) -> inference_lib.InferenceCheckpoint:
     """The EMA of relative std ``std`` reconstructed from the run's post-hoc EMA snapshots."""
-    module = config_lib.build_model(run_config)
-    sharding = inference_lib.replicated_sharding()
-    params_abs = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-        abstract_params(module),
-    )
     params, at_step = posthoc_ema.reconstruct(
-        workdir, std, params_abs, step=step, from_stds=from_stds
+        workdir, std, _abstract_params(run_config), step=step, from_stds=from_stds
     )
-    return inference_lib.InferenceCheckpoint(
-        kind=run_config.model.kind,
-        model_kwargs=inference_lib._jsonable(config_lib.model_kwargs(run_config)),
-        diffusion_kwargs=config_lib.diffusion_kwargs(run_config),
-        params=params,
-        extra={"step": at_step, "ema_rate": None, "ema_std": float(std), "source": str(workdir)},
-    )
+    extra = {"step": at_step, "ema_rate": None, "ema_std": float(std), "source": str(workdir)}
+    return _inference_checkpoint(run_config, params, extra)
 
 
 def export(config, workdir: str, out: str | None = None, *, ema_rate=None) -> str:
