@@ -43,6 +43,7 @@ from ml_collections import config_flags
 from adm_jax import workdir as workdir_lib
 
 MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo", "nll", "sweep")
+MODES += ("checkpoints", "verify")  # checkpoint tools (adm_jax.train.checkpoint_tools)
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
@@ -62,6 +63,9 @@ flags.DEFINE_bool(
     False,
     "Remove the workdir's lock before starting: for a run that was killed on another machine "
     "(a stale lock on this machine is taken over by itself).",
+)
+flags.DEFINE_integer(
+    "step", None, "--mode=verify: the checkpoint step to check (default: the newest complete one)."
 )
 config_flags.DEFINE_config_file("config", None, "ml_collections config file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -250,6 +254,14 @@ def _run_mode(config, workdir: str, mode: str) -> None:
             raise app.UsageError(f"--config: {err}") from None
         run = train.train_and_evaluate if mode == "train" else train.train_classifier
         run(config, workdir)
+        return
+    if mode in ("checkpoints", "verify"):  # read-only checkpoint tools
+        from adm_jax.train import checkpoint_tools
+
+        if mode == "checkpoints":
+            checkpoint_tools.main_checkpoints(workdir)
+        else:
+            checkpoint_tools.main_verify(config, workdir, FLAGS.step)
         return
     # export / sample / evaluate report bad configs and mismatched checkpoints as one-line
     # ValueErrors naming the field: show that line, not a traceback.

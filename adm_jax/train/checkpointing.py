@@ -55,6 +55,23 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     return paths.resolved(workdir) / CHECKPOINT_DIR
 
 
+def complete_steps_on_store(directory: epath.Path) -> list[int]:
+    """The finalized steps in ``directory``, each checked on the store; a step that cannot be
+    checked (the store failing) is left out rather than failing the whole listing."""
+    steps = []
+    try:
+        children = [c for c in directory.iterdir() if c.name.isdigit()]
+    except Exception:  # noqa: BLE001 - the store may be failing
+        return steps
+    for child in children:
+        try:
+            if ocp.step.is_path_finalized(child):
+                steps.append(int(child.name))
+        except Exception:  # noqa: BLE001
+            continue
+    return sorted(steps)
+
+
 def _encode(data_state):
     """Iterator state -> JSON (grain states are dicts or bytes)."""
     if data_state is None:
@@ -85,13 +102,23 @@ def _decode(payload):
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for (state, data position, config)."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        """``read_only``: for tools that inspect a workdir a run may be writing to; it creates
+        nothing and leaves the running save's temporary directory alone."""
         self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            create=True,
+            create=not read_only,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._pending: int | None = None  # step of an asynchronous save not yet checked
@@ -119,10 +146,9 @@ class Checkpointer:
         return started
 
     def _save_error(self, step: int, err: BaseException) -> CheckpointSaveError:
-        try:
-            good = [s for s in self.all_steps() if s != step]
-        except Exception:  # noqa: BLE001
-            good = []
+        # Read from the store, not the manager's list: after a failed save Orbax has already
+        # dropped the steps that save would have retired (they are still on the store).
+        good = [s for s in complete_steps_on_store(self.directory) if s != step]
         return CheckpointSaveError(
             f"checkpoint: saving step {step} to {self.directory} failed "
             f"({type(err).__name__}: {_first_line(err)}); the run stopped, last good "
