@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,9 @@ from jax.sharding import PartitionSpec as P
 from adm_jax import mesh as mesh_lib
 from adm_jax.diffusion import classifier_free_model_fn, methods
 from adm_jax.images import to_uint8
+
+if TYPE_CHECKING:
+    from adm_jax.diffusion import editing
 
 
 def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -50,6 +53,17 @@ class BatchSampler:
     classifier guidance and ``null_label`` classifier-free guidance, each with a traced scale.
     ``trace_count`` counts traces: anything above one means a batch or a scale recompiled,
     which at pod scale costs minutes.
+
+    Editing: each batch may also take ``x_init`` (x_0 images in [-1, 1]) with ``strength``
+    (SDEdit, one per example or one for the batch) and ``x_T`` (given initial noise, e.g.
+    ``ddim_invert``'s), host arrays of the global batch laid out like the labels; see
+    ``methods.sample_images``. They are traced: one program serves every batch that passes
+    the same of them (passing x_init or x_T, or not, is a different program).
+
+    ``edit`` (an ``EditSpec``): each batch edits given images by ``editing.edit_images``
+    (inpaint, sdedit or class_swap): ``x_known`` (uint8, or float in [-1, 1]), ``mask``
+    (inpaint: 1 = keep) and ``source_labels`` (class_swap with a class-conditional model: the
+    labels the inversion runs under; ``needs_source_labels``) per batch, traced.
     """
 
     def __init__(
@@ -69,6 +83,7 @@ class BatchSampler:
         method: methods.SamplerSpec | None = None,
         null_label: int | None = None,
         unconditional: bool = False,
+        edit: editing.EditSpec | None = None,
     ):
         self.mesh = mesh if mesh is not None else mesh_lib.batch_mesh(batch_size)
         axes = mesh_lib.batch_axes(self.mesh)
@@ -93,14 +108,26 @@ class BatchSampler:
         self.class_cond, self.superres = class_cond, superres
         self.guided = classifier_apply is not None
         self.null_label = null_label
+        self.edit = edit
         self.batch_sharding = NamedSharding(self.mesh, P(axes))
         self.replicated = NamedSharding(self.mesh, P())
         self.trace_count = 0
         constrain = lambda a: jax.lax.with_sharding_constraint(a, self.batch_sharding)
         spec = self.method
 
-        def run(model_params, classifier_params, seed, batch_index, labels, scale, cfg, low_res):
+        def run(
+            model_params,
+            classifier_params,
+            seed,
+            batch_index,
+            labels,
+            scale,
+            cfg,
+            low_res,
+            extra=None,
+        ):
             self.trace_count += 1
+            extra = extra or {}
             key = jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
 
             def net(x, t, y):
@@ -123,6 +150,29 @@ class BatchSampler:
             classifier_fn = None
             if classifier_apply is not None:
                 classifier_fn = lambda x, t: classifier_apply(classifier_params, x, t)
+            if "x_known" in extra:  # an EditSpec's edit
+                from adm_jax.diffusion import editing
+
+                source_labels = extra.get("source_labels")
+                source_model_fn = None
+                if source_labels is not None:
+                    source_model_fn = lambda x, t: net(x, t, source_labels)
+                x = editing.edit_images(
+                    edit,
+                    spec,
+                    diffusion,
+                    model_fn,
+                    key,
+                    constrain(extra["x_known"]),
+                    mask=extra.get("mask"),
+                    source_model_fn=source_model_fn,
+                    classifier_fn=classifier_fn,
+                    y=labels,
+                    classifier_scale=scale,
+                    unguided_model_fn=unguided_model_fn,
+                )
+                return to_uint8(x)
+            x_init, x_T = extra.get("x_init"), extra.get("x_T")
             x = methods.sample_images(
                 spec,
                 diffusion,
@@ -134,15 +184,29 @@ class BatchSampler:
                 y=labels,
                 classifier_scale=scale,
                 unguided_model_fn=unguided_model_fn,
+                x_init=None if x_init is None else constrain(x_init),
+                strength=extra.get("strength", 1.0),
+                x_T=None if x_T is None else constrain(x_T),
             )
             return to_uint8(x)
 
         b, r = self.batch_sharding, self.replicated
-        self.program = jax.jit(run, in_shardings=(r, r, r, r, b, r, r, b), out_shardings=r)
+        shardings = (r, r, r, r, b, r, r, b)
+        self.program = jax.jit(run, in_shardings=shardings, out_shardings=r)
+        # The same with a dict of per-batch editing inputs appended (laid out like the labels):
+        # x_init / strength / x_T (sample_images' starts) or x_known / mask / source_labels
+        # (an EditSpec's edit).
+        self.edit_program = jax.jit(run, in_shardings=(*shardings, b), out_shardings=r)
 
     @property
     def needs_labels(self) -> bool:
         return self.class_cond or self.guided
+
+    @property
+    def needs_source_labels(self) -> bool:
+        """Whether each batch needs ``source_labels`` (a class swap on a class-conditional
+        model: the inversion runs under the images' own labels)."""
+        return self.edit is not None and self.edit.kind == "class_swap" and self.class_cond
 
     @property
     def cfg(self) -> bool:
@@ -195,7 +259,83 @@ class BatchSampler:
             low_res,
         )
 
+    def edit_arguments(
+        self,
+        *,
+        x_init: np.ndarray | None = None,
+        strength: float | np.ndarray | None = None,
+        x_T: np.ndarray | None = None,
+        x_known: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        source_labels: np.ndarray | None = None,
+    ) -> dict:
+        """The editing inputs ``self.edit_program`` takes after ``arguments``'s, laid out like
+        the labels. x_init and x_T: (batch_size, *image_shape) float; strength: a number or
+        (batch_size,) in (0, 1], only with x_init (default 1). With an ``EditSpec``: x_known
+        (uint8, or float in [-1, 1]), mask (inpaint) and source_labels (when
+        ``needs_source_labels``)."""
+        shape = (self.batch_size, *self.image_shape)
+        if self.edit is not None:
+            return self._edit_inputs(shape, x_known, mask, source_labels, x_init, strength, x_T)
+        if x_known is not None or mask is not None or source_labels is not None:
+            raise ValueError(
+                "x_known, mask, source_labels: only for a BatchSampler built with edit=EditSpec"
+            )
+        if strength is not None and x_init is None:
+            raise ValueError("strength: only used with x_init (the images to start from)")
+        if x_init is not None:
+            x_init = self._images("x_init", x_init, shape)
+            strength = np.broadcast_to(
+                np.asarray(1.0 if strength is None else strength, np.float32), shape[:1]
+            )
+            if not np.all((strength > 0) & (strength <= 1)):
+                raise ValueError(f"strength: expected values in (0, 1], got {strength}")
+            strength = global_array(strength, self.batch_sharding)
+        if x_T is not None:
+            x_T = self._images("x_T", x_T, shape)
+        inputs = dict(x_init=x_init, strength=strength, x_T=x_T)
+        return {name: value for name, value in inputs.items() if value is not None}
+
+    def _edit_inputs(self, shape, x_known, mask, source_labels, *starts) -> dict:
+        if any(a is not None for a in starts):
+            raise ValueError(
+                "x_init, strength, x_T: a BatchSampler built with edit=EditSpec takes x_known"
+            )
+        if x_known is None:
+            raise ValueError(f"x_known: edit.kind={self.edit.kind} needs the images to edit")
+        x_known = np.asarray(x_known)
+        if x_known.dtype == np.uint8:
+            x_known = x_known.astype(np.float32) / 127.5 - 1.0
+        inputs = {"x_known": self._images("x_known", x_known, shape)}
+        if self.edit.uses_mask != (mask is not None):
+            raise ValueError(f"mask: required exactly for inpainting, edit.kind={self.edit.kind}")
+        if mask is not None:
+            mask = np.broadcast_to(np.asarray(mask, np.float32), shape[:-1] + (1,))
+            inputs["mask"] = global_array(np.ascontiguousarray(mask), self.batch_sharding)
+        if self.needs_source_labels != (source_labels is not None):
+            raise ValueError(
+                "source_labels: required exactly for a class swap on a class-conditional model"
+            )
+        if source_labels is not None:
+            source_labels = np.asarray(source_labels, np.int32)
+            inputs["source_labels"] = global_array(source_labels, self.batch_sharding)
+        return inputs
+
+    def _images(self, name: str, images: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
+        images = np.asarray(images, np.float32)
+        if images.shape != shape:
+            raise ValueError(
+                f"{name}: expected shape {shape} (the global batch), got {images.shape}"
+            )
+        return global_array(images, self.batch_sharding)
+
     def dispatch(self, model_params: Any, **kwargs) -> jax.Array:
         """Starts the batch and returns at once (a replicated uint8 array, still computing).
-        Keyword arguments: those of ``arguments``."""
-        return self.program(*self.arguments(model_params, **kwargs))
+        Keyword arguments: those of ``arguments`` and ``edit_arguments`` (with an EditSpec,
+        or any of the latter, ``edit_program`` runs)."""
+        names = ("x_init", "strength", "x_T", "x_known", "mask", "source_labels")
+        edit_kwargs = {name: kwargs.pop(name) for name in names if name in kwargs}
+        args = self.arguments(model_params, **kwargs)
+        if self.edit is None and all(v is None for v in edit_kwargs.values()):
+            return self.program(*args)
+        return self.edit_program(*args, self.edit_arguments(**edit_kwargs))

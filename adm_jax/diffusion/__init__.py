@@ -1,6 +1,7 @@
 """Gaussian diffusion for ADM: schedules, forward/reverse math, losses, timestep samplers and
-guided samplers (ancestral, DDIM, DPM-Solver++; classifier and classifier-free guidance), as
-pure JAX functions over a static `Diffusion` constants object.
+guided samplers (ancestral, DDIM and its inversion, DPM-Solver++, UniPC, the k-diffusion
+samplers; classifier and classifier-free guidance, guidance intervals, x_0 corrections, SDEdit
+starts), as pure JAX functions over a static `Diffusion` constants object.
 
 See docs/diffusion.md for the equation -> function map.
 """
@@ -51,6 +52,7 @@ from adm_jax.diffusion.repaint import (
 )
 from adm_jax.diffusion.samplers import (
     classifier_guidance_grad,
+    ddim_invert,
     ddim_reverse_sample,
     ddim_sample,
     p_sample,
@@ -93,6 +95,7 @@ __all__ = [
     "condition_mean",
     "condition_score",
     "create_diffusion",
+    "ddim_invert",
     "ddim_reverse_sample",
     "ddim_sample",
     "diffusion_kwargs_from_flags",

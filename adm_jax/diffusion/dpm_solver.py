@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adm_jax.diffusion.guidance import check_interval, check_switches
 from adm_jax.diffusion.schedules import Diffusion
 from adm_jax.diffusion.solver_common import (
     CLIPPED_LAMBDA,
@@ -28,16 +29,19 @@ from adm_jax.diffusion.solver_common import (
     check_inputs,
     data_prediction_fn,
     dynamic_threshold,
+    guided_mask,
     inverse_lambda,
     marginal_lambda,
     marginal_log_alpha,
     model_eps,
     model_input_times,
     schedule_at,
+    start_point,
     time_steps,
     validate_solver_args,
     vp_log_alpha_table,
 )
+from adm_jax.diffusion.start import bcast
 
 # The schedule and model-wrapper helpers live in solver_common (UniPC shares them); these
 # names stay importable from here.
@@ -116,6 +120,31 @@ def _update_coefficients(lambdas, alphas, sigmas, j, step_order):
     return c_x, c
 
 
+def _coefficient_arrays(lambdas, alphas, sigmas, orders):
+    """(coef_x (n,), coef_model (n, 3)) of the n = len(orders) updates on the grid."""
+    coef_x = np.zeros(len(orders))
+    coef_model = np.zeros((len(orders), 3))
+    for k, step_order in enumerate(orders):
+        coef_x[k], coef_model[k] = _update_coefficients(lambdas, alphas, sigmas, k + 1, step_order)
+    return coef_x, coef_model
+
+
+def start_tables(plan, order: int, lower_order_final: bool):
+    """For SDEdit starts: coef_x (steps, steps) and coef_model (steps, steps, 3), row j0 the
+    coefficients of the run that starts at grid point j0 (update k for k >= j0; the last
+    steps - j0 updates of the grid, with their own warm-up orders, as the reference run with
+    t_T = t_continuous[j0] and steps - j0 steps), zeros before j0."""
+    steps = len(plan["alpha"])
+    lambdas, alphas, sigmas = plan["lambda"], plan["grid_alpha"], plan["grid_sigma"]
+    coef_x, coef_model = np.zeros((steps, steps)), np.zeros((steps, steps, 3))
+    for j0 in range(steps):
+        orders = update_orders(steps - j0, order, lower_order_final)
+        coef_x[j0, j0:], coef_model[j0, j0:] = _coefficient_arrays(
+            lambdas[j0:], alphas[j0:], sigmas[j0:], orders
+        )
+    return coef_x, coef_model
+
+
 def dpm_solver_plan(
     diffusion: Diffusion,
     *,
@@ -129,8 +158,9 @@ def dpm_solver_plan(
     Model evaluation k (k = 0..steps-1) happens at t_continuous[k], with model time
     model_times[k] = (t_continuous[k] - 1/N) * 1000, alpha[k], sigma[k]; it is followed by the
     update t_k -> t_{k+1}: x <- coef_x[k] x + coef_model[k] . (m_k, m_{k-1}, m_{k-2}) of
-    order orders[k]. Keys: t_continuous and lambda (steps + 1,); model_times, alpha, sigma,
-    orders, coef_x (steps,); coef_model (steps, 3); total_n (the clipped schedule length).
+    order orders[k]. Keys: t_continuous, lambda, grid_alpha, grid_sigma (steps + 1,);
+    model_times, alpha, sigma, orders, coef_x (steps,); coef_model (steps, 3); total_n (the
+    clipped schedule length).
     """
     validate_solver_args(steps, order, skip_type)
     table = vp_log_alpha_table(base_betas(diffusion), clip_low_lambda=True)
@@ -138,16 +168,15 @@ def dpm_solver_plan(
     ts = time_steps(table, steps, skip_type)
     alphas, sigmas, lambdas = schedule_at(table, ts)
     orders = update_orders(steps, order, lower_order_final)
-    coef_x = np.zeros(steps)
-    coef_model = np.zeros((steps, 3))
-    for k, step_order in enumerate(orders):
-        coef_x[k], coef_model[k] = _update_coefficients(lambdas, alphas, sigmas, k + 1, step_order)
+    coef_x, coef_model = _coefficient_arrays(lambdas, alphas, sigmas, orders)
     return {
         "t_continuous": ts,
         "lambda": lambdas,
         "model_times": model_input_times(ts[:-1], total_n),
         "alpha": alphas[:-1],
         "sigma": sigmas[:-1],
+        "grid_alpha": alphas,
+        "grid_sigma": sigmas,
         "orders": np.asarray(orders, np.int32),
         "coef_x": coef_x,
         "coef_model": coef_model,
@@ -168,6 +197,11 @@ def dpm_solver_sample(
     y=None,
     classifier_scale=0.0,
     lower_order_final: bool = True,
+    denoised_fn=None,
+    guidance_interval=None,
+    unguided_model_fn=None,
+    x_init=None,
+    strength=1.0,
 ):
     """x_0 from x_T (NHWC) by multistep DPM-Solver++ in `steps` model evaluations.
 
@@ -175,12 +209,20 @@ def dpm_solver_sample(
     -> logits receive the float model times t = (t_continuous - 1/N) * 1000, shape (B,), of
     the unrespaced schedule of `diffusion`. With classifier_fn, eps' = eps - sigma_t *
     classifier_scale * grad_x log p(y | x_t, t) (ADM's classifier guidance on the score).
-    thresholding applies `dynamic_threshold` to every x_0 prediction. diffusion, model_fn,
-    classifier_fn and the solver options are static; x_T, y and classifier_scale are traced.
+    denoised_fn (x_0 -> x_0) is applied to every x_0 prediction; thresholding=True is
+    denoised_fn=`dynamic_threshold`. guidance_interval=(sigma_lo, sigma_hi): guidance only at
+    steps with lo < sigma_t / alpha_t <= hi (sqrt((1 - abar) / abar) of the solver's own
+    schedule); outside it the classifier is skipped and the model is unguided_model_fn when
+    given (`lax.cond`). x_init, strength: SDEdit, start from x_init (x_0 images) noised with
+    x_T to grid point j0 = steps - ceil(strength * steps) and run the grid's last
+    ceil(strength * steps) steps (strength traced, scalar or (B,); 1 = the ordinary run).
+    diffusion, model_fn, classifier_fn and the solver options are static; x_T, x_init,
+    strength, y and classifier_scale are traced.
     """
     validate_solver_args(steps, order, skip_type)
     base_betas(diffusion)
     x_T = check_inputs(x_T, classifier_fn, y)
+    check_switches(guidance_interval, classifier_fn, unguided_model_fn)
     return _dpm_solver_sample(
         diffusion,
         model_fn,
@@ -193,6 +235,11 @@ def dpm_solver_sample(
         y=None if y is None else jnp.asarray(y, jnp.int32),
         classifier_scale=jnp.asarray(classifier_scale, jnp.float32),
         lower_order_final=bool(lower_order_final),
+        denoised_fn=denoised_fn,
+        guidance_interval=check_interval(guidance_interval),
+        unguided_model_fn=unguided_model_fn,
+        x_init=x_init,
+        strength=jnp.asarray(strength, jnp.float32),
     )
 
 
@@ -207,6 +254,9 @@ def dpm_solver_sample(
         "thresholding",
         "classifier_fn",
         "lower_order_final",
+        "denoised_fn",
+        "guidance_interval",
+        "unguided_model_fn",
     ),
 )
 def _dpm_solver_sample(
@@ -222,6 +272,11 @@ def _dpm_solver_sample(
     y,
     classifier_scale,
     lower_order_final,
+    denoised_fn,
+    guidance_interval,
+    unguided_model_fn,
+    x_init,
+    strength,
 ):
     plan = dpm_solver_plan(
         diffusion,
@@ -234,6 +289,8 @@ def _dpm_solver_sample(
         name: jnp.asarray(np.asarray(plan[name], np.float32))
         for name in ("model_times", "alpha", "sigma", "coef_x", "coef_model")
     }
+    xs["k"] = jnp.arange(steps, dtype=jnp.int32)
+    xs["guided"] = guided_mask(plan, guidance_interval)
     data_prediction = data_prediction_fn(
         model_fn,
         batch=x_T.shape[0],
@@ -242,15 +299,40 @@ def _dpm_solver_sample(
         y=y,
         classifier_scale=classifier_scale,
         thresholding=thresholding,
+        denoised_fn=denoised_fn,
+        unguided_model_fn=unguided_model_fn,
     )
+    x_start, start = start_point(plan, x_T, x_init, strength, steps)
 
     def body(carry, s):
         x, history = carry
-        m = data_prediction(x, s["model_times"], s["alpha"], s["sigma"])
+        m = data_prediction(x, s["model_times"], s["alpha"], s["sigma"], s["guided"])
         models = (m, *history)
         x = s["coef_x"] * x + sum(s["coef_model"][i] * models[i] for i in range(len(models)))
         return (x, models[: order - 1]), None
 
+    if start is not None:
+        tab_x, tab_model = (
+            jnp.asarray(a.astype(np.float32)) for a in start_tables(plan, order, lower_order_final)
+        )
+
+        def started_body(carry, s):
+            active = s["k"] >= start
+
+            def update(x, history):
+                m = data_prediction(x, s["model_times"], s["alpha"], s["sigma"], s["guided"])
+                m = jnp.where(bcast(active, x), m, 0.0)
+                models = (m, *history)
+                coef_model = tab_model[start, s["k"]]
+                x_new = bcast(tab_x[start, s["k"]], x) * x + sum(
+                    bcast(coef_model[:, i], x) * models[i] for i in range(len(models))
+                )
+                return jnp.where(bcast(active, x), x_new, x), models[: order - 1]
+
+            return jax.lax.cond(jnp.any(active), update, lambda *c: c, *carry), None
+
+        body = started_body
+
     history = tuple(jnp.zeros_like(x_T) for _ in range(order - 1))
-    (x_0, _), _ = jax.lax.scan(body, (x_T, history), xs)
+    (x_0, _), _ = jax.lax.scan(body, (x_start, history), xs)
     return x_0

@@ -121,13 +121,21 @@ def model_variance(diffusion: Diffusion, var_values, x, t):
 
 
 def p_mean_variance_from_output(
-    diffusion: Diffusion, model_output, x, t, *, clip_denoised=True, channel_axis=-1
+    diffusion: Diffusion,
+    model_output,
+    x,
+    t,
+    *,
+    clip_denoised=True,
+    channel_axis=-1,
+    denoised_fn=None,
 ):
     """p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta) from a network output (DDPM eq. 1).
 
-    The mean is the posterior mean (DDPM eq. 7) at the predicted x_0 (clipped to [-1, 1] if
-    clip_denoised), or the output itself for previous_x prediction. Returns a dict with
-    mean, variance, log_variance, pred_xstart.
+    The mean is the posterior mean (DDPM eq. 7) at the predicted x_0 (denoised_fn(x_0) when
+    given, then clipped to [-1, 1] if clip_denoised, as the reference's process_xstart), or
+    the output itself for previous_x prediction. Returns a dict with mean, variance,
+    log_variance, pred_xstart.
     """
     if diffusion.learns_sigma:
         model_output, var_values = jnp.split(model_output, 2, axis=channel_axis)
@@ -136,6 +144,8 @@ def p_mean_variance_from_output(
     variance, log_variance = model_variance(diffusion, var_values, x, t)
 
     def process_xstart(x0):
+        if denoised_fn is not None:
+            x0 = denoised_fn(x0)
         return jnp.clip(x0, -1, 1) if clip_denoised else x0
 
     if diffusion.model_mean_type == "previous_x":
@@ -155,11 +165,19 @@ def p_mean_variance_from_output(
     }
 
 
-def p_mean_variance(diffusion: Diffusion, model_fn, x, t, *, clip_denoised=True, channel_axis=-1):
+def p_mean_variance(
+    diffusion: Diffusion, model_fn, x, t, *, clip_denoised=True, channel_axis=-1, denoised_fn=None
+):
     """Applies model_fn(x, timestep_map[t]) and returns `p_mean_variance_from_output`."""
     model_output = model_fn(x, model_timesteps(diffusion, t))
     return p_mean_variance_from_output(
-        diffusion, model_output, x, t, clip_denoised=clip_denoised, channel_axis=channel_axis
+        diffusion,
+        model_output,
+        x,
+        t,
+        clip_denoised=clip_denoised,
+        channel_axis=channel_axis,
+        denoised_fn=denoised_fn,
     )
 
 

@@ -24,9 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adm_jax.diffusion import guidance
+from adm_jax.diffusion import start as start_lib
 from adm_jax.diffusion.samplers import classifier_guidance_grad
 from adm_jax.diffusion.schedules import Diffusion
 from adm_jax.diffusion.solver_common import model_eps
+from adm_jax.diffusion.start import bcast
 
 SAMPLERS = ("heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde")
 SIGMA_GRIDS = ("discrete", "karras")
@@ -93,18 +96,7 @@ def _check_grid(steps, kind, rho):
         raise ValueError(f"rho: expected a number > 0, got {rho!r}")
 
 
-def _check_interval(guidance_interval):
-    if guidance_interval is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in guidance_interval)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"guidance_interval: expected None or (sigma_lo, sigma_hi), got {guidance_interval!r}"
-        ) from None
-    if not lo < hi:
-        raise ValueError(f"guidance_interval: expected sigma_lo < sigma_hi, got ({lo}, {hi})")
-    return lo, hi
+_check_interval = guidance.check_interval
 
 
 def _heun_calls(sigmas, steps, s_churn, s_tmin, s_tmax, s_noise):
@@ -168,7 +160,9 @@ def _linear_calls(sampler, sigmas, steps, eta, s_noise):
                 b, c = phi + 0.5 * phi / r, -0.5 * phi / r
             if eta:
                 n = sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise
-        calls.append(dict(sigma=sigma, step=i, a=a, b=b, c=c, e=e, n=n))
+        # b if this step were the first (an SDEdit start: no previous D).
+        b_first = b if c == 0 else phi
+        calls.append(dict(sigma=sigma, step=i, a=a, b=b, c=c, e=e, n=n, b_first=b_first))
     return calls
 
 
@@ -194,7 +188,8 @@ def karras_plan(
     the call's update uses) and the update's coefficients: for "heun" second (bool: Heun's
     correction call), churn (the scale of noise[step] added before a first call) and dt; for
     the other samplers a, b, c, e, n with x <- a x + b D + c D_prev + e eps + n noise[step]
-    (eps = (x - D) / sigma). uses_noise: whether any noise enters.
+    (eps = (x - D) / sigma), and b_first, b when the step is the run's first (an SDEdit start,
+    no D_prev). uses_noise: whether any noise enters.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
@@ -207,12 +202,9 @@ def karras_plan(
         fields = ("second", "churn", "dt")
     else:
         calls = _linear_calls(sampler, sigmas, steps, float(eta), float(s_noise))
-        fields = ("a", "b", "c", "e", "n")
+        fields = ("a", "b", "c", "e", "n", "b_first")
     denoiser_sigmas = np.array([call["sigma"] for call in calls], np.float64)
-    if interval is None:
-        guided = np.ones(len(calls), bool)
-    else:
-        guided = (interval[0] < denoiser_sigmas) & (denoiser_sigmas <= interval[1])
+    guided = guidance.interval_mask(denoiser_sigmas, interval)
     plan = {
         "sigmas": sigmas,
         "denoiser_sigmas": denoiser_sigmas,
@@ -257,6 +249,9 @@ def karras_sample(
     classifier_scale=0.0,
     guidance_interval=None,
     unguided_model_fn=None,
+    denoised_fn=None,
+    x_init=None,
+    strength=1.0,
 ):
     """x_0 from standard-normal x_T (NHWC) by a k-diffusion sampler on the unrespaced schedule
     of `diffusion` (see `karras_plan` for the options; x starts at x_T * sigmas[0]).
@@ -277,10 +272,17 @@ def karras_sample(
     conditional or unconditional model alone, one pass instead of two) outside. Calls outside
     the interval skip the classifier and the guided network entirely (lax.cond).
 
-    model_fn, unguided_model_fn, classifier_fn and sampler are static; x_T, noise, key, y and
-    classifier_scale are traced, and so are the plan's arrays: other steps recompile (new
-    shapes), and so does switching between options that draw noise and options that do not;
-    other s_churn, eta, rho, sigma grids or intervals do not.
+    denoised_fn (D -> D, e.g. `dynamic_threshold`) is applied to the (guided) denoised D of
+    every call; eps is then (x - D') / sigma. x_init, strength: SDEdit, keep the grid's sigmas
+    <= sigma(strength), sigma(s) the schedule's sigma at the fractional timestep s * (T - 1),
+    and start at x_init + sigma_start * x_T (strength traced, scalar or (B,); 1 = the ordinary
+    run from x_T * sigmas[0]); the first step kept runs as a first step (no D_prev).
+
+    model_fn, unguided_model_fn, classifier_fn, denoised_fn and sampler are static; x_T,
+    x_init, strength, noise, key, y and classifier_scale are traced, and so are the plan's
+    arrays: other steps recompile (new shapes), and so does switching between options that
+    draw noise and options that do not; other s_churn, eta, rho, sigma grids or intervals do
+    not.
     """
     plan = karras_plan(
         diffusion,
@@ -297,14 +299,7 @@ def karras_sample(
     )
     if classifier_fn is not None and y is None:
         raise ValueError("y: classifier guidance needs the target labels")
-    if guidance_interval is not None and classifier_fn is None and unguided_model_fn is None:
-        raise ValueError(
-            "guidance_interval: switches classifier_fn or unguided_model_fn; pass one of them"
-        )
-    if unguided_model_fn is not None and guidance_interval is None:
-        raise ValueError(
-            "unguided_model_fn: only used outside a guidance_interval; pass guidance_interval"
-        )
+    guidance.check_switches(guidance_interval, classifier_fn, unguided_model_fn)
     x_T = jnp.asarray(x_T, jnp.float32)
     if x_T.ndim < 2:
         raise ValueError(f"x_T: expected a batch of NHWC images, got shape {x_T.shape}")
@@ -325,7 +320,7 @@ def karras_sample(
     if not plan["uses_noise"]:
         noise = key = None
     float_names = ("denoiser_sigmas", "model_times", "c_in")
-    float_names += ("churn", "dt") if sampler == "heun" else ("a", "b", "c", "e", "n")
+    float_names += ("churn", "dt") if sampler == "heun" else ("a", "b", "c", "e", "n", "b_first")
     xs = {name: jnp.asarray(np.asarray(plan[name], np.float32)) for name in float_names}
     # eps' = eps - classifier_scale * sigma c_in g, i.e. D' = D + classifier_scale sigma^2 c_in g
     xs["guide_coef"] = jnp.asarray(np.asarray(plan["denoiser_sigmas"] * plan["c_in"], np.float32))
@@ -333,11 +328,24 @@ def karras_sample(
     xs["step"] = jnp.asarray(plan["step"])
     if sampler == "heun":
         xs["second"] = jnp.asarray(plan["second"])
+    start = None
+    if x_init is not None:
+        x_init = jnp.asarray(x_init, jnp.float32)
+        if x_init.shape != x_T.shape:
+            raise ValueError(f"x_init: expected shape {x_T.shape}, got {x_init.shape}")
+        start = dict(
+            x_init=x_init,
+            strength=jnp.asarray(strength, jnp.float32),
+            log_sigma_table=jnp.asarray(np.log(sigma_table(diffusion)).astype(np.float32)),
+            grid=jnp.asarray(plan["sigmas"].astype(np.float32)),
+        )
     return _karras_sample(
         model_fn,
         x_T,
         jnp.float32(plan["sigmas"][0]),
         xs,
+        start=start,
+        denoised_fn=denoised_fn,
         noise=noise,
         key=key,
         heun=sampler == "heun",
@@ -351,7 +359,14 @@ def karras_sample(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model_fn", "heun", "classifier_fn", "interval", "unguided_model_fn"),
+    static_argnames=(
+        "model_fn",
+        "heun",
+        "classifier_fn",
+        "interval",
+        "unguided_model_fn",
+        "denoised_fn",
+    ),
 )
 def _karras_sample(
     model_fn,
@@ -359,6 +374,8 @@ def _karras_sample(
     sigma_start,
     xs,
     *,
+    start,
+    denoised_fn,
     noise,
     key,
     heun,
@@ -368,34 +385,33 @@ def _karras_sample(
     interval,
     unguided_model_fn,
 ):
-    x = x_T * sigma_start
-    batch, channels = x.shape[0], x.shape[-1]
+    batch, channels = x_T.shape[0], x_T.shape[-1]
+    if start is None:
+        x, first_step = x_T * sigma_start, None
+    else:
+        x, first_step = _start_point(x_T, sigma_start, **start)
 
     def guidedmodel_eps(x, s):
         """eps of the denoiser D(x, sigma) = x - sigma eps(x c_in, t(sigma)), guided where on:
         eps - classifier_scale sigma c_in grad log p(y | x c_in, t) (D' = D + classifier_scale
         sigma^2 c_in grad). The samplers' updates use it directly where they can ((x - D) /
-        sigma), which avoids forming x - sigma eps in float32 at sigma ~ 1e4."""
+        sigma), which avoids forming x - sigma eps in float32 at sigma ~ 1e4 (except with a
+        denoised_fn, which needs D)."""
         x_vp = x * s["c_in"]
         t = jnp.full((batch,), s["model_times"], jnp.float32)
-        if unguided_model_fn is None:
-            eps = model_eps(model_fn(x_vp, t), channels)
-        else:
-            eps = jax.lax.cond(
-                s["guided"],
-                lambda: model_eps(model_fn(x_vp, t), channels),
-                lambda: model_eps(unguided_model_fn(x_vp, t), channels),
-            )
+        guided = s["guided"] if interval else None
+        net = guidance.interval_model_fn(model_fn, unguided_model_fn, guided)
+        eps = model_eps(net(x_vp, t), channels)
         if classifier_fn is not None:
-
-            def guidance():
-                return classifier_guidance_grad(classifier_fn, x_vp, t, y, classifier_scale)
-
-            if interval:
-                grad = jax.lax.cond(s["guided"], guidance, lambda: jnp.zeros_like(x_vp))
-            else:
-                grad = guidance()
+            grad = guidance.switch(
+                guided,
+                lambda: classifier_guidance_grad(classifier_fn, x_vp, t, y, classifier_scale),
+                lambda: jnp.zeros_like(x_vp),
+            )
             eps = eps - s["guide_coef"] * grad
+        if denoised_fn is not None:
+            sigma = s["denoiser_sigmas"]
+            eps = (x - denoised_fn(x - sigma * eps)) / sigma
         return eps
 
     def draw(s):
@@ -416,13 +432,44 @@ def _karras_sample(
         x, denoised_prev = carry
         eps = guidedmodel_eps(x, s)
         denoised = x - s["denoiser_sigmas"] * eps
-        x = s["a"] * x + s["b"] * denoised + s["c"] * denoised_prev + s["e"] * eps
+        b, c = s["b"], s["c"]
+        if first_step is not None:
+            first = bcast(first_step == s["step"], x)
+            b, c = jnp.where(first, s["b_first"], b), jnp.where(first, 0.0, c)
+        x = s["a"] * x + b * denoised + c * denoised_prev + s["e"] * eps
         if noise is not None or key is not None:
             x = x + s["n"] * draw(s)
         return (x, denoised), None
 
+    body = heun_body if heun else linear_body
+    if first_step is not None:
+        inner = body
+
+        def body(carry, s):
+            active = bcast(s["step"] >= first_step, x_T)
+
+            def update(*carry):
+                new, _ = inner(carry, s)
+                return tuple(jnp.where(active, a, b) for a, b in zip(new, carry, strict=True))
+
+            return jax.lax.cond(jnp.any(active), update, lambda *c: c, *carry), None
+
     if heun:
-        (x_0, _, _), _ = jax.lax.scan(heun_body, (x, x, jnp.zeros_like(x)), xs)
+        (x_0, _, _), _ = jax.lax.scan(body, (x, x, jnp.zeros_like(x)), xs)
     else:
-        (x_0, _), _ = jax.lax.scan(linear_body, (x, jnp.zeros_like(x)), xs)
+        (x_0, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
     return x_0
+
+
+def _start_point(x_T, sigma_start, *, x_init, strength, log_sigma_table, grid):
+    """SDEdit on a sigma grid: per example the first step i0 = #{grid sigmas > sigma(s)} and
+    x = x_init + grid[i0] x_T (x_T sigma_start for s >= 1, the ordinary start)."""
+    batch, steps = x_T.shape[0], grid.shape[0] - 1
+    strength = start_lib.per_example(strength, batch)
+    table_t = jnp.arange(log_sigma_table.shape[0], dtype=jnp.float32)
+    sigma_s = jnp.exp(jnp.interp(strength * (table_t[-1]), table_t, log_sigma_table))
+    above = grid[None, :steps] > sigma_s[:, None] * (1.0 + 1e-5)
+    first_step = jnp.where(strength >= 1.0, 0, jnp.sum(above, axis=1)).astype(jnp.int32)
+    noised = x_init + bcast(grid[first_step], x_T) * x_T
+    x = jnp.where(bcast(first_step == 0, x_T), x_T * sigma_start, noised)
+    return x, first_step

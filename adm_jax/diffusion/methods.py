@@ -3,8 +3,10 @@ UniPC, or one of k-diffusion's samplers (EDM Heun, Euler ancestral, DPM-Solver++
 SDE variant) on ADM's schedule.
 
 ``sampler_spec`` turns the ``sample.*`` fields (``sampler``, ``steps``, ``timestep_respacing``,
-``use_ddim``, ``eta``, ``thresholding``, ``sigma_grid``, ``s_churn``, ``unipc_variant``,
-``guidance_interval``) into a ``SamplerSpec``; ``sample_images`` runs it.
+``use_ddim``, ``eta``, ``x0_correction`` (and its old spellings ``thresholding``,
+``clip_denoised``), ``sigma_grid``, ``s_churn``, ``unipc_variant``, ``guidance_interval``)
+into a ``SamplerSpec``; ``sample_images`` runs it, from noise or (for editing) from given
+images (``x_init``, ``strength``: SDEdit) or a given x_T (``x_T``, e.g. ``ddim_invert``'s).
 ``adm_jax.batch_sampler.BatchSampler`` runs every sampler through these two, for
 ``--mode=sample``, the guidance sweep, the training loop's sample grid and the benchmark, so a
 sampler behaves the same everywhere.
@@ -26,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adm_jax.diffusion import karras, unipc
+from adm_jax.diffusion import guidance, karras, unipc
 from adm_jax.diffusion.dpm_solver import dpm_solver_sample
 from adm_jax.diffusion.samplers import sample
 
@@ -38,6 +40,15 @@ DPM_DEFAULT_STEPS = 20
 DPM_ORDER = 2  # DPM-Solver++(2M), the guided-sampling default of Lu et al. 2022
 # k-diffusion's eta for euler_ancestral and dpmpp_2m_sde (full ancestral noise); DDIM's is 0.
 KARRAS_DEFAULT_ETA = 1.0
+X0_CORRECTIONS = guidance.X0_CORRECTIONS  # "clip", "threshold", "none"; "" = the default
+
+
+def default_x0_correction(name: str) -> str:
+    """The x_0 correction a sampler applies unless told otherwise (the golden cases' and the
+    references'): ddpm/ddim clip (guided-diffusion's clip_denoised=True), the solvers none."""
+    return "clip" if name in ("ddpm", "ddim") else "none"
+
+
 _LABELS = {
     "ddpm": "DDPM",
     "ddim": "DDIM",
@@ -63,8 +74,17 @@ class SamplerSpec:
     sigma_grid: str = "karras"  # k-diffusion samplers: "karras" (rho 7) or "discrete"
     s_churn: float = 0.0  # heun: EDM's stochastic churn
     variant: str = "bh2"  # unipc: B(h) variant
-    # (sigma_lo, sigma_hi): guidance only where lo < sigma <= hi (k-diffusion samplers).
+    # (sigma_lo, sigma_hi): guidance only where lo < sigma <= hi, sigma = sqrt((1 - abar) /
+    # abar) at each model call (every sampler).
     guidance_interval: tuple[float, float] | None = None
+    # "clip" | "threshold" | "none" applied to every x_0 prediction; "" = the sampler's
+    # default (`default_x0_correction`; sampler_spec stores the default as "").
+    x0_correction: str = ""
+
+    @property
+    def correction(self) -> str:
+        """The x_0 correction this sampler applies (its default when x0_correction is "")."""
+        return self.x0_correction or default_x0_correction(self.name)
 
     @property
     def label(self) -> str:
@@ -88,16 +108,29 @@ class SamplerSpec:
 
     def options(self) -> dict[str, Any]:
         """The fields besides name, steps, eta and thresholding that shape this sampler's
-        images (recorded with a sampling run, so a resume with other values is refused)."""
+        images (recorded with a sampling run, so a resume with other values is refused).
+
+        Values at their defaults add no key, so the records of earlier runs stay valid:
+        guidance_interval (ddpm/ddim/dpm++/unipc; the k-diffusion samplers always record it)
+        and x0_correction are recorded only when set. "threshold" is already recorded as
+        thresholding=True, and ddpm/ddim's "none" as clip_denoised=False (the key of the old
+        spelling, which this entry overrides in the record)."""
+        options: dict[str, Any] = {}
+        interval = None if self.guidance_interval is None else list(self.guidance_interval)
         if self.name == "unipc":
-            return {"unipc_variant": self.variant}
+            options["unipc_variant"] = self.variant
         if self.name in KARRAS_SAMPLERS:
-            interval = None if self.guidance_interval is None else list(self.guidance_interval)
-            options = {"sigma_grid": self.sigma_grid, "guidance_interval": interval}
+            options.update(sigma_grid=self.sigma_grid, guidance_interval=interval)
             if self.name == "heun":
                 options["s_churn"] = self.s_churn
-            return options
-        return {}
+        elif interval is not None:
+            options["guidance_interval"] = interval
+        if self.x0_correction not in ("", "threshold"):
+            if self.name in ("ddpm", "ddim") and self.x0_correction == "none":
+                options["clip_denoised"] = False
+            else:
+                options["x0_correction"] = self.x0_correction
+        return options
 
     def with_nfe(self, diffusion) -> SamplerSpec:
         """ddpm/ddim: NFE is the respaced process's length (known once it is built)."""
@@ -169,16 +202,8 @@ def sampler_spec(sample_config: Any, **overrides) -> SamplerSpec:
     if eta is not None and not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"sample.eta: must be a finite number >= 0, got {eta!r}")
     interval = _guidance_interval(get("guidance_interval", ""))
-    if interval is not None and name not in KARRAS_SAMPLERS:
-        raise ValueError(
-            f"sample.guidance_interval: is a sigma range of the k-diffusion samplers "
-            f"{KARRAS_SAMPLERS}, not of {name!r}"
-        )
-    if thresholding and name not in ("dpm++", "unipc"):
-        raise ValueError(
-            f"sample.thresholding: dynamic thresholding is a dpm++ / unipc option; {name} "
-            "clips x_0 with sample.clip_denoised"
-        )
+    correction = _x0_correction(name, get("x0_correction", ""), thresholding, get)
+    thresholding = correction == "threshold"
     if name in SOLVERS:
         sigma_grid = str(get("sigma_grid", "karras") or "karras")
         if sigma_grid not in karras.SIGMA_GRIDS:
@@ -203,11 +228,46 @@ def sampler_spec(sample_config: Any, **overrides) -> SamplerSpec:
             s_churn=s_churn,
             variant=variant,
             guidance_interval=interval,
+            x0_correction=correction,
         )
     respacing = str(get("timestep_respacing", "") or "")
     if steps:
         respacing = f"ddim{steps}" if name == "ddim" else str(steps)
-    return SamplerSpec(name, respacing, 0, eta or 0.0, False)
+    return SamplerSpec(
+        name,
+        respacing,
+        0,
+        eta or 0.0,
+        thresholding,
+        guidance_interval=interval,
+        x0_correction=correction,
+    )
+
+
+def _x0_correction(name: str, value: Any, thresholding: bool, get) -> str:
+    """``sample.x0_correction`` with its old spellings (``thresholding=True`` is "threshold";
+    ddpm/ddim's ``clip_denoised=False`` is "none"), "" when it is the sampler's default."""
+    correction = str(value or "").strip().lower()
+    if correction and correction not in X0_CORRECTIONS:
+        raise ValueError(
+            f"sample.x0_correction: expected one of {('', *X0_CORRECTIONS)}, got {value!r}"
+        )
+    if thresholding:
+        if correction not in ("", "threshold"):
+            raise ValueError(
+                f"sample.thresholding: True contradicts sample.x0_correction={correction!r} "
+                "(thresholding=True is the old spelling of x0_correction='threshold')"
+            )
+        correction = "threshold"
+    clip_denoised = get("clip_denoised", True)
+    if name in ("ddpm", "ddim") and clip_denoised is not None and not bool(clip_denoised):
+        if correction == "clip":
+            raise ValueError(
+                "sample.clip_denoised: False contradicts sample.x0_correction='clip' "
+                "(clip_denoised=False is the old spelling of x0_correction='none')"
+            )
+        correction = correction or "none"
+    return "" if correction == default_x0_correction(name) else correction
 
 
 _TAG = re.compile(
@@ -261,6 +321,9 @@ def sample_images(
     y: jax.Array | None = None,
     classifier_scale: Any = 0.0,
     unguided_model_fn: Callable[..., jax.Array] | None = None,
+    x_init: jax.Array | None = None,
+    strength: Any = 1.0,
+    x_T: jax.Array | None = None,
 ) -> jax.Array:
     """x_0 in [-1, 1] by ``spec`` (traceable: call it inside your jit).
 
@@ -269,41 +332,64 @@ def sample_images(
     the same x_T (``normal(fold_in(key, 0))``), so the samplers start from the same noise for
     one key. ``unguided_model_fn``: the model outside ``spec.guidance_interval`` (e.g. the
     conditional model when ``model_fn`` is a classifier-free guidance wrapper).
+
+    x_0 correction: ``spec.correction`` on every x_0 prediction; with ``spec.x0_correction``
+    "" ddpm/ddim follow ``clip_denoised`` (False = "none"), the solvers none.
+
+    Starting points (traced, so one program serves every batch):
+
+    - ``x_T`` (``shape``, standard normal): replaces the draw ``normal(fold_in(key, 0))``
+      (scaled as that draw would be: by sigma_max for the k-diffusion samplers). DDIM with
+      eta 0, dpm++, unipc and dpmpp_2m are then deterministic functions of x_T.
+    - ``x_init`` (x_0 images in [-1, 1], ``shape``) with ``strength`` s in (0, 1] (a scalar
+      or one per example): SDEdit. ddpm/ddim run the last n = ceil(s * N) of the N respaced
+      steps from ``q_sample(x_init, n - 1, x_T)``; dpm++/unipc the last ceil(s * steps)
+      steps of their own time grid (the proportional share: the reference run with
+      t_T = t_grid[steps - n] and n steps) from alpha_t x_init + sigma_t x_T; the k-diffusion
+      samplers the grid's sigmas <= sigma(s) (the schedule's sigma at timestep s * (T - 1))
+      from x_init + sigma_start x_T. s = 1 is the ordinary sample (x_init unused); x_T is
+      the draw above (or the given x_T), and later noise comes from ``key`` as always.
     """
-    guidance: Mapping[str, Any] = {}
+    guidance_kwargs: Mapping[str, Any] = {}
     if classifier_fn is not None:
-        guidance = dict(classifier_fn=classifier_fn, y=y, classifier_scale=classifier_scale)
-    if spec.on_training_schedule:
+        guidance_kwargs = dict(classifier_fn=classifier_fn, y=y, classifier_scale=classifier_scale)
+    interval: dict[str, Any] = {}
+    if spec.guidance_interval is not None and (
+        classifier_fn is not None or unguided_model_fn is not None
+    ):  # else nothing to switch: no guidance at all
+        interval = dict(guidance_interval=spec.guidance_interval)
+        if unguided_model_fn is not None:
+            interval["unguided_model_fn"] = unguided_model_fn
+    start: dict[str, Any] = {}
+    if x_init is not None:
+        start = dict(x_init=x_init, strength=strength)
+    if x_T is None:
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-    if spec.name == "dpm++":
-        return dpm_solver_sample(
+    else:
+        x_T = jnp.asarray(x_T, jnp.float32)
+        if x_T.shape != tuple(shape):
+            raise ValueError(f"x_T: expected shape {tuple(shape)}, got {x_T.shape}")
+    correction = spec.x0_correction
+    if not correction and spec.name in ("ddpm", "ddim") and not clip_denoised:
+        correction = "none"
+    correction = correction or default_x0_correction(spec.name)
+    denoised_fn = guidance.denoised_fn(correction)
+    if spec.name in ("dpm++", "unipc"):
+        solver = dpm_solver_sample if spec.name == "dpm++" else unipc.unipc_sample
+        options = dict(variant=spec.variant) if spec.name == "unipc" else {}
+        return solver(
             diffusion,
             model_fn,
             x_T,
             steps=spec.steps,
             order=spec.order,
-            thresholding=spec.thresholding,
-            **guidance,
-        )
-    if spec.name == "unipc":
-        return unipc.unipc_sample(
-            diffusion,
-            model_fn,
-            x_T,
-            steps=spec.steps,
-            order=spec.order,
-            variant=spec.variant,
-            thresholding=spec.thresholding,
-            **guidance,
+            denoised_fn=denoised_fn,
+            **options,
+            **guidance_kwargs,
+            **interval,
+            **start,
         )
     if spec.name in KARRAS_SAMPLERS:
-        interval = {}
-        if spec.guidance_interval is not None:
-            interval = dict(guidance_interval=spec.guidance_interval)
-            if unguided_model_fn is not None:
-                interval["unguided_model_fn"] = unguided_model_fn
-            elif classifier_fn is None:
-                interval = {}  # nothing to switch: no guidance at all
         x = karras.karras_sample(
             diffusion,
             model_fn,
@@ -314,8 +400,10 @@ def sample_images(
             s_churn=spec.s_churn,
             eta=spec.eta,
             key=jax.random.fold_in(key, 1),
-            **guidance,
+            denoised_fn=denoised_fn,
+            **guidance_kwargs,
             **interval,
+            **start,
         )
         # The k-diffusion samplers do not clip; the images are clipped when quantised.
         return jnp.clip(x, -1.0, 1.0) if clip_denoised else x
@@ -326,6 +414,10 @@ def sample_images(
         shape,
         use_ddim=spec.name == "ddim",
         eta=spec.eta,
-        clip_denoised=clip_denoised,
-        **guidance,
+        clip_denoised=correction == "clip",
+        denoised_fn=None if correction == "clip" else denoised_fn,
+        x_T=x_T,
+        **guidance_kwargs,
+        **interval,
+        **start,
     )

@@ -12,6 +12,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from adm_jax.diffusion import guidance
+from adm_jax.diffusion import start as start_lib
+from adm_jax.diffusion.guidance import (  # noqa: F401  (importable from here as before)
+    THRESHOLDING_MAX_VAL,
+    THRESHOLDING_RATIO,
+    dynamic_threshold,
+)
 from adm_jax.diffusion.samplers import classifier_guidance_grad
 from adm_jax.diffusion.schedules import Diffusion
 
@@ -19,8 +26,6 @@ SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 # DPM-Solver's NoiseScheduleVP.numerical_clip_alpha: trailing steps whose half-log-SNR is below
 # this go. UniPC's NoiseScheduleVP has no such clipping.
 CLIPPED_LAMBDA = -5.1
-THRESHOLDING_RATIO = 0.995
-THRESHOLDING_MAX_VAL = 1.0
 
 
 def vp_log_alpha_table(betas, *, clip_low_lambda: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -121,15 +126,6 @@ def validate_solver_args(steps, order, skip_type):
         raise ValueError(f"skip_type: expected one of {SKIP_TYPES}, got {skip_type!r}")
 
 
-def dynamic_threshold(x0, ratio=THRESHOLDING_RATIO, max_val=THRESHOLDING_MAX_VAL):
-    """Dynamic thresholding (Imagen, Saharia et al. 2022, sec. 2.3): s = max(ratio-quantile of
-    |x_0| per example, max_val), x_0 <- clip(x_0, -s, s) / s; keeps guided x_0 in range."""
-    flat = jnp.abs(x0).reshape(x0.shape[0], -1)
-    s = jnp.maximum(jnp.quantile(flat, ratio, axis=1, method="linear"), max_val)
-    s = s.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
-    return jnp.clip(x0, -s, s) / s
-
-
 def model_eps(output, channels):
     """The eps part of a model output: all of it, or the first C of 2C channels (the rest is
     the learned variance, which an ODE solver does not use)."""
@@ -150,27 +146,67 @@ def data_prediction_fn(
     y=None,
     classifier_scale=0.0,
     thresholding: bool = False,
+    denoised_fn=None,
+    unguided_model_fn=None,
 ):
-    """The solvers' data-prediction model (x, model_time, alpha_t, sigma_t) -> x_0.
+    """The solvers' data-prediction model (x, model_time, alpha_t, sigma_t, guided=None) -> x_0.
 
     x_0 = (x_t - sigma_t eps') / alpha_t (DPM-Solver++ eq. 8 / UniPC's data prediction), with
     eps' = eps - sigma_t * classifier_scale * grad_x log p(y | x_t, t) when classifier_fn is
     given (ADM's classifier guidance on the score, the gradient taken by `jax.grad` where this
-    is called: inside the solver's scan), and `dynamic_threshold` applied when thresholding.
+    is called: inside the solver's scan), then denoised_fn(x_0) (`dynamic_threshold` when
+    thresholding). guided (a traced scalar bool, or None = always): where False, the
+    classifier is skipped and the model is unguided_model_fn (when given), by `lax.cond`.
     All examples share the step, so the scalar sigma_t applies to each example's gradient
     (uni_pc.py's model_wrapper broadcasts a (B,) sigma_t over the last image axis instead, a
     bug that only batch 1 escapes). The networks receive t = model_time as (B,) float32.
     """
+    if thresholding:
+        if denoised_fn is not None and denoised_fn is not dynamic_threshold:
+            raise ValueError("thresholding, denoised_fn: pass at most one of them")
+        denoised_fn = dynamic_threshold
 
-    def predict(x, model_time, alpha, sigma):
+    def predict(x, model_time, alpha, sigma, guided=None):
         t = jnp.full((batch,), model_time, jnp.float32)
-        eps = model_eps(model_fn(x, t), channels)
+        net = guidance.interval_model_fn(model_fn, unguided_model_fn, guided)
+        eps = model_eps(net(x, t), channels)
         if classifier_fn is not None:
-            eps = eps - sigma * classifier_guidance_grad(classifier_fn, x, t, y, classifier_scale)
+            grad = guidance.switch(
+                guided,
+                lambda: classifier_guidance_grad(classifier_fn, x, t, y, classifier_scale),
+                lambda: jnp.zeros_like(x),
+            )
+            eps = eps - sigma * grad
         x0 = (x - sigma * eps) / alpha
-        return dynamic_threshold(x0) if thresholding else x0
+        return x0 if denoised_fn is None else denoised_fn(x0)
 
     return predict
+
+
+def guided_mask(plan, guidance_interval):
+    """Per solver step: guidance on (lo < sigma_t / alpha_t <= hi, the VE sigma of the solver's
+    own interpolated schedule at the step's time), or None without interval."""
+    if guidance_interval is None:
+        return None
+    sigmas = np.asarray(plan["sigma"], np.float64) / np.asarray(plan["alpha"], np.float64)
+    return jnp.asarray(guidance.interval_mask(sigmas, guidance_interval))
+
+
+def start_point(plan, x_T, x_init, strength, steps):
+    """SDEdit's start on a solver grid (see `adm_jax.diffusion.start`): per example the first
+    step j0 = steps - ceil(strength * steps) and x = alpha_j0 x_init + sigma_j0 x_T (x_T when
+    j0 = 0). Returns (x, j0), or (x_T, None) without x_init."""
+    if x_init is None:
+        return x_T, None
+    x_init = jnp.asarray(x_init, jnp.float32)
+    if x_init.shape != x_T.shape:
+        raise ValueError(f"x_init: expected shape {x_T.shape}, got {x_init.shape}")
+    n = start_lib.steps_to_run(start_lib.per_example(strength, x_T.shape[0]), steps)
+    j0 = steps - n
+    alpha = jnp.asarray(np.asarray(plan["alpha"], np.float32))[j0]
+    sigma = jnp.asarray(np.asarray(plan["sigma"], np.float32))[j0]
+    noised = start_lib.bcast(alpha, x_T) * x_init + start_lib.bcast(sigma, x_T) * x_T
+    return jnp.where(start_lib.bcast(j0 == 0, x_T), x_T, noised), j0
 
 
 def check_inputs(x_T, classifier_fn, y):

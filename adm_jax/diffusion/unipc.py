@@ -23,17 +23,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adm_jax.diffusion.guidance import check_interval, check_switches
 from adm_jax.diffusion.schedules import Diffusion
 from adm_jax.diffusion.solver_common import (
     base_betas,
     check_inputs,
     data_prediction_fn,
+    guided_mask,
     model_input_times,
     schedule_at,
+    start_point,
     time_steps,
     validate_solver_args,
     vp_log_alpha_table,
 )
+from adm_jax.diffusion.start import bcast
 
 VARIANTS = ("bh1", "bh2")
 
@@ -130,6 +134,42 @@ def _validate(steps, order, variant, skip_type):
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
 
 
+def _coefficient_arrays(lambdas, alphas, sigmas, orders, order, variant):
+    """(pred_x, pred_model, corr_x, corr_model) of the n = len(orders) updates on the grid;
+    the first evaluation's corrector is the identity."""
+    steps = len(orders)
+    pred_x, corr_x = np.zeros(steps), np.zeros(steps)
+    pred_model, corr_model = np.zeros((steps, order)), np.zeros((steps, order + 1))
+    corr_x[0] = 1.0
+    for k, step_order in enumerate(orders):
+        c_x, pred, corr = unipc_coefficients(lambdas, alphas, sigmas, k + 1, step_order, variant)
+        pred_x[k], pred_model[k, :step_order] = c_x, pred
+        if k + 1 < steps:  # the last update has no corrector
+            corr_x[k + 1], corr_model[k + 1, : step_order + 1] = c_x, corr
+    return pred_x, pred_model, corr_x, corr_model
+
+
+def start_tables(plan, order: int, variant: str, lower_order_final: bool):
+    """For SDEdit starts: pred_x, pred_model, corr_x, corr_model with a leading axis j0
+    (steps, steps, ...): row j0 the coefficients of the run that starts at grid point j0 (the
+    grid's last steps - j0 updates with their own warm-up orders; its first evaluation's
+    corrector the identity), zeros before j0."""
+    steps = len(plan["alpha"])
+    lambdas, alphas, sigmas = plan["lambda"], plan["grid_alpha"], plan["grid_sigma"]
+    tables = (
+        np.zeros((steps, steps)),
+        np.zeros((steps, steps, order)),
+        np.zeros((steps, steps)),
+        np.zeros((steps, steps, order + 1)),
+    )
+    for j0 in range(steps):
+        orders = unipc_orders(steps - j0, order, lower_order_final)
+        arrays = _coefficient_arrays(lambdas[j0:], alphas[j0:], sigmas[j0:], orders, order, variant)
+        for table, array in zip(tables, arrays, strict=True):
+            table[j0, j0:] = array
+    return tables
+
+
 def unipc_plan(
     diffusion: Diffusion,
     *,
@@ -146,9 +186,9 @@ def unipc_plan(
     x_k^c = corr_x[k] x_{k-1}^c + corr_model[k] . (m_k, m_{k-1}, .., m_{k-order}) (for k = 0
     the identity: x_0^c = x_T), then the predictor of update k + 1,
     x_{k+1} = pred_x[k] x_k^c + pred_model[k] . (m_k, .., m_{k-order+1}). orders[k] is the order
-    of update k + 1. Keys: t_continuous and lambda (steps + 1,); model_times, alpha, sigma,
-    orders, pred_x, corr_x (steps,); pred_model (steps, order); corr_model (steps, order + 1);
-    total_n (the schedule length, never clipped).
+    of update k + 1. Keys: t_continuous, lambda, grid_alpha, grid_sigma (steps + 1,);
+    model_times, alpha, sigma, orders, pred_x, corr_x (steps,); pred_model (steps, order);
+    corr_model (steps, order + 1); total_n (the schedule length, never clipped).
     """
     _validate(steps, order, variant, skip_type)
     table = vp_log_alpha_table(base_betas(diffusion, "UniPC"), clip_low_lambda=False)
@@ -156,20 +196,17 @@ def unipc_plan(
     ts = time_steps(table, steps, skip_type)
     alphas, sigmas, lambdas = schedule_at(table, ts)
     orders = unipc_orders(steps, order, lower_order_final)
-    pred_x, corr_x = np.zeros(steps), np.zeros(steps)
-    pred_model, corr_model = np.zeros((steps, order)), np.zeros((steps, order + 1))
-    corr_x[0] = 1.0
-    for k, step_order in enumerate(orders):
-        c_x, pred, corr = unipc_coefficients(lambdas, alphas, sigmas, k + 1, step_order, variant)
-        pred_x[k], pred_model[k, :step_order] = c_x, pred
-        if k + 1 < steps:  # the last update has no corrector
-            corr_x[k + 1], corr_model[k + 1, : step_order + 1] = c_x, corr
+    pred_x, pred_model, corr_x, corr_model = _coefficient_arrays(
+        lambdas, alphas, sigmas, orders, order, variant
+    )
     return {
         "t_continuous": ts,
         "lambda": lambdas,
         "model_times": model_input_times(ts[:-1], total_n),
         "alpha": alphas[:-1],
         "sigma": sigmas[:-1],
+        "grid_alpha": alphas,
+        "grid_sigma": sigmas,
         "orders": np.asarray(orders, np.int32),
         "pred_x": pred_x,
         "pred_model": pred_model,
@@ -193,6 +230,11 @@ def unipc_sample(
     y=None,
     classifier_scale=0.0,
     lower_order_final: bool = True,
+    denoised_fn=None,
+    guidance_interval=None,
+    unguided_model_fn=None,
+    x_init=None,
+    strength=1.0,
 ):
     """x_0 from x_T (NHWC) by multistep UniPC (predictor + corrector) in `steps` model
     evaluations.
@@ -202,13 +244,15 @@ def unipc_sample(
     -> eps (or eps and learned variance, 2C channels) and classifier_fn(x, t) -> logits receive
     the float model times t = (t_continuous - 1/T) * 1000, shape (B,), of the unrespaced
     schedule of `diffusion`. With classifier_fn, eps' = eps - sigma_t * classifier_scale *
-    grad_x log p(y | x_t, t) per example; thresholding applies `dynamic_threshold` to every
-    x_0 prediction. diffusion, model_fn, classifier_fn and the solver options are static;
-    x_T, y and classifier_scale are traced.
+    grad_x log p(y | x_t, t) per example. denoised_fn, thresholding, guidance_interval,
+    unguided_model_fn, x_init and strength as `dpm_solver_sample`'s. diffusion, model_fn,
+    classifier_fn and the solver options are static; x_T, x_init, strength, y and
+    classifier_scale are traced.
     """
     _validate(steps, order, variant, skip_type)
     base_betas(diffusion, "UniPC")
     x_T = check_inputs(x_T, classifier_fn, y)
+    check_switches(guidance_interval, classifier_fn, unguided_model_fn)
     return _unipc_sample(
         diffusion,
         model_fn,
@@ -222,6 +266,11 @@ def unipc_sample(
         y=None if y is None else jnp.asarray(y, jnp.int32),
         classifier_scale=jnp.asarray(classifier_scale, jnp.float32),
         lower_order_final=bool(lower_order_final),
+        denoised_fn=denoised_fn,
+        guidance_interval=check_interval(guidance_interval),
+        unguided_model_fn=unguided_model_fn,
+        x_init=x_init,
+        strength=jnp.asarray(strength, jnp.float32),
     )
 
 
@@ -237,6 +286,9 @@ def unipc_sample(
         "thresholding",
         "classifier_fn",
         "lower_order_final",
+        "denoised_fn",
+        "guidance_interval",
+        "unguided_model_fn",
     ),
 )
 def _unipc_sample(
@@ -253,6 +305,11 @@ def _unipc_sample(
     y,
     classifier_scale,
     lower_order_final,
+    denoised_fn,
+    guidance_interval,
+    unguided_model_fn,
+    x_init,
+    strength,
 ):
     plan = unipc_plan(
         diffusion,
@@ -274,6 +331,8 @@ def _unipc_sample(
             "corr_model",
         )
     }
+    xs["k"] = jnp.arange(steps, dtype=jnp.int32)
+    xs["guided"] = guided_mask(plan, guidance_interval)
     data_prediction = data_prediction_fn(
         model_fn,
         batch=x_T.shape[0],
@@ -282,11 +341,14 @@ def _unipc_sample(
         y=y,
         classifier_scale=classifier_scale,
         thresholding=thresholding,
+        denoised_fn=denoised_fn,
+        unguided_model_fn=unguided_model_fn,
     )
+    x_start, start = start_point(plan, x_T, x_init, strength, steps)
 
     def body(carry, s):
         x, x_prev, history = carry  # predicted x_k, corrected x_{k-1}, (m_{k-1}, .., m_{k-order})
-        m = data_prediction(x, s["model_times"], s["alpha"], s["sigma"])
+        m = data_prediction(x, s["model_times"], s["alpha"], s["sigma"], s["guided"])
         models = (m, *history)
         x_corrected = s["corr_x"] * x_prev + sum(
             s["corr_model"][i] * models[i] for i in range(order + 1)
@@ -296,6 +358,36 @@ def _unipc_sample(
         )
         return (x_next, x_corrected, models[:order]), None
 
+    if start is not None:
+        tables = tuple(
+            jnp.asarray(a.astype(np.float32))
+            for a in start_tables(plan, order, variant, lower_order_final)
+        )
+
+        def started_body(carry, s):
+            active = s["k"] >= start
+
+            def update(x, x_prev, history):
+                on = bcast(active, x)
+                pred_x, pred_model, corr_x, corr_model = (t[start, s["k"]] for t in tables)
+                m = data_prediction(x, s["model_times"], s["alpha"], s["sigma"], s["guided"])
+                models = (jnp.where(on, m, 0.0), *history)
+                x_corrected = bcast(corr_x, x) * x_prev + sum(
+                    bcast(corr_model[:, i], x) * models[i] for i in range(order + 1)
+                )
+                x_next = bcast(pred_x, x) * x_corrected + sum(
+                    bcast(pred_model[:, i], x) * models[i] for i in range(order)
+                )
+                return (
+                    jnp.where(on, x_next, x),
+                    jnp.where(on, x_corrected, x_prev),
+                    models[:order],
+                )
+
+            return jax.lax.cond(jnp.any(active), update, lambda *c: c, *carry), None
+
+        body = started_body
+
     history = tuple(jnp.zeros_like(x_T) for _ in range(order))
-    (x_0, _, _), _ = jax.lax.scan(body, (x_T, x_T, history), xs)
+    (x_0, _, _), _ = jax.lax.scan(body, (x_start, x_start, history), xs)
     return x_0
