@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adm_jax import mesh as mesh_lib
-from adm_jax.diffusion import classifier_free_model_fn, methods
+from adm_jax.diffusion import classifier_free_model_fn, editing, methods
 from adm_jax.images import to_uint8
-
-if TYPE_CHECKING:
-    from adm_jax.diffusion import editing
 
 
 def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -151,8 +148,6 @@ class BatchSampler:
             if classifier_apply is not None:
                 classifier_fn = lambda x, t: classifier_apply(classifier_params, x, t)
             if "x_known" in extra:  # an EditSpec's edit
-                from adm_jax.diffusion import editing
-
                 source_labels = extra.get("source_labels")
                 source_model_fn = None
                 if source_labels is not None:

@@ -1,6 +1,7 @@
 """adm_jax entry point: ``python -m adm_jax.main --config=configs/X.py --workdir=DIR [--mode=]``.
 
-Modes: train (diffusion model), train_classifier (noisy classifier), sample, evaluate, nll
+Modes: train (diffusion model), train_classifier (noisy classifier), sample, edit (inpaint,
+SDEdit or class-swap existing images: ``adm_jax.sampling.edit``), evaluate, nll
 (bits/dim), sweep (``adm_jax.evaluation.guidance_sweep``: sample and evaluate at every point
 of ``sample.sweep_scales`` x ``sample.sweep_samplers`` x ``sample.sweep_steps``), export (EMA
 params -> inference checkpoint), demo (``adm_jax.demo.run``; chosen by ``config.mode =
@@ -42,8 +43,19 @@ from ml_collections import config_flags
 
 from adm_jax import workdir as workdir_lib
 
-MODES = ("train", "train_classifier", "sample", "evaluate", "export", "demo", "nll", "sweep")
-MODES += ("checkpoints", "verify")  # checkpoint tools (adm_jax.train.checkpoint_tools)
+MODES = (
+    "train",
+    "train_classifier",
+    "sample",
+    "edit",
+    "evaluate",
+    "export",
+    "demo",
+    "nll",
+    "sweep",
+    "checkpoints",  # list a workdir's checkpoints (adm_jax.train.checkpoint_tools)
+    "verify",  # check one checkpoint against --config
+)
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
@@ -274,6 +286,10 @@ def _run_mode(config, workdir: str, mode: str) -> None:
             from adm_jax import sampling
 
             sampling.sample(config, workdir)
+        elif mode == "edit":
+            from adm_jax.sampling import edit
+
+            edit.edit(config, workdir)
         elif mode == "evaluate":
             from adm_jax import evaluation
 

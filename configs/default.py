@@ -206,19 +206,24 @@ def get_config() -> ml_collections.ConfigDict:
             sigma_grid="karras",  # k-diffusion samplers: "karras" (rho 7) | "discrete"
             s_churn=0.0,  # heun: EDM's churn (0 = deterministic)
             unipc_variant="bh2",  # unipc: "bh1" | "bh2"
-            # k-diffusion samplers: guidance (classifier and classifier-free) only where
-            # lo < sigma <= hi, "lo,hi"; "" = at every step.
+            # Guidance (classifier and classifier-free) only where lo < sigma <= hi, "lo,hi",
+            # sigma = sqrt((1 - abar) / abar) at each model call (every sampler); "" = at
+            # every step.
             guidance_interval="",
+            # Correction of every x_0 prediction: "clip" ([-1, 1]) | "threshold" (dynamic
+            # thresholding, Imagen) | "none"; "" = the sampler's default (ddpm/ddim clip, the
+            # others none). Old spellings: thresholding=True, clip_denoised=False (ddpm/ddim).
+            x0_correction="",
             # Classifier-free guidance scale (1 = conditional, 0 = unconditional, >1 guided);
             # None = off. Needs a model trained with model.class_dropout_prob > 0.
             cfg_scale=config_dict.placeholder(float),
-            thresholding=False,  # dpm++ / unipc: dynamic thresholding of x_0 (Imagen)
+            thresholding=False,  # the old spelling of x0_correction="threshold"
             use_ddim=False,  # the old spelling of sampler="ddim"
             # Noise of ddim (0 = deterministic), euler_ancestral and dpmpp_2m_sde (1 = full
             # ancestral noise); None = the sampler's default (0 for ddim, 1 for the others).
             eta=config_dict.placeholder(float),
             timestep_respacing="250",
-            clip_denoised=True,
+            clip_denoised=True,  # ddpm/ddim: False is the old spelling of x0_correction="none"
             class_labels="random",
             seed=0,
             output_dir="",
@@ -227,9 +232,36 @@ def get_config() -> ml_collections.ConfigDict:
             # The guidance sweep's grid: comma lists; "" = just sample.sampler / sample.steps.
             sweep_samplers="",
             sweep_steps="",
+            # Guidance intervals to sweep, ";"-separated: "full" (every step) or "lo,hi"
+            # (sample.guidance_interval's form), e.g. "full;0.3,5"; "" = just
+            # sample.guidance_interval.
+            sweep_guidance_intervals="",
             reference_batch="",
             num_classes=0,  # >0: draw random labels below this (e.g. a 10-class toy set)
             dtype="",  # compute dtype for sampling; "" = float32
+        )
+    )
+
+    # --mode=edit (adm_jax.sampling.edit): edit existing images with the sample.* model,
+    # classifier, sampler, guidance, batch_size and seed; docs/editing.md.
+    config.edit = ml_collections.ConfigDict(
+        dict(
+            kind="inpaint",  # "inpaint" (RePaint) | "sdedit" | "class_swap" (DDIM inversion)
+            images="",  # a folder of images (centre-cropped to the model) or a .npz (arr_0)
+            # The images' own labels: "" = arr_1 of the .npz (none for a folder), "subdir" |
+            # "prefix" | "suffix" (from a folder's file names), "none", or comma-separated ints.
+            labels="",
+            # Labels to steer towards: "" = the images' own, comma-separated ints (cycled),
+            # or "random".
+            target_labels="",
+            # inpaint: "half" | "thick" | "thin" | "every_second_line" | "super_resolve" | a
+            # folder of mask PNGs (white = keep; one per image or one for all).
+            masks="",
+            strength=0.5,  # sdedit: noise the image to this point of the sampler's grid, (0, 1]
+            jump_length=10,  # inpaint: RePaint's resampling jumps (1 = none)
+            jump_n_sample=10,
+            num_images=0,  # the first N images; 0 = all
+            output_dir="",  # "" = WORKDIR/edits/<kind>
         )
     )
 

@@ -416,7 +416,9 @@ def read_image(path, *, size: int | None = None, channels: int = 3) -> np.ndarra
     return np.ascontiguousarray(arr.reshape(*arr.shape[:2], channels))
 
 
-def _class_names(files: Sequence[str], source: str, folder) -> list[str] | None:
+def class_names(files: Sequence[str], source: str, folder) -> list[str] | None:
+    """Class names of ``files`` (relative to ``folder``) by ``source``: one of ``LABEL_SOURCES``
+    ("none" gives None)."""
     if source == "none":
         return None
     names = []
@@ -515,8 +517,8 @@ def from_folder(
         raise ValueError(f"--channels: expected auto, 1 or 3, got {channels!r}")
     root = paths.path(image_dir)
     files = list_image_files(image_dir)
-    class_names = _class_names(files, labels, image_dir)
-    label_array, mapping = labels_from_names(class_names) if class_names else (None, {})
+    names = class_names(files, labels, image_dir)
+    label_array, mapping = labels_from_names(names) if names else (None, {})
 
     headers = {}
     for rel in tqdm(files, desc=f"scanning {root}", unit="img", disable=not progress):

@@ -46,6 +46,7 @@ from adm_jax import checkpoints, paths
 from adm_jax import mesh as mesh_lib
 from adm_jax.batch_sampler import BatchSampler, replicate
 from adm_jax.diffusion import create_diffusion, methods
+from adm_jax.diffusion.editing import EditSpec
 from adm_jax.diffusion.methods import config_get
 from adm_jax.sampling import io
 
@@ -288,9 +289,12 @@ def check_counts(sc: Any) -> None:
         )
 
 
-def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> SamplingJob:
+def build_job(
+    config: Any, workdir: str, *, mesh: Mesh | None = None, edit: EditSpec | None = None
+) -> SamplingJob:
     """Loads the model (+ classifier, + base samples), validates everything, compiles nothing.
 
+    ``edit``: the job edits given images (``adm_jax.sampling.edit``) instead of sampling.
     Errors are single-line ``ValueError``/``FileNotFoundError`` naming the config field.
     """
     sc = config.sample
@@ -302,7 +306,9 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
         "sample.classifier_scale", config_get(sc, "classifier_scale", 0.0) or 0.0
     )
     cfg_scale = methods.cfg_scale_of(sc)
-    methods.sampler_spec(sc)  # field errors before anything is loaded
+    spec = methods.sampler_spec(sc)  # field errors before anything is loaded
+    if edit is not None:
+        edit.check_sampler(spec)
     classifier_path = config_get(sc, "classifier_checkpoint", "") or ""
     if scale != 0.0 and not classifier_path:
         raise ValueError(
@@ -459,6 +465,7 @@ def build_job(config: Any, workdir: str, *, mesh: Mesh | None = None) -> Samplin
             method=spec,
             null_label=null_label,
             unconditional=cfg_scale == 0,
+            edit=edit,
         )
         spec = sampler.method
         provenance = dict(
