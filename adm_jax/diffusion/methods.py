@@ -414,8 +414,8 @@ def sample_images(
         shape,
         use_ddim=spec.name == "ddim",
         eta=spec.eta,
-        clip_denoised=correction == "clip",
-        denoised_fn=None if correction == "clip" else denoised_fn,
+        clip_denoised=False,  # the clip, if any, is denoised_fn (the same jnp.clip)
+        denoised_fn=denoised_fn,
         x_T=x_T,
         **guidance_kwargs,
         **interval,
