@@ -10,6 +10,12 @@ argument). It samples ``config.sample.num_samples`` images per point into
 ``output_dir/scale_{s}/`` (a grid of several samplers: ``output_dir/{sampler}{nfe}/scale_{s}/``,
 e.g. ``dpmpp20``), each resumable like any sampling run, evaluates them, and writes
 ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``output_dir``.
+
+``sample.sweep_guidance_intervals`` ("full;0.3,5": ";"-separated, "full" = guidance at every
+step, else "lo,hi" as ``sample.guidance_interval``) adds the guidance interval as one more
+axis: each interval samples into its own ``interval_{name}/`` below the sampler's folder
+(``interval_full``, ``interval_0.3-5``) and the tables get an Interval column. Empty, the
+layout is the one above.
 """
 
 from __future__ import annotations
@@ -62,10 +68,45 @@ def _parse_list(spec: Any) -> list[str]:
     return [str(s).strip() for s in spec]
 
 
-def sampler_grid(sample_config: Any, samplers: Any = None, steps: Any = None) -> list[dict]:
-    """The (sampler, NFE) points of a sweep as ``sampler_spec`` overrides: the product of
-    ``samplers`` (default ``sample.sweep_samplers``) and ``steps`` (``sample.sweep_steps``);
-    an empty list keeps ``sample.sampler`` / ``sample.steps``."""
+FULL_INTERVAL = "full"
+
+
+def parse_guidance_intervals(spec: Any) -> list[str]:
+    """``"full;0.3,5"`` (or a list) -> ["full", "0.3,5"]: the sweep's guidance intervals,
+    each "full" or "lo,hi"; "" -> [] (no interval axis)."""
+    if spec is None:
+        return []
+    items = spec.split(";") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in items:
+        text = str(item).strip().lower().replace(" ", "")
+        if not text:
+            continue
+        if text != FULL_INTERVAL:
+            try:
+                methods.sampler_spec({"sampler": "ddpm"}, guidance_interval=text)
+            except ValueError as err:
+                raise ValueError(
+                    f"sample.sweep_guidance_intervals: expected ';'-separated 'full' or 'lo,hi' "
+                    f"sigma ranges, e.g. 'full;0.3,5', got {item!r} ({err})"
+                ) from None
+        out.append(text)
+    return out
+
+
+def interval_dirname(interval: str) -> str:
+    """The output subdirectory of one swept interval: interval_full, interval_0.3-5."""
+    return "interval_" + interval.replace(",", "-")
+
+
+def sampler_grid(
+    sample_config: Any, samplers: Any = None, steps: Any = None, intervals: Any = None
+) -> list[dict]:
+    """The (sampler, NFE[, guidance interval]) points of a sweep as ``sampler_spec``
+    overrides: the product of ``samplers`` (default ``sample.sweep_samplers``), ``steps``
+    (``sample.sweep_steps``) and ``intervals`` (``sample.sweep_guidance_intervals``; a point
+    then holds guidance_interval, "" for "full"); an empty list keeps ``sample.sampler`` /
+    ``sample.steps`` / ``sample.guidance_interval``."""
     get = lambda name: config_get(sample_config, name, "")
     names = _parse_list(get("sweep_samplers") if samplers is None else samplers)
     counts = _parse_list(get("sweep_steps") if steps is None else steps)
@@ -78,7 +119,11 @@ def sampler_grid(sample_config: Any, samplers: Any = None, steps: Any = None) ->
     # An explicit sampler replaces use_ddim (the old spelling of "ddim") too.
     by_name = [{"sampler": n, "use_ddim": False} for n in names] or [{}]
     by_steps = [{"steps": c} for c in counts] or [{}]
-    grid = [{**a, **b} for a in by_name for b in by_steps]
+    spans = parse_guidance_intervals(
+        get("sweep_guidance_intervals") if intervals is None else intervals
+    )
+    by_interval = [{"guidance_interval": "" if i == FULL_INTERVAL else i} for i in spans] or [{}]
+    grid = [{**a, **b, **c} for a in by_name for b in by_steps for c in by_interval]
     for point in grid:
         methods.sampler_spec(sample_config, **point)  # field errors before anything runs
     return grid
@@ -104,20 +149,24 @@ def guidance_sweep(
     scales: Sequence[float] | None = None,
     samplers: Any = None,
     steps: Any = None,
+    intervals: Any = None,
 ) -> list[dict[str, Any]]:
-    """Samples at every scale x sampler x NFE and evaluates; returns the table rows.
+    """Samples at every scale x sampler x NFE (x guidance interval) and evaluates; returns
+    the table rows.
 
-    ``scales``, ``samplers`` and ``steps`` default to ``sample.sweep_scales``,
-    ``sample.sweep_samplers`` and ``sample.sweep_steps``. ``metrics_fn(npz_path) -> {name:
-    value}`` replaces the Inception metrics (the demo plugs in its own feature extractor);
-    without it, ``config.sample.reference_batch`` selects
+    ``scales``, ``samplers``, ``steps`` and ``intervals`` default to ``sample.sweep_scales``,
+    ``sample.sweep_samplers``, ``sample.sweep_steps`` and
+    ``sample.sweep_guidance_intervals``. ``metrics_fn(npz_path) -> {name: value}`` replaces
+    the Inception metrics (the demo plugs in its own feature extractor); without it,
+    ``config.sample.reference_batch`` selects
     ``evaluate_npz``, and with neither only samples are written.
     """
     sc = config.sample
     scales = parse_scales(scales if scales is not None else sc.sweep_scales)
     if not scales:
         raise ValueError("sample.sweep_scales: give at least one guidance scale, e.g. '0,1,10'")
-    grid = sampler_grid(sc, samplers, steps)
+    grid = sampler_grid(sc, samplers, steps, intervals)
+    several_samplers = len({(p.get("sampler"), p.get("steps")) for p in grid}) > 1
     guidance = _guidance_kind(sc, scales)
     if metrics_fn is None and config_get(sc, "reference_batch"):
         metrics_fn = inception_metrics_fn(config)
@@ -131,7 +180,11 @@ def guidance_sweep(
     for point in grid:
         job = base_job.with_sampler(**point) if point else base_job
         spec = job.sampler.method
-        folder = paths.path(output_dir) / spec.tag if len(grid) > 1 else paths.path(output_dir)
+        folder = paths.path(output_dir) / spec.tag if several_samplers else paths.path(output_dir)
+        interval = None
+        if "guidance_interval" in point:
+            interval = point["guidance_interval"] or FULL_INTERVAL
+            folder = folder / interval_dirname(interval)
         for scale in scales:
             run = {"classifier_scale": scale if guidance == "classifier" else classifier_scale}
             if guidance == "cfg":
@@ -142,6 +195,8 @@ def guidance_sweep(
                 job, str(folder / f"scale_{scale:g}"), num_samples=num_samples, **run
             )
             row = {"sampler": spec.name, "nfe": spec.steps, "guidance": guidance}
+            if interval is not None:
+                row["guidance_interval"] = interval
             row.update(scale=scale, samples=npz)
             if guidance == "classifier" and job.cfg_scale is not None:
                 row["cfg_scale"] = job.cfg_scale
@@ -191,7 +246,7 @@ def _scalar(value: Any) -> Any:
     return None if value is None else (int(value) if isinstance(value, int) else float(value))
 
 
-_ROW_KEYS = ("sampler", "nfe", "guidance", "cfg_scale", "scale", "samples")
+_ROW_KEYS = ("sampler", "nfe", "guidance", "guidance_interval", "cfg_scale", "scale", "samples")
 
 
 def _metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -202,13 +257,14 @@ def _metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _curve(row: Mapping[str, Any]) -> tuple:
-    return row.get("sampler"), row.get("nfe")
+    return row.get("sampler"), row.get("nfe"), row.get("guidance_interval")
 
 
 def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> dict[str, str]:
     """Writes ``sweep.json``, ``sweep.md`` (Table 4 layout; Sampler and NFE columns when the
-    rows hold several samplers) and ``sweep.png`` (Figure 4: each metric against the scale,
-    one line per sampler and NFE).
+    rows hold several samplers, an Interval column when they hold guidance intervals) and
+    ``sweep.png`` (Figure 4: each metric against the scale, one line per sampler, NFE and
+    interval).
 
     Process 0 writes (returns the paths); other processes return ``{}``.
     """
@@ -221,14 +277,19 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
 
     columns = _metric_columns(rows)
     curves = list(dict.fromkeys(_curve(row) for row in rows))
-    several = len(curves) > 1
+    several = len({curve[:2] for curve in curves}) > 1
+    with_interval = any("guidance_interval" in row for row in rows)
     header = ["Scale", *(_KNOWN_METRICS.get(c, (c, None))[0] for c in columns)]
+    if with_interval:
+        header = ["Interval", *header]
     if several:
         header = ["Sampler", "NFE", *header]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [f"{row['scale']:g}"]
         cells += [f"{row[c]:.4g}" if row.get(c) is not None else "n/a" for c in columns]
+        if with_interval:
+            cells = [str(row.get("guidance_interval")), *cells]
         if several:
             cells = [str(row.get("sampler")), str(row.get("nfe")), *cells]
         lines.append("| " + " | ".join(cells) + " |")
@@ -252,12 +313,12 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
                 [row["scale"] for row in points],
                 [float("nan") if v is None else v for v in values],
                 "o-",
-                label=f"{curve[0]} {curve[1]}" if several else None,
+                label=_curve_label(curve, several, with_interval),
             )
         ax.set_xlabel(xlabel)
         ax.set_title(_KNOWN_METRICS.get(column, (column, None))[0])
         ax.grid(alpha=0.3)
-        if several:
+        if several or with_interval:
             ax.legend(fontsize="small")
     if not plotted:
         axes[0][0].set_title("no metrics")
@@ -267,3 +328,10 @@ def write_sweep_report(rows: Sequence[Mapping[str, Any]], output_dir: str) -> di
     plt.close(fig)
     paths.write_bytes_atomic(files["png"], png.getvalue())
     return files
+
+
+def _curve_label(curve: tuple, several: bool, with_interval: bool) -> str | None:
+    parts = [f"{curve[0]} {curve[1]}"] if several else []
+    if with_interval:
+        parts.append(f"interval {curve[2]}")
+    return " ".join(parts) or None
