@@ -275,3 +275,18 @@ def test_ddim_invert_round_trip_on_a_tiny_unet_traced_once():
         jnp.abs(sample(jax.random.normal(jax.random.PRNGKey(4), shape)) - x_0).mean()
     )
     assert round_trip < 0.1 * from_noise, (round_trip, from_noise)
+
+
+def test_strength_outside_the_range_is_refused():
+    spec, diffusion = _spec("ddim")
+    for bad in (0.0, 1.5, np.array([0.5, -0.1])):
+        with pytest.raises(ValueError, match=r"^strength: expected values in \(0, 1\]"):
+            methods.sample_images(
+                spec,
+                diffusion,
+                smooth_model,
+                jax.random.PRNGKey(0),
+                SHAPE,
+                x_init=X_INIT,
+                strength=bad,
+            )

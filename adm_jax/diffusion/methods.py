@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adm_jax.diffusion import guidance, karras, unipc
 from adm_jax.diffusion.dpm_solver import dpm_solver_sample
@@ -362,6 +363,10 @@ def sample_images(
             interval["unguided_model_fn"] = unguided_model_fn
     start: dict[str, Any] = {}
     if x_init is not None:
+        if not isinstance(strength, jax.core.Tracer):
+            values = np.asarray(strength, np.float64)
+            if not np.all((values > 0) & (values <= 1)):
+                raise ValueError(f"strength: expected values in (0, 1], got {strength!r}")
         start = dict(x_init=x_init, strength=strength)
     if x_T is None:
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
