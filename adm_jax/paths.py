@@ -7,6 +7,14 @@ whole or not at all; local files are written under a temporary name and renamed.
 
 gcsfs (epath's backend with ``EPATH_USE_TF=false``) caches directory listings per process:
 after another process wrote into a folder, call ``refresh(folder)`` before ``exists``/``open``.
+
+A bucket misbehaves now and then (503, 429, a dropped connection). gcsfs and TensorStore retry
+each request; ``with_retries`` is the one place this package adds to that: it repeats a whole
+object operation (writing or reading one file, idempotent by construction) a few times with
+exponential backoff, and turns a failure that persists into ``StoreError``, an OSError whose
+one line names the operation and the object (gcsfs's own error is no OSError, so the entry
+point would print a traceback). ``write_bytes_atomic`` / ``write_text_atomic`` /
+``read_bytes`` / ``read_text`` go through it.
 """
 
 from __future__ import annotations
@@ -14,12 +22,25 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-from collections.abc import Iterator
-from typing import IO, Any
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
 
+from absl import logging
 from etils import epath
 
 PathLike = str | os.PathLike
+T = TypeVar("T")
+
+# Whole-operation attempts on top of the client's own per-request retries (gcsfs: 6 requests
+# over ~30 s), so a persistent fault stops the run after about a minute.
+RETRY_ATTEMPTS = 3
+RETRY_FIRST_DELAY_S = 1.0
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+
+
+class StoreError(OSError):
+    """A store operation that kept failing through every retry: ``"<operation> <path>: ..."``."""
 
 
 def is_remote(p: PathLike) -> bool:
@@ -82,16 +103,79 @@ def open_atomic(p: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     f.close()
 
 
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` is a store hiccup worth retrying: an HTTP 408/429/5xx (gcsfs's
+    HttpError, google-api-core's errors) or a connection dropped or timed out."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, StoreError)):
+        return False
+    code = getattr(err, "code", None)
+    if callable(code):  # grpc-style errors
+        code = None
+    try:
+        if code is not None and int(code) in _TRANSIENT_HTTP:
+            return True
+    except (TypeError, ValueError):
+        pass
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    module = type(err).__module__.split(".")[0]
+    return module in ("aiohttp", "requests", "urllib3", "google") and "auth" not in str(
+        type(err).__module__
+    )
+
+
+def with_retries(operation: str, target: PathLike, fn: Callable[[], T]) -> T:
+    """``fn()``, a whole operation on the object ``target`` (safe to repeat), retried on a
+    transient store error with exponential backoff (remote paths only); a failure that
+    persists raises StoreError naming the operation and the object."""
+    attempts = RETRY_ATTEMPTS if is_remote(target) else 1
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - filtered by is_transient
+            if not is_transient(err):
+                raise
+            reason = _one_line(err)
+            if attempt + 1 == attempts:
+                raise StoreError(
+                    f"{operation} {target}: the store kept failing ({reason}); gave up after "
+                    f"{attempts} attempts"
+                ) from err
+            delay = RETRY_FIRST_DELAY_S * 2**attempt
+            logging.warning("%s %s failed (%s); retrying in %.1f s", operation, target, reason,
+                            delay)  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
 def write_bytes_atomic(p: PathLike, data: bytes) -> epath.Path:
-    """Writes ``data`` to ``p`` with ``open_atomic``; returns ``path(p)``."""
-    with open_atomic(p, "wb") as f:
-        f.write(data)
+    """Writes ``data`` to ``p`` with ``open_atomic`` (``with_retries``); returns ``path(p)``."""
+
+    def write():
+        with open_atomic(p, "wb") as f:
+            f.write(data)
+
+    with_retries("write", p, write)
     return path(p)
 
 
 def write_text_atomic(p: PathLike, text: str) -> epath.Path:
     """Writes ``text`` (UTF-8) to ``p`` with ``open_atomic``; returns ``path(p)``."""
     return write_bytes_atomic(p, text.encode("utf-8"))
+
+
+def read_bytes(p: PathLike) -> bytes:
+    """The contents of ``p`` (``with_retries``; FileNotFoundError as usual)."""
+    return with_retries("read", p, path(p).read_bytes)
+
+
+def read_text(p: PathLike) -> str:
+    return read_bytes(p).decode("utf-8")
 
 
 def refresh(p: PathLike) -> None:

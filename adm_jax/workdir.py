@@ -113,7 +113,7 @@ def read_lock(workdir: paths.PathLike) -> dict[str, Any] | None:
     lock = paths.path(workdir) / LOCK_NAME
     paths.refresh(lock.parent)
     try:
-        text = lock.read_text()
+        text = paths.read_text(lock)
     except FileNotFoundError:
         return None
     try:
@@ -204,6 +204,8 @@ class WorkdirLock:
             paths.write_text_atomic(self.path, text)
         except FileExistsError:
             return False
+        except paths.StoreError:
+            raise  # a bucket that kept failing: its own line names the object
         except OSError as err:
             raise _not_writable(self.workdir, err) from err
         holder = read_lock(self.workdir)

@@ -51,6 +51,23 @@ def _first_line(err: BaseException, limit: int = 400) -> str:
     return f"{line[:half]} ... {line[-half:]}"
 
 
+# TensorStore's status codes for a store that did not answer (its HTTP retries exhausted).
+_UNAVAILABLE_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+
+
+def _store_unavailable(err: BaseException) -> bool:
+    """Whether a restore failed because the store kept failing (gcsfs / TensorStore after
+    their retries), as opposed to a damaged checkpoint."""
+    seen = err
+    while seen is not None:
+        if paths.is_transient(seen) or any(
+            str(seen).lstrip().startswith(code) for code in _UNAVAILABLE_STATUS
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     return paths.resolved(workdir) / CHECKPOINT_DIR
 
@@ -212,6 +229,13 @@ class Checkpointer:
                 state, _ = self.restore(abstract_state, step, data_iter=data_iter)
             except Exception as err:  # noqa: BLE001 - any failure means "not restorable"
                 reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+                if _store_unavailable(err):
+                    # The store failed, not the checkpoint: setting it aside would lose it.
+                    raise OSError(
+                        f"checkpoint: reading {self.directory}/{step} failed: the store kept "
+                        f"failing ({type(err).__name__}: {reason}); nothing was set aside, "
+                        "rerun when the store answers"
+                    ) from err
                 errors.append(f"step {step}: {type(err).__name__}: {reason}")
                 logging.warning(
                     "checkpoint %s/%d cannot be restored (%s); trying an older one",
