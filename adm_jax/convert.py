@@ -17,22 +17,22 @@ CLI (writes an ``adm_jax.checkpoints`` inference checkpoint)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
-import sys
 import time
-from collections.abc import Iterator, Mapping
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+from absl import app, logging
+from absl import flags as absl_flags
 from flax import traverse_util
 
-from adm_jax import checkpoints, paths
+from adm_jax import checkpoints, cli_flags, paths
 from adm_jax import diffusion as diffusion_lib
 from adm_jax.models import (
     KINDS,
@@ -472,42 +472,58 @@ def diffusion_kwargs_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(
-        prog="python -m adm_jax.convert",
-        description="Convert a reference guided-diffusion checkpoint into an adm_jax inference "
-        "checkpoint.",
+USAGE = (
+    'python -m adm_jax.convert --checkpoint FILE --out DIR [--flags "REFERENCE FLAGS"] '
+    "[--kind unet|superres|classifier] [--in_channels N] [--num_classes N]"
+)
+
+
+def _flag_values() -> absl_flags.FlagValues:
+    """The command's flags, on a ``FlagValues`` of their own (see ``adm_jax.cli_flags``)."""
+    fv = absl_flags.FlagValues()
+    absl_flags.DEFINE_string(
+        "checkpoint", None, ".pt, .npz or .safetensors file (local or gs://)", flag_values=fv
     )
-    parser.add_argument(
-        "--checkpoint", required=True, help=".pt, .npz or .safetensors file (local or gs://)"
+    absl_flags.DEFINE_string(
+        "flags",
+        "",
+        'the reference README flags of the model, e.g. "--image_size 256 --class_cond True"',
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--flags",
-        default="",
-        help='the reference README flags of the model, e.g. "--image_size 256 --class_cond True"',
+    absl_flags.DEFINE_string(
+        "out", None, "output directory, local or gs:// (must not exist)", flag_values=fv
     )
-    parser.add_argument(
-        "--out", required=True, help="output directory, local or gs:// (must not exist)"
+    absl_flags.DEFINE_enum(
+        "kind",
+        None,
+        KINDS,
+        "default: classifier_* flags -> classifier, large_size -> superres, else unet",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--kind",
-        choices=KINDS,
-        default=None,
-        help="default: classifier_* flags -> classifier, large_size -> superres, else unet",
+    absl_flags.DEFINE_integer(
+        "in_channels",
+        3,
+        "image channels the model was trained on (the reference's models: 3)",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--in_channels",
-        type=int,
-        default=3,
-        help="image channels the model was trained on (the reference's models: 3)",
+    absl_flags.DEFINE_integer(
+        "num_classes",
+        NUM_CLASSES,
+        "label range of a class-conditional model or classifier (the reference's: 1000)",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--num_classes",
-        type=int,
-        default=NUM_CLASSES,
-        help="label range of a class-conditional model or classifier (the reference's: 1000)",
-    )
-    args = parser.parse_args(argv)
+    return fv
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m adm_jax.convert ARGS`` as a function (``argv`` without the program name;
+    None: ``sys.argv[1:]``): converts a reference checkpoint and returns the written
+    inference-checkpoint directory. Bad input raises a one-line error naming the flag or file."""
+    fv = _flag_values()
+    extra = cli_flags.parse(fv, argv, usage=USAGE, required=["checkpoint", "out"])
+    if extra:
+        raise app.UsageError(f"unexpected arguments {extra} (flags are --name=value)")
+    args = types.SimpleNamespace(**fv.flag_values_dict())
 
     started = time.time()
     flags = parse_flags(args.flags)
@@ -557,8 +573,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, ImportError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli_flags.run(main)

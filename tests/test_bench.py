@@ -5,11 +5,26 @@ FLOPs of ImageNet-128 (traced abstractly: nothing of that size is allocated or c
 import json
 import math
 import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
 
-from adm_jax import bench_lib
+from adm_jax.benchmark import (
+    aot,
+    batch_search,
+    config_files,
+    devices,
+    flops,
+    report,
+    runner,
+    sampling,
+    timing,
+    topology,
+)
+from adm_jax.diffusion import methods
+from adm_jax.train import config_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -19,17 +34,19 @@ def test_demo_config_splits_into_valid_run_configs():
     plus its embedded classifier run, both passing the train checks."""
     from adm_jax.train import config_lib
 
-    run_config, classifier = bench_lib.split_config(bench_lib.load_config(str(CONFIGS / "demo.py")))
+    run_config, classifier = config_files.split_config(
+        config_files.load_config(str(CONFIGS / "demo.py"))
+    )
     config_lib.validate_config(run_config, num_devices=1, mode="train")
     config_lib.validate_config(classifier, num_devices=1, mode="train_classifier")
 
 
 @pytest.fixture(scope="module")
 def tiny_result():
-    config = bench_lib.load_config(str(CONFIGS / "tiny.py"))
+    config = config_files.load_config(str(CONFIGS / "tiny.py"))
     config.model.dropout = 0.0  # no dropout RNG in the step: a shorter compile, same FLOPs
-    classifier = bench_lib.load_config(str(CONFIGS / "tiny.py") + ":classifier")
-    return bench_lib.run(
+    classifier = config_files.load_config(str(CONFIGS / "tiny.py") + ":classifier")
+    return runner.run(
         config,
         what=("train", "sample"),
         preset="cpu",
@@ -54,23 +71,23 @@ def test_train_fields(tiny_result):
     assert t["loss_finite"]
     # On CPU there is no peak FLOP/s, hence no MFU.
     assert tiny_result["environment"]["backend"] == "cpu"
-    assert t["mfu"] == bench_lib.NA and t["mfu_model"] == bench_lib.NA
-    assert t["peak_flops_per_device"] == bench_lib.NA
+    assert t["mfu"] == devices.NA and t["mfu_model"] == devices.NA
+    assert t["peak_flops_per_device"] == devices.NA
     assert t["memory"]["peak_bytes_in_use"] > 0
 
 
 def test_train_without_forward(tiny_result):
     """forward=False (``--noforward``) skips the forward's compile: its fields say n/a, the
     printed table too, and the step is timed as before."""
-    config = bench_lib.load_config(str(CONFIGS / "tiny.py"))
+    config = config_files.load_config(str(CONFIGS / "tiny.py"))
     config.model.dropout = 0.0
-    mesh = bench_lib.make_mesh(config, num_devices=1)
-    t = bench_lib.train_benchmark(
+    mesh = config_files.make_mesh(config, num_devices=1)
+    t = timing.train_benchmark(
         config, mesh, batch_per_device=1, num_steps=1, warmup=0, forward=False
     )
-    assert t["forward_time_s"] == t["forward_images_per_s"] == bench_lib.NA
+    assert t["forward_time_s"] == t["forward_images_per_s"] == devices.NA
     assert t["step_time_s"] > 0 and t["loss_finite"]
-    table = bench_lib.format_table({**tiny_result, "train": t})
+    table = report.format_table({**tiny_result, "train": t})
     assert "forward (median)   n/a, n/a images/s" in table
 
 
@@ -101,26 +118,83 @@ def test_sample_fields(tiny_result):
         assert overhead[kind] > 0 and math.isfinite(overhead[kind])
     flops = s["guidance_overhead_flops_estimate"]
     assert flops["classifier"] > 1.0 and flops["cfg"] == 2.0
-    assert "classifier " in bench_lib.format_table(tiny_result)
+    assert "classifier " in report.format_table(tiny_result)
+
+
+def test_sample_benchmark_times_new_samplers():
+    """Two k-diffusion samplers time through the program --mode=sample compiles, each with the
+    config's sample options (here sample.sigma_grid) as --mode=sample would run it."""
+    config = config_files.load_config(str(CONFIGS / "tiny.py"))
+    config.sample.sigma_grid = "discrete"
+    mesh = config_files.make_mesh(config, num_devices=1)
+    s = sampling.sample_benchmark(
+        config, mesh, batch_per_device=1, samplers=("euler_ancestral2", "dpmpp_2m_sde2"),
+        repeats=1, guidance=("none",), init="zeros",
+    )  # fmt: skip
+    assert [(r["method"], r["nfe"], r["guidance"]) for r in s["runs"]] == [
+        ("euler_ancestral", 2, "none"),
+        ("dpmpp_2m_sde", 2, "none"),
+    ]
+    for r in s["runs"]:
+        assert r["options"]["sigma_grid"] == "discrete"
+        assert r["per_image_s"] > 0 and r["images_nonconstant"]
+
+
+def test_sampler_names_as_mode_sample_reads_them():
+    """Every name of methods.SAMPLERS is accepted, with an NFE or bare (NFE from
+    sample.steps); an unknown one is a one-line error listing the valid names."""
+    config = config_files.load_config(str(CONFIGS / "tiny.py"))
+    config.sample.steps = 7
+    tags = [f"{name}5" for name in methods.SAMPLERS] + list(methods.SAMPLERS)
+    specs = sampling.sampler_specs(config.sample, tags)
+    assert [s.name for s in specs] == list(methods.SAMPLERS) * 2
+    assert specs[0].respacing == "5" and specs[1].respacing == "ddim5"
+    assert all(s.steps == 5 for s in specs[2 : len(methods.SAMPLERS)])
+    assert all(s.steps == 7 for s in specs[len(methods.SAMPLERS) + 2 :])
+    # EDM Heun evaluates the network twice per step but the last.
+    heun = sampling.sampler_specs(config.sample, ["heun10"])[0]
+    diffusion = config_lib.build_diffusion(config, timestep_respacing=heun.respacing)
+    assert sampling.model_evaluations(heun, diffusion) == 19
+    with pytest.raises(ValueError) as err:
+        sampling.sampler_specs(config.sample, ["dpmpp_3m20"])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--samplers:")
+    assert all(name in message for name in methods.SAMPLERS)
+
+
+def test_bench_cli_unknown_sampler_is_one_line(tmp_path):
+    """python -m adm_jax.bench --samplers=<unknown>: exit code 2 and one line, before any
+    compile."""
+    result = subprocess.run(
+        [sys.executable, "-m", "adm_jax.bench", f"--config={CONFIGS / 'tiny.py'}",
+         "--what=sample", "--preset=cpu", "--samplers=heun10,lms20"],
+        capture_output=True, text=True, cwd=CONFIGS.parent, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("adm_jax.bench")]
+    assert len(lines) == 1 and "'lms20'" in lines[0] and "dpmpp_2m_sde" in lines[0], lines
+    assert "Traceback" not in result.stderr
 
 
 def test_json_serialisable(tiny_result):
-    back = json.loads(bench_lib.to_json(tiny_result))
+    back = json.loads(report.to_json(tiny_result))
     assert back["train"]["mfu"] == "n/a"
-    assert "step time" in bench_lib.format_table(tiny_result)
+    assert "step time" in report.format_table(tiny_result)
 
 
 def test_analytic_forward_flops_match_reference_imagenet128():
     """Our ImageNet-128 UNet, traced with abstract params, against the reference's
     torch.utils.flop_counter total (published_models.json: 128x128_diffusion)."""
-    config = bench_lib.load_config(str(CONFIGS / "imagenet128.py"))
-    entry = bench_lib.published_entry(config)
+    config = config_files.load_config(str(CONFIGS / "imagenet128.py"))
+    entry = flops.published_entry(config)
     assert entry is not None, "no published_models.json entry matches configs/imagenet128.py"
     assert entry["name"] == "128x128_diffusion"
-    module = bench_lib.build_module(config, dtype=jax.numpy.float32)
-    flops = bench_lib.forward_flops_per_image(module)
+    module = config_lib.build_model(config, dtype=jax.numpy.float32)
+    analytic = flops.forward_flops_per_image(module)
     ref = entry["flops_forward_batch1"]
-    assert flops == pytest.approx(ref, rel=1e-3), f"analytic {flops:.6g} vs reference {ref:.6g}"
+    assert analytic == pytest.approx(ref, rel=1e-3), (
+        f"analytic {analytic:.6g} vs reference {ref:.6g}"
+    )
 
 
 def test_find_max_batch_doubling_then_bisection():
@@ -130,27 +204,27 @@ def test_find_max_batch_doubling_then_bisection():
         calls.append(b)
         return b <= 37
 
-    found = bench_lib.find_max_batch(fits, limit=1024)
+    found = batch_search.find_max_batch(fits, limit=1024)
     assert found["max_batch"] == 37 and found["first_failing"] == 38
     assert calls[:7] == [1, 2, 4, 8, 16, 32, 64]
-    assert bench_lib.find_max_batch(lambda b: False)["max_batch"] == 0
-    assert bench_lib.find_max_batch(lambda b: True, limit=48)["max_batch"] == 48
-    coarse = bench_lib.find_max_batch(fits, limit=1024, resolution=1 / 8)
+    assert batch_search.find_max_batch(lambda b: False)["max_batch"] == 0
+    assert batch_search.find_max_batch(lambda b: True, limit=48)["max_batch"] == 48
+    coarse = batch_search.find_max_batch(fits, limit=1024, resolution=1 / 8)
     assert 32 <= coarse["max_batch"] <= 37 and coarse["first_failing"] - coarse["max_batch"] <= 4
 
 
 def test_max_batch_not_available_without_memory_limit():
-    config = bench_lib.load_config(str(CONFIGS / "tiny.py"))
-    mesh = bench_lib.make_mesh(config, 1)
-    out = bench_lib.max_batch(config, mesh)
-    assert out["max_batch_per_device"] == bench_lib.NOT_AVAILABLE
+    config = config_files.load_config(str(CONFIGS / "tiny.py"))
+    mesh = config_files.make_mesh(config, 1)
+    out = batch_search.max_batch(config, mesh)
+    assert out["max_batch_per_device"] == devices.NOT_AVAILABLE
 
 
 # --------------------------------------------------------------------------------------------
 # Compile-only fit on TPU slices (needs libtpu, not a TPU; skipped where it is not installed).
 
 requires_libtpu = pytest.mark.skipif(
-    not bench_lib.libtpu_available(), reason="libtpu (the TPU compiler) is not installed"
+    not topology.libtpu_available(), reason="libtpu (the TPU compiler) is not installed"
 )
 
 
@@ -158,7 +232,7 @@ F, T = False, True
 
 
 @pytest.mark.parametrize(
-    "name, chips, topology, wrap",
+    "name, chips, desc, wrap",
     [
         ("v4-8", 4, "v4:2x2x1", (F, F, F)),
         ("v4-32", 16, "v4:2x2x4", (F, F, F)),
@@ -170,17 +244,17 @@ F, T = False, True
         ("v6e-256", 256, "v6e:16x16", (T, T, F)),
     ],
 )
-def test_parse_tpu_slice(name, chips, topology, wrap):
+def test_parse_tpu_slice(name, chips, desc, wrap):
     """Cloud TPU names count TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e; full
     cubes (v4/v5p) and 16-chip rows (v5e/v6e) wrap around."""
-    s = bench_lib.parse_tpu_slice(name)
-    assert (s.num_chips, s.topology, s.wrap) == (chips, topology, wrap)
+    s = topology.parse_tpu_slice(name)
+    assert (s.num_chips, s.topology, s.wrap) == (chips, desc, wrap)
 
 
 @pytest.mark.parametrize("name", ["v5p", "v5p-6", "v4-4", "v3-8", "tpu-8", "v6e-512", "v5e-x"])
 def test_parse_tpu_slice_rejects(name):
     with pytest.raises(ValueError, match="--topology"):
-        bench_lib.parse_tpu_slice(name)
+        topology.parse_tpu_slice(name)
 
 
 def test_hbm_oom_parses_both_compiler_wordings():
@@ -190,7 +264,7 @@ def test_hbm_oom_parses_both_compiler_wordings():
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
         "temporaries (100.5G) exceeds available HBM (95.74G)."
     )
-    oom = bench_lib.hbm_oom(new_style)
+    oom = aot.hbm_oom(new_style)
     assert oom["hbm_required_bytes"] == int(100.5 * 2**30)
     assert oom["compiler_hbm_capacity_bytes"] == int(95.74 * 2**30)
     old_style = RuntimeError(
@@ -198,52 +272,50 @@ def test_hbm_oom_parses_both_compiler_wordings():
         "hbm. Used 40.00G of 30.75G hbm. Exceeded hbm capacity by 9.25G.\n\n"
         "Total hbm usage >= 41.25G:\n    reserved 1.25G\n    program 40.00G"
     )
-    oom = bench_lib.hbm_oom(old_style)
+    oom = aot.hbm_oom(old_style)
     assert oom["hbm_required_bytes"] == int(41.25 * 2**30)
     assert oom["compiler_hbm_capacity_bytes"] == int(30.75 * 2**30)
-    assert bench_lib.hbm_oom(RuntimeError("INTERNAL: Used 1G of 2G hbm")) is None
-    assert bench_lib.hbm_oom(RuntimeError("RESOURCE_EXHAUSTED: host memory")) is None
+    assert aot.hbm_oom(RuntimeError("INTERNAL: Used 1G of 2G hbm")) is None
+    assert aot.hbm_oom(RuntimeError("RESOURCE_EXHAUSTED: host memory")) is None
 
 
 def test_xla_estimate_kept_only_when_the_chip_could_achieve_it():
     """libtpu's cost model returned -284 s (ImageNet-128, v4-8) and, for an FSDP mesh, a time
     below what the program's FLOPs need at the chip's peak (ImageNet-256, v5p-8): such values
     are reported as rejected, with the reason, and give no MFU."""
-    v5p = bench_lib.parse_tpu_slice("v5p-8")
+    v5p = topology.parse_tpu_slice("v5p-8")
     floor = 4.0e14 / v5p.generation.peak_bf16_flops
-    assert bench_lib._checked_estimate(2 * floor, 4.0e14, v5p) == {
-        "xla_estimated_seconds": 2 * floor
-    }
-    assert bench_lib._checked_estimate(None, 4.0e14, v5p) == {"xla_estimated_seconds": None}
+    assert aot._checked_estimate(2 * floor, 4.0e14, v5p) == {"xla_estimated_seconds": 2 * floor}
+    assert aot._checked_estimate(None, 4.0e14, v5p) == {"xla_estimated_seconds": None}
     for bad, why in ((-284.3, "not a duration"), (0.5 * floor, "below the")):
-        out = bench_lib._checked_estimate(bad, 4.0e14, v5p)
+        out = aot._checked_estimate(bad, 4.0e14, v5p)
         assert out["xla_estimated_seconds"] is None and why in out["xla_estimate_rejected"]
     part = {"xla_estimated_seconds": None, "xla_estimate_rejected": "negative"}
-    assert bench_lib._estimate_cell(part, 3) == "rejected"
+    assert report._estimate_cell(part, 3) == "rejected"
 
 
 def test_find_max_batch_from_a_failing_start_and_probe_cap():
     """The AOT search starts at the config's batch: halving when it does not fit, and at most
     max_probes compiles, with an inexact bracket when the cap cuts it short."""
     fits = lambda b: b <= 37  # noqa: E731
-    down = bench_lib.find_max_batch(fits, start=256)
+    down = batch_search.find_max_batch(fits, start=256)
     assert down["max_batch"] == 37 and down["first_failing"] == 38 and down["exact"]
     assert [b for b, _ in down["probes"][:4]] == [256, 128, 64, 32]
-    capped = bench_lib.find_max_batch(fits, start=256, max_probes=5)
+    capped = batch_search.find_max_batch(fits, start=256, max_probes=5)
     assert len(capped["probes"]) == 5 and not capped["exact"]
     assert capped["max_batch"] == 32 and capped["first_failing"] == 48
-    up = bench_lib.find_max_batch(fits, start=4, max_probes=3)
+    up = batch_search.find_max_batch(fits, start=4, max_probes=3)
     assert up["probes"] == [(4, True), (8, True), (16, True)] and up["max_batch"] == 16
     assert up["first_failing"] is None and not up["exact"]
-    assert bench_lib.find_max_batch(lambda b: False, start=8)["max_batch"] == 0
+    assert batch_search.find_max_batch(lambda b: False, start=8)["max_batch"] == 0
 
 
 def test_aot_needs_topology():
-    config = bench_lib.load_config(str(CONFIGS / "tiny.py"))
+    config = config_files.load_config(str(CONFIGS / "tiny.py"))
     with pytest.raises(ValueError, match="--topology"):
-        bench_lib.run(config, what=("aot",), num_devices=1)
+        runner.run(config, what=("aot",), num_devices=1)
     with pytest.raises(ValueError, match="--topology"):
-        bench_lib.run(config, what=("aot",), topology=["v5p-7"], num_devices=1)
+        runner.run(config, what=("aot",), topology=["v5p-7"], num_devices=1)
 
 
 @requires_libtpu
@@ -254,8 +326,8 @@ def test_topology_devices_and_peaks():
 
     kinds = {"v4-8": "TPU v4", "v5e-8": "TPU v5 lite", "v5p-8": "TPU v5", "v6e-8": "TPU v6 lite"}
     for name, kind in kinds.items():
-        s = bench_lib.parse_tpu_slice(name)
-        devices = bench_lib.topology_devices(s)
+        s = topology.parse_tpu_slice(name)
+        devices = topology.topology_devices(s)
         assert len(devices) == s.num_chips and devices[0].device_kind == kind
         assert metrics.peak_flops_per_device(devices[0]) == s.generation.peak_bf16_flops
 
@@ -263,7 +335,7 @@ def test_topology_devices_and_peaks():
 def _aot_config():
     """configs/tiny.py without dropout and with one EMA (a shorter TPU compile: about a minute
     per program on a shared 2-core CPU)."""
-    config = bench_lib.load_config(str(CONFIGS / "tiny.py"))
+    config = config_files.load_config(str(CONFIGS / "tiny.py"))
     config.model.dropout = 0.0
     config.train.ema_rate = "0.9999"
     config.train.dtype = "bfloat16"
@@ -279,9 +351,9 @@ def test_aot_report_fields_consistent():
     up, fits == total <= HBM, the largest batch is at least the one that fits, FLOPs > 0,
     the compiler's step-time estimate and its MFU are positive."""
     config = _aot_config()
-    classifier = bench_lib.load_config(str(CONFIGS / "tiny.py") + ":classifier")
+    classifier = config_files.load_config(str(CONFIGS / "tiny.py") + ":classifier")
     logs = []
-    result = bench_lib.run(
+    result = runner.run(
         config,
         what=("aot",),
         topology=["v5p-8"],
@@ -316,6 +388,6 @@ def test_aot_report_fields_consistent():
     assert s["guidance"] == "classifier" and s["nfe"] == 2
     assert s["mesh"] == {"data": 4, "fsdp": 1} and s["global_batch"] == 4
     assert any("compiling" in line for line in logs)
-    table = bench_lib.format_table(result)
+    table = report.format_table(result)
     assert "| v5p-8 | 4 | 2 |" in table and "XLA est." in table
-    json.loads(bench_lib.to_json(result))
+    json.loads(report.to_json(result))

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import app
 from conftest import REPO_ROOT
 from safetensors.numpy import save, save_file
 
@@ -236,3 +237,25 @@ def test_cli_round_trip_reproduces_the_golden_output(golden, tmp_path, capsys):
             ["--checkpoint", str(tmp_path / "model.npz"), "--flags", UNET_LEARNSIGMA_FLAGS]
             + ["--out", str(tmp_path / "from_npz")]
         )
+
+
+def test_cli_usage_errors_are_one_line_exit_2(tmp_path):
+    """A missing or bad flag: in process a one-line error naming it; from the real entry point
+    exit code 2 and that one line on stderr, before any file is read."""
+    with pytest.raises(app.UsageError, match="^--checkpoint: required"):
+        main(["--out", str(tmp_path / "o")])
+    with pytest.raises(app.UsageError, match="unexpected arguments"):
+        main(["--checkpoint", "a.pt", "--out", str(tmp_path / "o"), "stray"])
+    result = subprocess.run(
+        [sys.executable, "-m", "adm_jax.convert", "--checkpoint=a.pt", "--kind", "vae"]
+        + ["--out", str(tmp_path / "o")],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: flag --kind=vae: value should be one of <unet|superres|classifier>"
+    ]

@@ -30,13 +30,13 @@ def test_library_imports_without_tensorflow():
 
 # Imports flow one way, bottom to top; a module may import its own layer and those below.
 LAYERS = [
-    {"paths", "mesh", "xla_cpu", "images", "workdir", "checkpoints", "batch_sampler",
+    {"paths", "mesh", "xla_cpu", "images", "workdir", "checkpoints", "batch_sampler", "cli_flags",
      "models", "diffusion", "data", "convert"},
     {"train"},
     {"sampling"},
     {"evaluation"},
     {"demo"},
-    {"bench_lib", "bench", "main"},
+    {"benchmark", "bench", "main"},
 ]  # fmt: skip
 
 

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from absl import app, flags
 
 from adm_jax.sampling import io
 
@@ -289,6 +290,23 @@ def test_cli_through_gcs(gcs_bucket, tmp_path):
     got, labels = io.load_samples_npz(out)
     np.testing.assert_array_equal(got, images)
     np.testing.assert_array_equal(labels, [1, 2, 3])
+
+
+def test_cli_flags_bad_usage_is_one_line_naming_the_flag(tmp_path):
+    """absl flags: --flag=value and --flag value both work (the round trip above); a misused
+    command, flag or value is a one-line error naming it, raised before anything is read."""
+    cases = [
+        (["topng", "a.npz", "b"], app.UsageError, "command: expected to_png or from_folder"),
+        (["to_png", "a.npz"], app.UsageError, "to_png: expected SAMPLES.npz OUT_DIR"),
+        (["to_png", "a.npz", "b", "--size=8"], app.UsageError, "--size: a from_folder flag"),
+        (["from_folder", "a", "b", "--labels=name"], flags.Error, "--labels=name"),
+        (["from_folder", "a", "b", "--size", "big"], flags.Error, "--size=big"),
+        (["from_folder", "a", "b", "--colour=3"], flags.Error, "colour"),
+    ]
+    for argv, error, expected in cases:
+        with pytest.raises(error) as err:
+            io.main(argv)
+        assert expected in str(err.value) and "\n" not in str(err.value), (argv, err.value)
 
 
 def test_cli_entry_point_prints_one_line(tmp_path):

@@ -10,12 +10,13 @@ says otherwise) and records it in the .npz, which ``load_inception_variables`` c
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 
 import numpy as np
+from absl import app, flags
 from etils import epath
 
-from adm_jax import paths
+from adm_jax import cli_flags, paths
 from adm_jax.evaluation import inception
 
 
@@ -35,19 +36,38 @@ def convert(pth, out, sha256: str | None = inception.WEIGHTS_SHA256) -> epath.Pa
     return out
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pth", required=True, help=f"pytorch-fid {inception.WEIGHTS_FILENAME}")
-    parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument(
-        "--inception_sha256",
-        default=inception.WEIGHTS_SHA256,
-        help="expected SHA-256 of the .pth ('none' skips the check)",
+USAGE = (
+    "python -m adm_jax.evaluation.convert_inception --pth FILE.pth --out FILE.npz "
+    "[--inception_sha256 HEX|none]"
+)
+
+
+def _flag_values() -> flags.FlagValues:
+    """The command's flags, on a ``FlagValues`` of their own (see ``adm_jax.cli_flags``)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("pth", None, f"pytorch-fid {inception.WEIGHTS_FILENAME}", flag_values=fv)
+    flags.DEFINE_string("out", None, "output .npz (local or gs://)", flag_values=fv)
+    flags.DEFINE_string(
+        "inception_sha256",
+        inception.WEIGHTS_SHA256,
+        "expected SHA-256 of the .pth ('none' skips the check)",
+        flag_values=fv,
     )
-    args = parser.parse_args(argv)
-    sha = None if args.inception_sha256.lower() == "none" else args.inception_sha256
-    print(f"wrote {convert(args.pth, args.out, sha)}")
+    return fv
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m adm_jax.evaluation.convert_inception ARGS`` as a function (``argv`` without
+    the program name; None: ``sys.argv[1:]``); returns the written .npz."""
+    fv = _flag_values()
+    extra = cli_flags.parse(fv, argv, usage=USAGE, required=["pth", "out"])
+    if extra:
+        raise app.UsageError(f"unexpected arguments {extra} (flags are --name=value)")
+    sha = fv.inception_sha256
+    out = convert(fv.pth, fv.out, None if sha.lower() == "none" else sha)
+    print(f"wrote {out}")
+    return str(out)
 
 
 if __name__ == "__main__":
-    main()
+    cli_flags.run(main)

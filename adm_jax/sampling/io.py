@@ -19,18 +19,18 @@ Image conversion CLI (docs/sampling.md, "Image files")::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
-import sys
+import types
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from absl import app, flags
 from tqdm.auto import tqdm
 
-from adm_jax import paths
+from adm_jax import cli_flags, paths
 from adm_jax.images import image_grid, save_image_grid, save_png  # noqa: F401 - re-exported
 
 IMAGES_KEY = "arr_0"
@@ -583,38 +583,68 @@ def load_base_samples(
     return images, (labels if class_cond else None)
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(
-        prog="python -m adm_jax.sampling.io",
-        description="Convert between reference-format sample files (.npz: arr_0 uint8 NHWC, "
-        "arr_1 labels) and folders of image files.",
+USAGE = """python -m adm_jax.sampling.io to_png SAMPLES.npz OUT_DIR [--quiet]
+       python -m adm_jax.sampling.io from_folder IMAGE_DIR OUT.npz [--size N] \\
+           [--labels none|subdir|prefix|suffix] [--channels auto|1|3] [--quiet]
+
+Convert between reference-format sample files (.npz: arr_0 uint8 NHWC, arr_1 labels) and
+folders of image files (local or gs://): to_png writes one PNG per image,
+<index>[_<label>].png; from_folder reads a folder recursively into a reference-format .npz."""
+COMMANDS = {"to_png": ("SAMPLES.npz", "OUT_DIR"), "from_folder": ("IMAGE_DIR", "OUT.npz")}
+FROM_FOLDER_FLAGS = ("size", "labels", "channels")
+
+
+def _flag_values() -> flags.FlagValues:
+    """The command's flags, on a ``FlagValues`` of their own (see ``adm_jax.cli_flags``)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_integer(
+        "size",
+        None,
+        "from_folder: ADM centre crop to N x N (needed for mixed sizes)",
+        flag_values=fv,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("to_png", help="one PNG per image: <index>[_<label>].png")
-    p.add_argument("npz", help="sample .npz (local or gs://)")
-    p.add_argument("out_dir", help="output folder (local or gs://; created)")
-    p = commands.add_parser("from_folder", help="a folder of images -> reference-format .npz")
-    p.add_argument("image_dir", help="folder read recursively (local or gs://)")
-    p.add_argument("out", help="output .npz (local or gs://)")
-    p.add_argument(
-        "--size", type=int, default=None, help="ADM centre crop to N x N (needed for mixed sizes)"
-    )
-    p.add_argument(
-        "--labels",
-        choices=LABEL_SOURCES,
-        default="none",
-        help="arr_1 from: subdir (class subfolders), prefix (name up to the first _), "
+    flags.DEFINE_enum(
+        "labels",
+        "none",
+        LABEL_SOURCES,
+        "from_folder: arr_1 from subdir (class subfolders), prefix (name up to the first _), "
         "suffix (name after the last _, as to_png writes)",
+        flag_values=fv,
     )
-    p.add_argument(
-        "--channels",
-        choices=("auto", "1", "3"),
-        default="auto",
-        help="auto: 1 if every image is grey, else 3 (RGB)",
+    flags.DEFINE_enum(
+        "channels",
+        "auto",
+        ("auto", "1", "3"),
+        "from_folder: auto: 1 if every image is grey, else 3 (RGB)",
+        flag_values=fv,
     )
-    for sub in commands.choices.values():
-        sub.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    flags.DEFINE_bool("quiet", False, "no progress bars", flag_values=fv)
+    return fv
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m adm_jax.sampling.io COMMAND IN OUT [flags]`` as a function (``argv``
+    without the program name; None: ``sys.argv[1:]``); returns the written folder or file.
+    Bad input raises a one-line error naming the argument, flag or file."""
+    fv = _flag_values()
+    positional = cli_flags.parse(fv, argv, usage=USAGE)
+    command = positional[0] if positional else ""
+    if command not in COMMANDS:
+        raise app.UsageError(
+            f"command: expected {' or '.join(COMMANDS)}, got {command or 'nothing'!r}"
+        )
+    if len(positional) != 3:
+        raise app.UsageError(
+            f"{command}: expected {' '.join(COMMANDS[command])}, got {positional[1:]}"
+        )
+    misplaced = [name for name in FROM_FOLDER_FLAGS if fv[name].present]
+    if command == "to_png" and misplaced:
+        raise app.UsageError(f"--{misplaced[0]}: a from_folder flag; to_png takes only --quiet")
+    args = types.SimpleNamespace(command=command, **fv.flag_values_dict())
+    if command == "to_png":
+        args.npz, args.out_dir = positional[1:]
+    else:
+        args.image_dir, args.out = positional[1:]
 
     if args.command == "to_png":
         names = to_png(args.npz, args.out_dir, progress=not args.quiet)
@@ -640,8 +670,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli_flags.run(main)
