@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jax_core
 
 from adm_jax.diffusion import gaussian, guidance
@@ -543,6 +544,7 @@ def ddim_invert(
     guidance_interval=None,
     unguided_model_fn=None,
     channel_axis=-1,
+    refine_steps=0,
 ):
     """DDIM inversion (DDIM sec. 4.3 / eq. 12 with eta = 0, run forwards): x_T such that DDIM
     sampling (eta 0) from it with the same model and options returns approximately x_0.
@@ -552,7 +554,14 @@ def ddim_invert(
     `lax.scan`) to index T - 1, where `sample(..., use_ddim=True, eta=0)` starts: T - 1 model
     calls (T the respaced process's length). The round trip is exact for a model whose x_0
     prediction is constant along the path, and otherwise off by the discretisation error of
-    both directions (small for tens of steps). Guidance as `sample_loop` (classifier guidance
+    both directions (first order in the step size: about 0.07 of x_0's scale after 50 steps
+    on Gaussian data, 0.008 after 1000).
+
+    refine_steps=K > 0 corrects each step by K fixed-point iterations (one model call each)
+    towards the x_{t+1} that the DDIM step of the same model, guidance and correction maps
+    back to x_t exactly: x_{t+1} <- x_{t+1} + sqrt(abar_{t+1} / abar_t) (x_t -
+    DDIM(x_{t+1})); a few make the round trip exact but for the first step's image-as-x_0
+    (cost (K + 1) (T - 1) model calls). Guidance as `sample_loop` (classifier guidance
     on the score, guidance_interval, unguided_model_fn), denoised_fn and clip_denoised as
     `ddim_sample`'s. diffusion, model_fn, classifier_fn and the interval are static; x_0, y
     and classifier_scale are traced.
@@ -572,6 +581,7 @@ def ddim_invert(
         classifier_fn=classifier_fn,
         unguided_model_fn=unguided_model_fn,
         channel_axis=channel_axis,
+        refine_steps=int(refine_steps),
         **kwargs,
     )
 
@@ -587,6 +597,7 @@ def ddim_invert(
         "guidance_interval",
         "unguided_model_fn",
         "channel_axis",
+        "refine_steps",
     ),
 )
 def _ddim_invert(
@@ -602,30 +613,43 @@ def _ddim_invert(
     guidance_interval,
     unguided_model_fn,
     channel_axis,
+    refine_steps,
 ):
     guidance.check_switches(guidance_interval, classifier_fn, unguided_model_fn)
     cond_fn = _classifier_cond_fn(classifier_fn, y, classifier_scale)
     num_steps = diffusion.num_timesteps - 1
-    guided_per_step = guided_steps(diffusion, guidance_interval, reverse=False)
-    if guided_per_step is not None:
-        guided_per_step = guided_per_step[:num_steps]
+    guided_all = guided_steps(diffusion, guidance_interval, reverse=False)
+    guided_here = guided_next = None
+    if guided_all is not None:
+        guided_here, guided_next = guided_all[:num_steps], guided_all[1:]
+    abar = np.asarray(diffusion.alphas_cumprod, np.float64)
+    ratio = jnp.asarray(np.sqrt(abar[1:] / abar[:-1]).astype(np.float32))
     batch = x_0.shape[0]
+    options = dict(
+        clip_denoised=clip_denoised,
+        channel_axis=channel_axis,
+        denoised_fn=denoised_fn,
+        cond_fn=cond_fn,
+    )
 
-    def body(x, k_guided):
-        k, guided = k_guided
-        out = ddim_reverse_sample(
-            diffusion,
-            guidance.interval_model_fn(model_fn, unguided_model_fn, guided),
-            x,
-            jnp.full((batch,), k, jnp.int32),
-            clip_denoised=clip_denoised,
-            channel_axis=channel_axis,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            guided=guided,
-        )
-        return out["sample"], None
+    def body(x, s):
+        k, guided, guided_up, scale = s
+        t = jnp.full((batch,), k, jnp.int32)
+        net = guidance.interval_model_fn(model_fn, unguided_model_fn, guided)
+        x_next = ddim_reverse_sample(diffusion, net, x, t, guided=guided, **options)["sample"]
+        if refine_steps:
+            net_up = guidance.interval_model_fn(model_fn, unguided_model_fn, guided_up)
+
+            def refine(x_next, _):
+                zero = jnp.zeros_like(x_next)  # eta 0: no noise
+                back = ddim_sample(
+                    diffusion, net_up, x_next, t + 1, zero, guided=guided_up, **options
+                )["sample"]
+                return x_next + scale * (x - back), None
+
+            x_next, _ = jax.lax.scan(refine, x_next, None, length=refine_steps)
+        return x_next, None
 
     ks = jnp.arange(num_steps, dtype=jnp.int32)
-    x_T, _ = jax.lax.scan(body, x_0, (ks, guided_per_step))
+    x_T, _ = jax.lax.scan(body, x_0, (ks, guided_here, guided_next, ratio))
     return x_T
