@@ -210,8 +210,11 @@ def wait_until(predicate, job: Job, timeout: float, what: str, poll: float = 0.0
     raise SoakFailure(f"{job.name}: {what} did not happen within {timeout} s\n{job.tail()}")
 
 
-def run_cycle(index: int, kind: str, rng: random.Random, workdir, flags, logdir) -> dict:
-    """One launch, killed the ``kind`` way at a random moment; returns what happened."""
+def run_cycle(
+    index: int, kind: str, rng: random.Random, workdir, flags, logdir, step_seconds: float
+) -> dict:
+    """One launch, killed the ``kind`` way at a random moment (up to about 8 steps after its
+    first), returns what happened."""
     start_step = max(complete_steps(workdir), default=0)
     job = Job(f"cycle{index:02d}", train_argv(workdir, flags), logdir)
     started = time.time()
@@ -223,7 +226,7 @@ def run_cycle(index: int, kind: str, rng: random.Random, workdir, flags, logdir)
             record["caught"] = wait_until(lambda: saving_now(workdir), job, LAUNCH_DEADLINE,
                                           "a checkpoint save", poll=0.005)  # fmt: skip
         else:
-            time.sleep(rng.uniform(0.0, 6.0))
+            time.sleep(rng.uniform(0.0, 8 * max(step_seconds, 0.5)))
         record["steps_done"] = launch_step(job)
         if kind == "sigkill_one":
             victim = rng.randrange(NUM_PROCESSES)
@@ -294,7 +297,7 @@ def soak(
         if complete_steps(soaked) and max(complete_steps(soaked)) >= num_steps:
             break
         kind = kinds[index % len(kinds)] if kinds else rng.choice(KINDS)
-        records.append(run_cycle(index, kind, rng, soaked, flags, logdir))
+        records.append(run_cycle(index, kind, rng, soaked, flags, logdir, step_seconds))
         r = records[-1]
         print(f"cycle {index:2d} {kind:<12} from step {r['from_step']:3d}: killed at "
               f"{r.get('killed_at', float('nan')):5.1f} s, step {r.get('steps_done', '-')}, "

@@ -25,7 +25,11 @@ import fault_proxy  # noqa: E402
 from conftest import _forget_gcs_clients  # noqa: E402
 
 FAULT_RATE = 0.05
+# configs/tiny.py with one resolution level (as tests/test_multiprocess.py): this file is about
+# the store, and compiling the model dominates its time on a 2-core machine.
+SMALL_MODEL = {"model.channel_mult": "1", "model.attention_resolutions": "16"}
 TRAIN_ARGS = [
+    *(f"--config.{k}={v}" for k, v in SMALL_MODEL.items()),
     "--config.train.num_steps=4", "--config.train.log_every=1",
     "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
     "--config.train.sample_every=0", "--config.train.tensorboard=False",
@@ -153,7 +157,10 @@ def test_training_with_faults_equals_a_fault_free_run(proxy, runs):
     assert _train_losses(workdir) == _train_losses(reference)
     steps = [e.name for e in epath.Path(workdir, "checkpoints").iterdir()]
     assert steps == ["4"], steps  # max_to_keep=1: the newest, and no half-written leftovers
+    # Both runs took and released the workdir lock through the faults.
+    assert not epath.Path(workdir, "adm_jax.lock").exists()
     config = tiny.get_config()
+    config.update_from_flattened_dict(SMALL_MODEL)
     expected = _params(train.export(config, reference))
     with _faults(proxy, seed=1):
         exported = _params(train.export(config, workdir))
@@ -167,6 +174,7 @@ def _samples(workdir):
     from configs import tiny
 
     config = tiny.get_config()
+    config.update_from_flattened_dict(SMALL_MODEL)
     with config.unlocked():
         config.sample.num_samples = 8
         config.sample.batch_size = 4
@@ -307,3 +315,24 @@ def test_a_resume_while_the_store_fails_sets_nothing_aside(proxy, short_backoff)
     restored, step = restarted.restore_latest_intact(state(0))
     assert step == 4 and float(restored["w"][0, 0]) == 4.0
     restarted.close()
+
+
+@pytest.mark.slow
+def test_nll_with_faults_equals_a_fault_free_run(proxy, runs, tiny_tfds_dir):
+    """``--mode=nll``'s function: restores the exported model from the bucket, reads the data
+    locally and writes nll.json into the bucket, through faults; same bits/dim."""
+    from adm_jax import evaluation
+    from configs import tiny
+
+    reference, workdir, _ = runs
+    config = tiny.get_config()
+    config.update_from_flattened_dict(
+        {**SMALL_MODEL, "data.data_dir": tiny_tfds_dir, "nll.num_samples": 8}
+    )
+    expected = evaluation.nll(config, reference, progress=False)
+    with _faults(proxy, seed=3):
+        result = evaluation.nll(config, workdir, progress=False)
+    written = json.loads(epath.Path(workdir, "nll.json").read_text())
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "checkpoint")}  # noqa: E731
+    assert drop(result) == drop(expected)
+    assert drop(written) == drop(json.loads(json.dumps(expected)))

@@ -63,7 +63,10 @@ def list_checkpoints(workdir: paths.PathLike) -> list[CheckpointEntry]:
             step = ocp.step.step_from_checkpoint_name(child.name)
         except ValueError:
             step = None
-        size, modified = _stat_tree(child)
+        try:
+            size, modified = _stat_tree(child)
+        except FileNotFoundError:  # removed while we looked (a running job's retention)
+            continue
         is_complete = child.name.isdigit() and step in complete
         entries.append(CheckpointEntry(child.name, step, is_complete, size, modified))
     return sorted(entries, key=lambda e: (e.step if e.step is not None else -1, e.name))
