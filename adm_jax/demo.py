@@ -38,7 +38,6 @@ if __name__ == "__main__":
     xla_cpu.prepare_entry_point()  # may restart the process: before the imports below
 
 import copy
-import functools
 import io
 import json
 import os
@@ -46,14 +45,21 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from adm_jax import paths
+from adm_jax import evaluation, paths
+from adm_jax.demo_judge import (
+    classify_digits,
+    load_judge,
+    save_judge,
+    target_accuracy,
+    train_judge,
+)
+from adm_jax.diffusion import methods
+from adm_jax.sampling import edit as edit_lib
+from adm_jax.sampling.io import save_samples_npz
 
 # Top-level config sections that are the demo's own (not read by train/sampling).
 DEMO_SECTIONS = ("classifier", "demo", "mode")
@@ -161,135 +167,6 @@ def _load_images(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
         images.append(x)
         labels.append(y)
     return np.concatenate(images), np.concatenate(labels).astype(np.int32)
-
-
-# ----------------------------------------------------------------------------- the judge
-
-
-class DigitCNN(nn.Module):
-    """The independent clean-digit classifier (the demo's stand-in for Inception).
-
-    Returns ``(logits, features)``; ``features`` is the penultimate (ReLU) layer, the feature
-    space of FID / precision / recall.
-    """
-
-    width: int = 32
-    features: int = 128
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        for i, mult in enumerate((1, 2, 4)):
-            x = nn.relu(nn.Conv(self.width * mult, (3, 3), name=f"conv{i}a")(x))
-            x = nn.relu(nn.Conv(self.width * mult, (3, 3), name=f"conv{i}b")(x))
-            x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape(x.shape[0], -1)
-        feats = nn.relu(nn.Dense(self.features, name="penultimate")(x))
-        return nn.Dense(self.num_classes, name="head")(feats), feats
-
-
-def _to_gray(images: np.ndarray | jax.Array) -> jax.Array:
-    """uint8 NHWC (1 or 3 channels) -> float32 NHW1 in [-1, 1] (the channel mean)."""
-    x = jnp.asarray(images, jnp.float32)
-    return jnp.mean(x, axis=-1, keepdims=True) / 127.5 - 1.0
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _judge_apply(module: DigitCNN, params, images):
-    logits, feats = module.apply({"params": params}, _to_gray(images))
-    return jax.nn.softmax(logits), feats
-
-
-def classify_digits(
-    module: DigitCNN, params, images: np.ndarray, batch_size: int = 500
-) -> dict[str, np.ndarray]:
-    """The judge on uint8 NHWC digits: ``{"features", "probs", "pred"}`` as numpy arrays."""
-    feats, probs = [], []
-    for i in range(0, len(images), batch_size):
-        p, f = _judge_apply(module, params, np.asarray(images[i : i + batch_size]))
-        probs.append(np.asarray(p))
-        feats.append(np.asarray(f))
-    probs = np.concatenate(probs)
-    return {"features": np.concatenate(feats), "probs": probs, "pred": probs.argmax(-1)}
-
-
-def target_accuracy(pred: np.ndarray, targets: np.ndarray) -> float:
-    """Fraction of samples the judge reads as their target digit."""
-    pred, targets = np.asarray(pred), np.asarray(targets)
-    if pred.shape != targets.shape:
-        raise ValueError(f"pred {pred.shape} and targets {targets.shape} differ in shape")
-    return float(np.mean(pred == targets))
-
-
-def _shift_batch(rng: np.random.Generator, images: np.ndarray, max_shift: int) -> np.ndarray:
-    """Random translations by up to ``max_shift`` pixels (zero fill): cheap augmentation so
-    the judge does not depend on the exact centring of real MNIST."""
-    n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)))
-    dy, dx = rng.integers(0, 2 * max_shift + 1, (2, n))
-    return np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-
-
-def train_judge(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    width: int,
-    features: int,
-    num_classes: int,
-    seed: int = 0,
-    log_every: int = 100,
-):
-    """Trains ``DigitCNN`` on clean uint8 digits (Adam, cosine-decayed lr). Returns
-    ``(module, params)``."""
-    module = DigitCNN(width=width, features=features, num_classes=num_classes)
-    rng = np.random.default_rng(seed)
-    params = module.init(jax.random.PRNGKey(seed), _to_gray(images[:1]))["params"]
-    tx = optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=1e-4)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            logits, _ = module.apply({"params": p}, _to_gray(x))
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    losses = []
-    for i in range(steps):
-        idx = rng.integers(0, len(images), batch_size)
-        x = _shift_batch(rng, images[idx], 2)
-        params, opt_state, loss = step(params, opt_state, x, labels[idx])
-        losses.append(loss)
-        if log_every and ((i + 1) % log_every == 0 or i + 1 == steps):
-            _say(f"    judge step {i + 1}/{steps}: loss {float(np.mean(losses[-log_every:])):.3f}")
-    return module, params
-
-
-def _save_judge(path: str, params, meta: Mapping[str, Any]) -> None:
-    from flax import serialization
-
-    path = paths.path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    params_bytes = serialization.msgpack_serialize(jax.device_get(params))
-    paths.write_bytes_atomic(path / "params.msgpack", params_bytes)
-    _write_json(path / "judge.json", dict(meta))  # written last: "done" marker
-
-
-def _load_judge(path: str):
-    from flax import serialization
-
-    path = paths.path(path)
-    meta = json.loads((path / "judge.json").read_text())
-    params = serialization.msgpack_restore((path / "params.msgpack").read_bytes())
-    module = DigitCNN(meta["width"], meta["features"], meta["num_classes"])
-    return module, params, meta
 
 
 # ----------------------------------------------------------------------------- stages
@@ -407,8 +284,11 @@ def row_groups(config) -> list[dict[str, Any]]:
              scales=dc.cfg_scales, cfg_scale=None),
         dict(name="fast", model="conditional", guidance="classifier",
              scales=str(dc.fast_scale) if dc.fast_steps else "", cfg_scale=None,
-             samplers=dc.fast_sampler, steps=dc.fast_steps,
-             thresholding=bool(dc.get("fast_thresholding", False))),
+             samplers=dc.fast_sampler, steps=dc.fast_steps),
+        dict(name="interval", model="conditional",
+             guidance=f"classifier-free, sigma in ({dc.guidance_interval.replace(',', ', ')}]",
+             scales=dc.interval_scales if dc.guidance_interval else "", cfg_scale=None,
+             guidance_interval=dc.guidance_interval),
     ]  # fmt: skip
     return [g for g in groups if str(g["scales"]).strip()]
 
@@ -419,15 +299,101 @@ def _group_config(sample_cfg, group: Mapping[str, Any], samples_dir: str):
     sc.output_dir = str(paths.path(samples_dir) / group["name"])
     sc.sweep_scales = str(group["scales"])
     sc.cfg_scale = group["cfg_scale"]
-    if group["guidance"] == "classifier-free":
+    if group["guidance"].startswith("classifier-free"):
         sc.classifier_checkpoint = ""
         sc.classifier_scale = 0.0
     sc.sweep_samplers = group.get("samplers", "")
-    sc.thresholding = group.get("thresholding", False)
-    if group.get("samplers"):  # the sampler the thresholding flag belongs to
+    if group.get("samplers"):  # the sampler its options belong to
         sc.sampler, sc.use_ddim = str(group["samplers"]).split(",")[0], False
     sc.sweep_steps = group.get("steps", "")
+    sc.guidance_interval = group.get("guidance_interval", "")
     return out
+
+
+def inpaint_row(config, sample_cfg, dirs, images, labels, metrics_fn) -> dict[str, Any]:
+    """Issue-style editing row: the first ``sample.num_samples`` held-out digits with the
+    ``demo.inpaint_mask`` region kept, the rest inpainted by RePaint towards another digit
+    (never the source), classifier-guided; accuracy is the judge's against that target."""
+    dc, n = config.demo, int(sample_cfg.sample.num_samples)
+    out_dir = paths.path(dirs["samples"]) / "inpaint"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = out_dir / "inputs.npz"
+    if not inputs.exists():
+        save_samples_npz(inputs, images[:n], labels[:n])
+    classes = int(dc.num_classes)
+    rng = np.random.default_rng([int(sample_cfg.sample.seed), 1])
+    targets = (labels[:n] + rng.integers(1, classes, n)) % classes
+    cfg = copy.deepcopy(sample_cfg)
+    ec, sc = cfg.edit, cfg.sample
+    ec.kind, ec.images, ec.masks, ec.output_dir = (
+        "inpaint",
+        str(inputs),
+        dc.inpaint_mask,
+        str(out_dir),
+    )
+    ec.target_labels = ",".join(str(int(y)) for y in targets)
+    ec.jump_length, ec.jump_n_sample = int(dc.inpaint_jump_length), int(dc.inpaint_jump_n_sample)
+    sc.sampler, sc.classifier_scale = "ddpm", float(dc.inpaint_scale)
+    npz = edit_lib.edit(cfg, dirs["diffusion"])
+    settings = edit_lib.read_settings(cfg, dirs["diffusion"])
+    steps = json.loads((out_dir / "shards" / "args.json").read_text())["steps"]  # respaced
+    row = dict(
+        sampler="repaint", nfe=settings.spec.nfe(methods.SamplerSpec("ddpm", steps=steps)),
+        guidance="classifier", scale=float(dc.inpaint_scale), samples=npz, group="inpaint",
+        model=f"conditional, inpainting ({dc.inpaint_mask} kept, another digit)",
+    )  # fmt: skip
+    row.update(metrics_fn(npz))
+    return row
+
+
+def sampler_table(config, sample_cfg, dirs, metrics_fn, workdir: str) -> str:
+    """Every sampler x NFE of ``demo.table_samplers`` x ``demo.table_nfe`` on the demo model
+    (conditional, classifier scale ``demo.fast_scale``; "name:correction" picks an x_0
+    correction, else the sampler's own), ``demo.table_samples`` samples per point: FID /
+    precision / recall / accuracy and the seconds sampling took (first run, compilation
+    included). Writes ``WORKDIR/sampler_table.{md,json}``."""
+    dc, rows = config.demo, []
+    sample_cfg = copy.deepcopy(sample_cfg)
+    num = int(dc.table_samples)
+    labels = sample_cfg.sample.class_labels.split(",")[:num]
+    sample_cfg.sample.num_samples, sample_cfg.sample.class_labels = num, ",".join(labels)
+    for entry in [s.strip() for s in str(dc.table_samplers).split(",") if s.strip()]:
+        name, _, correction = entry.partition(":")
+        for nfe in [int(s) for s in str(dc.table_nfe).split(",") if s.strip()]:
+            steps = (nfe + 1) // 2 if name == "heun" else nfe  # EDM Heun: 2 * steps - 1 NFE
+            tag = f"{name.replace('++', 'pp')}{nfe}" + (f"_{correction}" if correction else "")
+            group = dict(name=f"table/{tag}", guidance="classifier", scales=str(dc.fast_scale),
+                         cfg_scale=None, samplers=name, steps=str(steps))  # fmt: skip
+            cfg = _group_config(sample_cfg, group, dirs["samples"])
+            cfg.sample.x0_correction = correction
+            seconds_file = paths.path(cfg.sample.output_dir) / "seconds.json"
+            start = time.perf_counter()
+            (row,) = evaluation.guidance_sweep(cfg, dirs["diffusion"], metrics_fn=metrics_fn)
+            if not seconds_file.exists():
+                _write_json(seconds_file, {"seconds": round(time.perf_counter() - start, 1)})
+            row["seconds"] = json.loads(seconds_file.read_text())["seconds"]
+            row["nfe"] = 2 * steps - 1 if name == "heun" else steps
+            row["x0_correction"] = correction or "default"
+            rows.append(row)
+    lines = [
+        f"| Sampler | x_0 correction | NFE | FID (judge features) | Precision | Recall "
+        f"| Target accuracy | Seconds ({num} samples) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    order = lambda r: (methods.SAMPLERS.index(r["sampler"]), r["x0_correction"], r["nfe"])
+    for r in sorted(rows, key=order):
+        spec = methods.sampler_spec({"sampler": r["sampler"]})
+        correction = r["x0_correction"].replace("default", f"{spec.correction} (default)")
+        lines.append(
+            f"| {spec.label.rsplit('-', 1)[0]} | {correction} | {r['nfe']} | {r['fid']:.2f} "
+            f"| {r['precision']:.3f} | {r['recall']:.3f} | {r['accuracy']:.3f} "
+            f"| {r['seconds']:.0f} |"
+        )
+    table = "\n".join(lines)
+    out = paths.path(workdir)
+    _write_json(out / "sampler_table.json", {"rows": rows, "note": NOT_INCEPTION})
+    paths.write_text_atomic(out / "sampler_table.md", table + "\n\n" + NOT_INCEPTION + "\n")
+    return table
 
 
 def _digit_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10):
@@ -550,7 +516,7 @@ def format_table(
     return "\n".join(lines)
 
 
-_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++"}
+_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++", "repaint": "RePaint"}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -559,7 +525,7 @@ _SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++"}
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Runs (or completes) the whole demo in ``workdir``; returns the metric rows per scale."""
     from adm_jax import data as data_lib
-    from adm_jax import evaluation, train
+    from adm_jax import train
 
     config = copy.deepcopy(config)
     workdir = paths.absolute(workdir)  # local or gs://
@@ -568,7 +534,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         name: str(paths.path(workdir) / name)
         for name in ("diffusion", "classifier", "judge", "samples")
     }
-    stages = _Stages(6)
+    table = bool(config.demo.get("sampler_table", False))
+    stages = _Stages(7 if table else 6)
     _say(f"ADM demo in {workdir} on {jax.device_count()} {jax.default_backend()} device(s)")
 
     # 1. Data: the digits as a TFDS ArrayRecord dataset, read by the ImageNet pipeline.
@@ -635,8 +602,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                 test_accuracy=acc,
                 config=judge_config,
             )
-            _save_judge(dirs["judge"], params, meta)
-    judge_module, judge_params, judge_meta = _load_judge(dirs["judge"])
+            save_judge(dirs["judge"], params, meta)
+    judge_module, judge_params, judge_meta = load_judge(dirs["judge"])
     real = classify_digits(judge_module, judge_params, test_images)
 
     # 5-6. Guided sampling for every row group (resumable shards) and the metrics per row.
@@ -655,6 +622,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             ):
                 r.update(group=group["name"], model=group["model"], guidance=group["guidance"])
                 rows.append(r)
+        if str(dc.inpaint_mask).strip():
+            _say(f"    inpainting: {dc.inpaint_mask} of each held-out digit kept, another digit")
+            rows.append(inpaint_row(config, sample_cfg, dirs, test_images, test_labels, metrics_fn))
 
     with stages(6, "write the table and plots"):
         prefix = str(workdir).rstrip("/") + "/"
@@ -685,6 +655,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         real_grid = _digit_grid(test_images, test_labels, int(dc.num_classes))
         _save_png(out / "real_digits.png", real_grid)
         _plot_losses(dirs, out / "loss.png")
+    if table:
+        with stages(7, "sampler table: every sampler x NFE"):
+            _say(sampler_table(config, sample_cfg, dirs, metrics_fn, workdir))
     _record_timings(paths.path(workdir) / "timings.json", stages)
 
     _say("\n" + table + "\n")

@@ -151,12 +151,28 @@ def get_config() -> ml_collections.ConfigDict:
             # a group). Unconditional = the null label (classifier-free scale 0).
             uncond_scales="0,1,10",
             cfg_scales="2,4",  # classifier-free guidance (1 = conditional), no classifier
-            fast_sampler="dpm++",
-            fast_steps="10,20",  # DPM-Solver++(2M) NFE, conditional model, classifier scale
+            # A fast sampler beside DDPM-25 (docs/sampling.md's sampler table picks it):
+            # conditional model, classifier scale fast_scale, NFE fast_steps.
+            fast_sampler="dpmpp_2m_sde",
+            fast_steps="10,20",
             fast_scale=1.0,
-            # DPM-Solver++'s dynamic thresholding of x_0 (DDPM clips x_0 to [-1, 1]; without
-            # it the solver's x_0 of this small model leaves the data range).
-            fast_thresholding=True,
+            # Classifier-free guidance at interval_scales only while sigma is in
+            # guidance_interval ("lo,hi"; Kynkaanniemi et al. 2024), beside the cfg row.
+            guidance_interval="0.3,5",
+            interval_scales="4",
+            # Inpainting (RePaint, DDPM-25 with jumps): the held-out digits with inpaint_mask
+            # kept, the rest filled towards another digit; "" skips the row.
+            inpaint_mask="half",
+            inpaint_scale=4.0,
+            inpaint_jump_length=5,
+            inpaint_jump_n_sample=3,
+            # --config.demo.sampler_table=True adds every sampler x NFE (docs/sampling.md).
+            sampler_table=False,
+            # "name" (its own x_0 correction) or "name:clip" / ":threshold" / ":none".
+            table_samplers="ddpm,ddim,dpm++,dpm++:clip,unipc,heun,euler_ancestral,dpmpp_2m,"
+            "dpmpp_2m_sde,dpmpp_2m_sde:clip",
+            table_nfe="10,20,50",
+            table_samples=300,  # per point (the table rows above use sample.num_samples)
         )
     )
     return config

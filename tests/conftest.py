@@ -124,6 +124,8 @@ DEMO_SMOKE_OVERRIDES = {
     "demo.uncond_scales": "10",
     "demo.cfg_scales": "3",
     "demo.fast_steps": "3",
+    "demo.interval_scales": "3",
+    "demo.inpaint_jump_n_sample": 1,
     "demo.judge_steps": 3,
     "demo.judge_width": 4,
     "demo.judge_features": 8,

@@ -38,7 +38,9 @@ def test_demo_runs_every_stage_and_reruns_nothing(demo_smoke_run, monkeypatch):
         ("cond", "ddpm", 2, 0.0),
         ("cond", "ddpm", 2, 10.0),
         ("cfg", "ddpm", 2, 3.0),
-        ("fast", "dpm++", 3, 1.0),
+        ("fast", config.demo.fast_sampler, 3, 1.0),
+        ("interval", "ddpm", 2, 3.0),
+        ("inpaint", "repaint", 2, config.demo.inpaint_scale),
     ]
     for row in rows:
         for name in ("fid", "precision", "recall", "accuracy"):
@@ -50,13 +52,20 @@ def test_demo_runs_every_stage_and_reruns_nothing(demo_smoke_run, monkeypatch):
     assert "| real digits |" in (workdir / "metrics.md").read_text()
     with open(workdir / "metrics.json") as f:
         metrics = json.load(f)
-    assert len(metrics["rows"]) == 5
+    assert len(metrics["rows"]) == 7
     # Real training digits against the held-out ones: the ceiling row of the table.
     real_row = metrics["real_digits_row"]
     assert 0.0 < real_row["precision"] <= 1.0 and 0.0 < real_row["recall"] <= 1.0, real_row
     assert np.isfinite(real_row["fid"]) and 0.0 <= real_row["accuracy"] <= 1.0
-    shards = sorted((workdir / "samples").glob("**/scale_*/shards/batch_*.npz"))
-    assert len(shards) == 10  # 5 rows x 16 samples / batch 8
+    shards = sorted((workdir / "samples").glob("**/shards/batch_*.npz"))
+    assert len(shards) == 14  # 7 rows x 16 samples / batch 8
+    # The inpainting row: held-out digits, half kept, each towards another digit.
+    inpaint = workdir / "samples" / "inpaint"
+    assert (inpaint / "edits.png").exists()
+    (edited,) = inpaint.glob("samples_*.npz")
+    with np.load(inpaint / "inputs.npz") as inputs, np.load(edited) as out:
+        assert out["arr_0"].shape == inputs["arr_0"].shape
+        assert (out["arr_1"] != inputs["arr_1"]).all()
     mtimes = [os.path.getmtime(p) for p in shards]
 
     # A rerun finds every stage's outputs: no training, no judge, no sampling.

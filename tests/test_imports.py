@@ -35,7 +35,7 @@ LAYERS = [
     {"train"},
     {"sampling"},
     {"evaluation"},
-    {"demo"},
+    {"demo", "demo_judge"},
     {"benchmark", "bench", "main"},
 ]  # fmt: skip
 
