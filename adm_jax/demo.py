@@ -284,7 +284,7 @@ def row_groups(config) -> list[dict[str, Any]]:
              scales=dc.cfg_scales, cfg_scale=None),
         dict(name="fast", model="conditional", guidance="classifier",
              scales=str(dc.fast_scale) if dc.fast_steps else "", cfg_scale=None,
-             samplers=dc.fast_sampler, steps=dc.fast_steps),
+             samplers=dc.fast_sampler, steps=dc.fast_steps, x0_correction=dc.fast_x0_correction),
         dict(name="interval", model="conditional",
              guidance=f"classifier-free, sigma in ({dc.guidance_interval.replace(',', ', ')}]",
              scales=dc.interval_scales if dc.guidance_interval else "", cfg_scale=None,
@@ -307,6 +307,7 @@ def _group_config(sample_cfg, group: Mapping[str, Any], samples_dir: str):
         sc.sampler, sc.use_ddim = str(group["samplers"]).split(",")[0], False
     sc.sweep_steps = group.get("steps", "")
     sc.guidance_interval = group.get("guidance_interval", "")
+    sc.x0_correction = group.get("x0_correction", "")
     return out
 
 
