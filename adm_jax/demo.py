@@ -17,11 +17,16 @@ ImageNet configs (TFDS ArrayRecord + grain input, ``train_and_evaluate``, ``trai
      shows its target digit. It is not the guidance classifier, so guidance cannot "fool" it;
   5. sampling with random target digits, one ``guidance_sweep`` per row group
      (``row_groups``): the unconditional model with classifier guidance, the conditional
-     model with classifier guidance (both halves of Table 4), classifier-free guidance, and
-     DPM-Solver++ at 10 and 20 model evaluations (``WORKDIR/samples/<group>/[<sampler>/]scale_S``:
-     samples .npz, ``grid.png`` with one row per target digit);
+     model with classifier guidance (both halves of Table 4), classifier-free guidance, a
+     fast sampler at 10 and 20 model evaluations, and classifier-free guidance only inside a
+     sigma interval (``WORKDIR/samples/<group>/[<sampler>/]scale_S``: samples .npz,
+     ``grid.png`` with one row per target digit); then inpainting (``inpaint_row``): held-out
+     digits with half kept, the rest filled towards another digit (``--mode=edit``'s code,
+     ``WORKDIR/samples/inpaint``, ``edits.png``);
   6. metrics per row, plus the same metrics for real training digits (the ceiling at this
-     sample size) -> ``WORKDIR/metrics.{md,json}``, ``WORKDIR/loss.png``, the printed table.
+     sample size) -> ``WORKDIR/metrics.{md,json}``, ``WORKDIR/loss.png``, the printed table;
+  7. with ``--config.demo.sampler_table=True``: every sampler x NFE (``sampler_table``) ->
+     ``WORKDIR/sampler_table.{md,json}`` (docs/sampling.md quotes it).
 
 These FID / precision / recall numbers use the judge's 128-d features, NOT Inception features:
 they show the paper's trends (Table 4) and are not comparable with any published FID.
@@ -508,8 +513,9 @@ def format_table(
     ]
     for r in [*rows, *([reference] if reference else [])]:
         scale = f"{r['scale']:g}" if isinstance(r["scale"], (int, float)) else r["scale"]
-        sampler = f"{_SAMPLER_NAMES.get(r['sampler'], r['sampler'])}-{r['nfe']}" if (
-            r.get("sampler")) else ""  # fmt: skip
+        sampler = f"{sampler_name(r['sampler'])}-{r['nfe']}" if r.get("sampler") else ""
+        if r.get("x0_correction"):
+            sampler += f" (x_0 {r['x0_correction']})"
         lines.append(
             f"| {r.get('model', '')} | {r.get('guidance', '')} | {sampler} | {scale} "
             f"| {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['accuracy']:.3f} |"
@@ -517,7 +523,13 @@ def format_table(
     return "\n".join(lines)
 
 
-_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++", "repaint": "RePaint"}
+def sampler_name(name: str) -> str:
+    """ "DDPM", "DPM-Solver++", "DPM++(2M)-SDE", "RePaint", ... (the table's Sampler column)."""
+    if name == "repaint":
+        return "RePaint"
+    if name == "dpm++":
+        return "DPM-Solver++"
+    return methods.sampler_spec({"sampler": name}).label.rsplit("-", 1)[0]
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -622,6 +634,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                 metrics_fn=metrics_fn,
             ):
                 r.update(group=group["name"], model=group["model"], guidance=group["guidance"])
+                if group.get("x0_correction"):
+                    r["x0_correction"] = group["x0_correction"]
                 rows.append(r)
         if str(dc.inpaint_mask).strip():
             _say(f"    inpainting: {dc.inpaint_mask} of each held-out digit kept, another digit")

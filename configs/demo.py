@@ -9,8 +9,14 @@ its null label is the unconditional model) with ``adm_jax.train.train_and_evalua
 classifier (EncoderUNet + attention pool) with ``train_classifier``, an independent clean digit
 classifier (the feature space of the metrics), then samples the table's rows with
 ``adm_jax.evaluation.guidance_sweep`` (unconditional and conditional model with classifier
-guidance, classifier-free guidance, DPM-Solver++ at 10 and 20 NFE) and reports FID / precision /
-recall (on the independent classifier's features, NOT Inception) and target-class accuracy.
+guidance, classifier-free guidance, SDE-DPM-Solver++(2M) at 10 and 20 NFE, classifier-free
+guidance inside a sigma interval) and inpaints held-out digits towards another digit
+(``--mode=edit``'s RePaint), and reports FID / precision / recall (on the independent
+classifier's features, NOT Inception) and target-class accuracy. The sampler table of
+docs/sampling.md (every sampler x NFE 10 / 20 / 50) is one more stage:
+
+    python -m adm_jax.main --config=configs/demo.py --workdir=demo_workdir \
+        --config.demo.sampler_table=True
 
 The top-level sections are those of configs/default.py (they describe the diffusion run) plus
 ``classifier`` (a complete classifier-run config) and ``demo`` (everything else); any field can

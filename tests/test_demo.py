@@ -171,7 +171,7 @@ def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch, capsys, demo_smoke_run
         "CONVERTED_DIR": str(tmp_path / "converted"),
         "LABELS": [1, 2],
         "TIMESTEP_RESPACING": "ddim3",
-        "DPM_STEPS": 3,
+        "FAST_STEPS": 3,
     }
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
