@@ -52,7 +52,7 @@ def _inference_checkpoint(config, params, extra) -> inference_lib.InferenceCheck
 def _restore_params(workdir: str, config, *, ema_rate=None, step=None, sharding=None):
     """(params, step, rate) from a training workdir: the EMA for ``ema_rate`` (default: the
     first configured rate), or the raw params when the run keeps no EMA (classifiers)."""
-    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=None, async_save=False)
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=None, async_save=False, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"checkpoint: no training checkpoint in {ckpt.directory}")
@@ -73,7 +73,7 @@ def _restore_params(workdir: str, config, *, ema_rate=None, step=None, sharding=
 
 def load_run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
     """The config stored with a training checkpoint."""
-    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=None, async_save=False)
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=None, async_save=False, read_only=True)
     try:
         return ml_collections.ConfigDict(ckpt.restore_config(step))
     finally:
