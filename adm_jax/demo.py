@@ -547,8 +547,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         name: str(paths.path(workdir) / name)
         for name in ("diffusion", "classifier", "judge", "samples")
     }
-    table = bool(config.demo.get("sampler_table", False))
-    stages = _Stages(7 if table else 6)
+    with_sampler_table = bool(config.demo.get("sampler_table", False))
+    stages = _Stages(7 if with_sampler_table else 6)
     _say(f"ADM demo in {workdir} on {jax.device_count()} {jax.default_backend()} device(s)")
 
     # 1. Data: the digits as a TFDS ArrayRecord dataset, read by the ImageNet pipeline.
@@ -670,7 +670,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         real_grid = _digit_grid(test_images, test_labels, int(dc.num_classes))
         _save_png(out / "real_digits.png", real_grid)
         _plot_losses(dirs, out / "loss.png")
-    if table:
+    if with_sampler_table:
         with stages(7, "sampler table: every sampler x NFE"):
             _say(sampler_table(config, sample_cfg, dirs, metrics_fn, workdir))
     _record_timings(paths.path(workdir) / "timings.json", stages)
