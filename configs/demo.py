@@ -24,7 +24,9 @@ be overridden, e.g. ``--config.sample.sweep_scales=0,1,10`` or ``--config.train.
 
 Hardware / time: 2-core AMD EPYC VM, CPU only. 8.1 minutes for the whole demo from an empty
 workdir on 2026-12-01 (budget 12; stages in docs/demo.md), when PyTorch's reference step ran at
-202-252 img/s there; the same config took 34 minutes on a slow hour of that VM (60-74 img/s).
+202-252 img/s there, before the interval, fast-sampler and inpainting rows (about 1.5 minutes
+more at that speed, an estimate); the same config took 34 minutes on a slow hour of that VM
+(60-74 img/s), and the current one 76 minutes while three other jobs shared the machine.
 A rerun with everything done takes seconds. The digits are downsampled to 16x16 by the
 pipeline's ADM center crop (BOX + BICUBIC). Measured table and pictures: docs/demo.md.
 """

@@ -57,12 +57,15 @@ def load_golden(name: str):
 LONGEST_FILES = (
     "test_multiprocess.py",
     "test_demo.py",
+    "test_soak.py",
+    "test_store_faults.py",
     "test_launch_tpu_pod.py",
     "test_own_data.py",
     "test_launch_slurm.py",
     "test_main_e2e.py",
     "test_init_from.py",
     "test_object_store.py",
+    "test_edit.py",
 )
 
 

@@ -212,7 +212,7 @@ def test_notebook_code_runs_on_cpu(tmp_path, monkeypatch, capsys, demo_smoke_run
     assert "m.npz: " in out and "downloading" not in out
     assert (workdir / "openai_guided_samples.png").stat().st_size > 0
     assert (tmp_path / "converted" / "model" / "model.json").exists()
-    assert (workdir / "openai_dpm_solver_3.png").stat().st_size > 0
+    assert (workdir / "openai_dpmpp_2m_sde_3.png").stat().st_size > 0
     assert (workdir / "demo_classifier_free.png").stat().st_size > 0
     with open(workdir / "metrics.json") as f:
-        assert len(namespace["rows"]) == len(json.load(f)["rows"]) == 5
+        assert len(namespace["rows"]) == len(json.load(f)["rows"]) == 7

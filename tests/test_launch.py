@@ -26,7 +26,7 @@ def _cells():
 def test_notebook_is_valid_and_shell_magics_only_in_skipped_cells(monkeypatch):
     """The settings cell comes first with REPO_URL at its top, then the install cell; no shell
     magic outside skipped cells (the notebook test runs cells as plain Python); the override
-    example names fields configs/demo.py has; the DPM-Solver++ FIDs it quotes are README's."""
+    example names fields configs/demo.py has; the fast sampler's FIDs it quotes are README's."""
     import ast
     import runpy
 
@@ -56,7 +56,7 @@ def test_notebook_is_valid_and_shell_magics_only_in_skipped_cells(monkeypatch):
 
     readme = (REPO_ROOT / "README.md").read_text()
     dpm_text = next(c.source for c in cells if c.source.startswith("## 4. Fast sampling"))
-    for sampler in ("DPM-Solver++-10", "DPM-Solver++-20", "DDPM-25"):
+    for sampler in ("DPM++(2M)-SDE-10 (x_0 clip)", "DPM++(2M)-SDE-20 (x_0 clip)", "DDPM-25"):
         row = re.search(
             rf"^\| conditional \| classifier \| {re.escape(sampler)} \| 1 \| ([0-9.]+) \|",
             readme,
