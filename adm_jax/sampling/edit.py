@@ -272,25 +272,14 @@ class EditJob(sampler_lib.SamplingJob):
             return None
         return self.target_labels[self.rows(batch_index)]
 
-    def dispatch_batch(self, batch_index: int, scale: float = 0.0, cfg_scale=None):
+    def batch_inputs(self, batch_index: int) -> dict[str, Any]:
         rows = self.rows(batch_index)
-        labels = self.labels_for(batch_index)
-        edit_inputs = dict(x_known=self.images[rows])
+        inputs = {"x_known": self.images[rows]}
         if self.masks is not None:
-            edit_inputs["mask"] = self.masks[rows]
+            inputs["mask"] = self.masks[rows]
         if self.sampler.needs_source_labels:
-            edit_inputs["source_labels"] = self.source_labels[rows].astype(np.int32)
-        images = self.sampler.dispatch(
-            self.model_params,
-            seed=self.seed,
-            batch_index=batch_index,
-            labels=labels,
-            classifier_params=self.classifier_params,
-            scale=scale,
-            cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
-            **edit_inputs,
-        )
-        return images, labels
+            inputs["source_labels"] = self.source_labels[rows].astype(np.int32)
+        return inputs
 
 
 def build_edit_job(config: Any, workdir: str, settings: EditSettings) -> EditJob:

@@ -247,9 +247,13 @@ class SamplingJob:
             classifier_params=self.classifier_params,
             scale=scale,
             cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
-            low_res=self.low_res_for(batch_index),
+            **self.batch_inputs(batch_index),
         )
         return images, labels
+
+    def batch_inputs(self, batch_index: int) -> dict[str, Any]:
+        """Per-batch inputs of the program besides labels (an edit job adds its images)."""
+        return {"low_res": self.low_res_for(batch_index)}
 
 
 def _module_overrides(config: Any) -> dict[str, Any]:
