@@ -37,7 +37,7 @@ sample shards), so rerunning the command only does what is missing.
 
 from __future__ import annotations
 
-from adm_jax import xla_cpu
+from adm_jax import recipe, xla_cpu
 
 if __name__ == "__main__":
     xla_cpu.prepare_entry_point()  # may restart the process: before the imports below
@@ -388,7 +388,7 @@ def sampler_table(config, sample_cfg, dirs, metrics_fn, workdir: str) -> str:
     ]
     order = lambda r: (methods.SAMPLERS.index(r["sampler"]), r["x0_correction"], r["nfe"])
     for r in sorted(rows, key=order):
-        spec = methods.sampler_spec({"sampler": r["sampler"]})
+        spec = recipe.sampler_spec({"sampler": r["sampler"]})
         correction = r["x0_correction"].replace("default", f"{spec.correction} (default)")
         lines.append(
             f"| {spec.label.rsplit('-', 1)[0]} | {correction} | {r['nfe']} | {r['fid']:.2f} "
@@ -529,7 +529,7 @@ def sampler_name(name: str) -> str:
         return "RePaint"
     if name == "dpm++":
         return "DPM-Solver++"
-    return methods.sampler_spec({"sampler": name}).label.rsplit("-", 1)[0]
+    return recipe.sampler_spec({"sampler": name}).label.rsplit("-", 1)[0]
 
 
 # ----------------------------------------------------------------------------- entry point

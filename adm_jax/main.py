@@ -95,7 +95,7 @@ def exit_code(err: BaseException) -> int | None:
     adm_jax defines (NonFiniteError, CheckpointSaveError, TooManyCorruptImagesError, ...).
     """
     # ConfigError's module is imported lazily (only training modes need it).
-    config_lib = sys.modules.get("adm_jax.train.config_lib")
+    config_lib = sys.modules.get("adm_jax.recipe.reader")
     if isinstance(err, workdir_lib.WorkdirLockedError):
         return EXIT_LOCKED
     if isinstance(err, (app.UsageError, flags.Error)) or (

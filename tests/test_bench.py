@@ -24,7 +24,7 @@ from adm_jax.benchmark import (
     topology,
 )
 from adm_jax.diffusion import methods
-from adm_jax.train import config_lib
+from adm_jax.recipe import config as config_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -32,7 +32,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 def test_demo_config_splits_into_valid_run_configs():
     """configs/demo.py (extra sections: classifier, demo, mode) benchmarks as a diffusion run
     plus its embedded classifier run, both passing the train checks."""
-    from adm_jax.train import config_lib
+    from adm_jax.recipe import config as config_lib
 
     run_config, classifier = config_files.split_config(
         config_files.load_config(str(CONFIGS / "demo.py"))

@@ -14,7 +14,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from adm_jax import main as main_lib  # noqa: E402
-from adm_jax.train import checkpoint_tools, checkpointing, config_lib, sharding  # noqa: E402
+from adm_jax.recipe import config as config_lib  # noqa: E402
+from adm_jax.train import checkpoint_tools, checkpointing, sharding  # noqa: E402
 from adm_jax.train import state as state_lib  # noqa: E402
 from configs import tiny  # noqa: E402
 

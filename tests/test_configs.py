@@ -13,7 +13,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from adm_jax import models, train  # noqa: E402
-from adm_jax.train import config_lib  # noqa: E402
+from adm_jax.recipe import config as config_lib  # noqa: E402
 
 PUBLISHED = {
     "imagenet64": "64x64_diffusion",

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adm_jax import checkpoints, main
+from adm_jax import checkpoints, main, recipe
 from adm_jax.batch_sampler import BatchSampler
 from adm_jax.convert import convert_state_dict
-from adm_jax.diffusion import create_diffusion, methods
+from adm_jax.diffusion import create_diffusion
 from adm_jax.diffusion.editing import EditSpec
 from adm_jax.sampling import edit as edit_lib
 
@@ -61,7 +61,7 @@ def _to_uint8(x):
 )
 def test_each_kind_lands_on_the_target_class(kind, sampler):
     base = create_diffusion(steps=1000, noise_schedule="linear")
-    spec = methods.sampler_spec({"sampler": sampler, "steps": 10})
+    spec = recipe.sampler_spec({"sampler": sampler, "steps": 10})
     respacing = "" if spec.on_training_schedule else spec.respacing
     diffusion = create_diffusion(steps=1000, noise_schedule="linear", timestep_respacing=respacing)
     edit = EditSpec(kind, strength=0.9, jump_length=2, jump_n_sample=2)
@@ -102,7 +102,7 @@ def test_class_swap_inverts_under_the_source_label():
         a = abar[jnp.clip(jnp.round(t).astype(jnp.int32), 0, 999)][:, None, None, None]
         return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mu[y]) / (a * s**2 + 1 - a)
 
-    spec = methods.sampler_spec({"sampler": "ddim", "steps": 50})
+    spec = recipe.sampler_spec({"sampler": "ddim", "steps": 50})
     diffusion = create_diffusion(
         steps=1000, noise_schedule="linear", timestep_respacing=spec.respacing
     )

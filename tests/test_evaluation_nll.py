@@ -17,8 +17,8 @@ from adm_jax import checkpoints, paths
 from adm_jax import diffusion as dm
 from adm_jax.evaluation import bpd as nll_lib
 from adm_jax.models import module_from_kwargs
+from adm_jax.recipe import config as config_lib
 from adm_jax.sampling import sampler as sampler_lib
-from adm_jax.train import config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

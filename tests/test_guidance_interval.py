@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import adm_jax.diffusion as dm
+from adm_jax import recipe
 from adm_jax.diffusion import methods, solver_common
 from adm_jax.diffusion.samplers import guided_steps
 
@@ -21,7 +22,7 @@ LABELS = jnp.array([1, 3])
 
 
 def _spec(name, interval=""):
-    spec = methods.sampler_spec(
+    spec = recipe.sampler_spec(
         {"sampler": name, "steps": SAMPLERS[name], "guidance_interval": interval, "eta": 1.0}
     )
     diffusion = (
@@ -149,8 +150,8 @@ def test_sigma_of_each_step():
 
 def test_interval_errors():
     with pytest.raises(ValueError, match=r"^sample\.guidance_interval: needs 0 <= lo < hi"):
-        methods.sampler_spec({"sampler": "ddim", "guidance_interval": "5,1"})
-    spec = methods.sampler_spec({"sampler": "ddpm", "guidance_interval": "0.3,5"})
+        recipe.sampler_spec({"sampler": "ddim", "guidance_interval": "5,1"})
+    spec = recipe.sampler_spec({"sampler": "ddpm", "guidance_interval": "0.3,5"})
     assert spec.guidance_interval == (0.3, 5.0)
     assert spec.options() == {"guidance_interval": [0.3, 5.0]}
     with pytest.raises(ValueError, match=r"^guidance_interval: switches classifier_fn"):

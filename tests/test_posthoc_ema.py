@@ -14,8 +14,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from test_train_loop import ListIterator  # noqa: E402
 
 from adm_jax import checkpoints as inference_lib  # noqa: E402
-from adm_jax import train  # noqa: E402
-from adm_jax.train import checkpointing, posthoc_ema, sharding  # noqa: E402
+from adm_jax import (
+    posthoc_ema,  # noqa: E402
+    train,  # noqa: E402
+)
+from adm_jax.train import checkpointing, sharding  # noqa: E402
 from adm_jax.train import state as state_lib  # noqa: E402
 from configs import tiny  # noqa: E402
 

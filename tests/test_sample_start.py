@@ -8,6 +8,7 @@ import pytest
 from test_models import random_params, tiny_unet_kwargs
 
 import adm_jax.diffusion as dm
+from adm_jax import recipe
 from adm_jax.batch_sampler import BatchSampler
 from adm_jax.diffusion import karras, methods
 from adm_jax.diffusion.solver_common import vp_log_alpha_table
@@ -31,7 +32,7 @@ X_INIT = jax.random.uniform(jax.random.PRNGKey(1), SHAPE, minval=-1.0, maxval=1.
 
 
 def _spec(name):
-    spec = methods.sampler_spec({"sampler": name, **SAMPLERS[name]})
+    spec = recipe.sampler_spec({"sampler": name, **SAMPLERS[name]})
     diffusion = (
         BASE
         if spec.on_training_schedule
@@ -240,7 +241,7 @@ def test_ddim_invert_round_trip_with_an_analytic_model():
     np.testing.assert_allclose(back, x_0, atol=2e-2)
     assert np.abs(np.asarray(back - x_0)).max() < 0.05 * np.abs(np.asarray(x_0 - mu)).max()
     # The same through sample_images (the edit path): DDIM from the given x_T.
-    spec = methods.sampler_spec({"sampler": "ddim", "x0_correction": "none"}).with_nfe(diffusion)
+    spec = recipe.sampler_spec({"sampler": "ddim", "x0_correction": "none"}).with_nfe(diffusion)
     again = methods.sample_images(spec, diffusion, model, jax.random.PRNGKey(1), SHAPE, x_T=x_T)
     np.testing.assert_allclose(again, back, atol=1e-5)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_sampling_sampler import DIFFUSION, NUM_CLASSES, SUPERRES, UNET, _config, _random_params
 
-from adm_jax import checkpoints
+from adm_jax import checkpoints, recipe
 from adm_jax import diffusion as dlib
 from adm_jax import images as images_lib
 from adm_jax.diffusion import methods
@@ -196,7 +196,7 @@ def test_guidance_interval_switches_classifier_free_guidance(ckpts, tmp_path):
 
 
 def test_sampler_spec_fields_and_backward_compatibility():
-    spec = lambda **f: methods.sampler_spec({"timestep_respacing": "250", **f})
+    spec = lambda **f: recipe.sampler_spec({"timestep_respacing": "250", **f})
     assert spec() == methods.SamplerSpec("ddpm", "250")
     assert spec(steps=50) == methods.SamplerSpec("ddpm", "50")
     assert spec(use_ddim=True, timestep_respacing="ddim25").respacing == "ddim25"
@@ -212,11 +212,11 @@ def test_sampler_spec_fields_and_backward_compatibility():
     assert spec(sampler="euler_ancestral").eta == 1.0  # k-diffusion's default; DDIM's is 0
     assert spec(sampler="ddim").eta == 0.0
     assert spec(sampler="dpmpp_2m_sde", guidance_interval="0.3,5").guidance_interval == (0.3, 5)
-    assert methods.parse_sampler("dpmpp_2m_sde10").name == "dpmpp_2m_sde"
-    assert methods.parse_sampler("unipc8").steps == 8
-    assert methods.cfg_scale_of({"cfg_scale": ""}) is None
-    assert methods.cfg_scale_of({"cfg_scale": None}) is None
-    assert methods.cfg_scale_of({"cfg_scale": 0}) == 0.0
+    assert recipe.parse_sampler("dpmpp_2m_sde10").name == "dpmpp_2m_sde"
+    assert recipe.parse_sampler("unipc8").steps == 8
+    assert recipe.cfg_scale_of({"cfg_scale": ""}) is None
+    assert recipe.cfg_scale_of({"cfg_scale": None}) is None
+    assert recipe.cfg_scale_of({"cfg_scale": 0}) == 0.0
 
 
 def test_sweep_grid_of_scales_samplers_and_nfe(ckpts, tmp_path):

@@ -157,7 +157,10 @@ def test_reference_npz_format_resume_and_single_compile(ckpts, cond_job, tmp_pat
     assert cond_job.sampler.trace_count == 1
 
     # Resuming with different arguments is refused, naming them.
-    other = dataclasses.replace(cond_job, seed=1, provenance=dict(cond_job.provenance, seed=1))
+    settings = dataclasses.replace(cond_job.settings, seed=1)
+    other = dataclasses.replace(
+        cond_job, settings=settings, provenance=dict(cond_job.provenance, seed=1)
+    )
     with pytest.raises(ValueError, match=r"other arguments \(seed: 0 -> 1"):
         sampler.run_job(other, out, num_samples=20)
 
@@ -192,7 +195,8 @@ def test_sampling_into_gcs_resumes_and_matches_local(cond_job, tmp_path, gcs_buc
 
 def test_sharded_equals_one_device_and_explicit_labels(ckpts, cond_job, tmp_path):
     config = _config(ckpts, tmp_path, class_labels="3,7", num_samples=8)
-    job8 = dataclasses.replace(cond_job, class_labels=[3, 7])  # labels are traced: no recompile
+    settings = dataclasses.replace(cond_job.settings, class_labels=(3, 7))
+    job8 = dataclasses.replace(cond_job, settings=settings)  # labels are traced: no recompile
     job1 = sampler.build_job(config, str(tmp_path), mesh=_one_device_mesh())
     assert job8.sampler.mesh.size == 8 and job1.sampler.mesh.size == 1
     images8, labels8 = job8.sample_batch(1)

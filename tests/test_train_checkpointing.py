@@ -15,7 +15,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from adm_jax.train import checkpointing, config_lib, sharding  # noqa: E402
+from adm_jax.recipe import config as config_lib  # noqa: E402
+from adm_jax.train import checkpointing, sharding  # noqa: E402
 from adm_jax.train import state as state_lib  # noqa: E402
 from configs import tiny  # noqa: E402
 

@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from adm_jax.train import config_lib, sharding, steps  # noqa: E402
+from adm_jax.recipe import config as config_lib  # noqa: E402
+from adm_jax.train import sharding, steps  # noqa: E402
 from adm_jax.train import state as state_lib  # noqa: E402
 from configs import tiny  # noqa: E402
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import adm_jax.diffusion as dm
+from adm_jax import recipe
 from adm_jax.diffusion import guidance, methods
 from adm_jax.diffusion.solver_common import data_prediction_fn
 
@@ -26,7 +27,7 @@ SAMPLERS = {
 
 
 def _spec(name, **fields):
-    spec = methods.sampler_spec({"sampler": name, "steps": SAMPLERS[name], **fields})
+    spec = recipe.sampler_spec({"sampler": name, "steps": SAMPLERS[name], **fields})
     diffusion = (
         BASE
         if spec.on_training_schedule
@@ -107,7 +108,7 @@ def test_data_prediction_threshold_is_dynamic_thresholding():
 
 
 def test_old_spellings_and_contradictions():
-    spec = lambda **f: methods.sampler_spec({"timestep_respacing": "10", **f})
+    spec = lambda **f: recipe.sampler_spec({"timestep_respacing": "10", **f})
     assert spec(clip_denoised=False).x0_correction == "none"
     assert spec(clip_denoised=False) == spec(x0_correction="none")
     assert spec(thresholding=True).x0_correction == "threshold"
@@ -130,7 +131,7 @@ def test_old_spellings_and_contradictions():
 def test_what_a_run_records():
     """Defaults add no key (earlier runs resume); "threshold" is thresholding=True as before;
     ddpm/ddim's "none" is clip_denoised=False, the record of its old spelling."""
-    spec = lambda **f: methods.sampler_spec({"timestep_respacing": "10", **f})
+    spec = lambda **f: recipe.sampler_spec({"timestep_respacing": "10", **f})
     assert spec().options() == {} and spec(sampler="dpm++").options() == {}
     assert spec(x0_correction="none").options() == {"clip_denoised": False}
     assert spec(x0_correction="threshold").options() == {}

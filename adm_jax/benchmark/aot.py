@@ -14,15 +14,15 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adm_jax import recipe
 from adm_jax.benchmark.batch_search import find_max_batch
 from adm_jax.benchmark.devices import memory_analysis
 from adm_jax.benchmark.flops import cost_analysis, forward_flops_per_image
 from adm_jax.benchmark.sampling import batch_sampler, cfg_module, model_evaluations
 from adm_jax.benchmark.topology import TpuSlice, parse_tpu_slice, topology_devices, topology_mesh
 from adm_jax.benchmark.train_step import lower_train_step, train_setup
-from adm_jax.diffusion import methods
 from adm_jax.models import abstract_params
-from adm_jax.train import config_lib
+from adm_jax.recipe import config as config_lib
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SIZE = r"([\d.]+)([KMGT]?)B?"
@@ -230,7 +230,7 @@ def aot_sample(
     if config.model.kind != "unet":
         return {"skipped": f"the sampling fit needs a unet, got {config.model.kind}"}
     dtype = dtype or config.train.dtype
-    spec = methods.sampler_spec(config.sample)
+    spec = recipe.sampler_spec(config.sample)
     diffusion = config_lib.build_diffusion(config, timestep_respacing=spec.respacing)
     mesh = topology_mesh(tpu_slice, fsdp=1)
     classifier = None

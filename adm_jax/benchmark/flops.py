@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax
 
 from adm_jax.models import abstract_params, example_inputs
-from adm_jax.train import config_lib
+from adm_jax.recipe import config as config_lib
 from adm_jax.train import metrics as train_metrics
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]

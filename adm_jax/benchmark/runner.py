@@ -15,7 +15,7 @@ from adm_jax.benchmark.sampling import GUIDANCE_KINDS, sample_benchmark, sampler
 from adm_jax.benchmark.timing import train_benchmark
 from adm_jax.benchmark.topology import parse_tpu_slice
 from adm_jax.benchmark.train_step import flops_report
-from adm_jax.train import config_lib
+from adm_jax.recipe import config as config_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adm_jax import recipe
 from adm_jax.batch_sampler import BatchSampler
 from adm_jax.benchmark.devices import NA
 from adm_jax.benchmark.flops import forward_flops_per_image
@@ -22,7 +23,7 @@ from adm_jax.benchmark.timing import timed_calls
 from adm_jax.benchmark.train_step import zeros_like_tree
 from adm_jax.diffusion import karras, methods
 from adm_jax.models import abstract_params, example_inputs
-from adm_jax.train import config_lib
+from adm_jax.recipe import config as config_lib
 
 
 def _params(module, init: str, mesh):
@@ -62,7 +63,7 @@ def sampler_specs(sample_config, samplers: Sequence[str]) -> list[methods.Sample
         if name in methods.SAMPLERS:
             overrides = {"sampler": name}
         else:
-            tag = methods.parse_sampler(text, field="--samplers")
+            tag = recipe.parse_sampler(text, field="--samplers")
             # ddpm/ddim: steps 0 and the tag's respacing ("250", "ddim25"); solvers: steps.
             overrides = {
                 "sampler": tag.name,
@@ -70,7 +71,7 @@ def sampler_specs(sample_config, samplers: Sequence[str]) -> list[methods.Sample
                 "timestep_respacing": tag.respacing,
             }
         # An explicit sampler replaces use_ddim (the old spelling of "ddim"), as in the sweep.
-        specs.append(methods.sampler_spec(sample_config, use_ddim=False, **overrides))
+        specs.append(recipe.sampler_spec(sample_config, use_ddim=False, **overrides))
     return specs
 
 
@@ -86,7 +87,7 @@ def batch_sampler(config, diffusion, net, spec, *, mesh, batch: int, guidance: s
         image_shape=(size, size, int(config.data.channels)),
         batch_size=batch,
         mesh=mesh,
-        clip_denoised=bool(methods.config_get(config.sample, "clip_denoised", True)),
+        clip_denoised=bool(recipe.config_get(config.sample, "clip_denoised", True)),
         classifier_apply=(
             (lambda p, x, t: classifier.apply({"params": p}, x, t)) if guided else None
         ),

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from adm_jax.benchmark.config_files import fit_fsdp, with_batch
 from adm_jax.benchmark.devices import memory_analysis
 from adm_jax.benchmark.flops import forward_flops_per_image, published_entry, xla_flops
-from adm_jax.train import config_lib, sharding, steps
+from adm_jax.recipe import config as config_lib
+from adm_jax.train import sharding, steps
 from adm_jax.train import state as state_lib
 
 

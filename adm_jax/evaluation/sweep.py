@@ -30,10 +30,9 @@ from typing import Any
 import jax
 from absl import logging
 
-from adm_jax import paths
-from adm_jax.diffusion import methods
-from adm_jax.diffusion.methods import config_get
+from adm_jax import paths, recipe
 from adm_jax.evaluation.run import evaluate_npz, inception_settings
+from adm_jax.recipe import config_get
 from adm_jax.sampling import sampler as sampler_lib
 
 # Column order and direction (True: higher is better) of the metrics we know how to plot.
@@ -55,7 +54,7 @@ def parse_scales(spec: Any) -> list[float]:
         values = [spec]
     else:
         values = list(spec)
-    return [methods.check_scale("sample.sweep_scales", v) for v in values]
+    return [recipe.check_scale("sample.sweep_scales", v) for v in values]
 
 
 def _parse_list(spec: Any) -> list[str]:
@@ -84,7 +83,7 @@ def parse_guidance_intervals(spec: Any) -> list[str]:
             continue
         if text != FULL_INTERVAL:
             try:
-                methods.sampler_spec({"sampler": "ddpm"}, guidance_interval=text)
+                recipe.sampler_spec({"sampler": "ddpm"}, guidance_interval=text)
             except ValueError as err:
                 raise ValueError(
                     f"sample.sweep_guidance_intervals: expected ';'-separated 'full' or 'lo,hi' "
@@ -125,7 +124,7 @@ def sampler_grid(
     by_interval = [{"guidance_interval": "" if i == FULL_INTERVAL else i} for i in spans] or [{}]
     grid = [{**a, **b, **c} for a in by_name for b in by_steps for c in by_interval]
     for point in grid:
-        methods.sampler_spec(sample_config, **point)  # field errors before anything runs
+        recipe.sampler_spec(sample_config, **point)  # field errors before anything runs
     return grid
 
 
@@ -215,7 +214,7 @@ def _guidance_kind(sample_config: Any, scales: Sequence[float]) -> str:
     sample.cfg_scale set, or scales other than 0 without a classifier), or "none"."""
     if config_get(sample_config, "classifier_checkpoint"):
         return "classifier"
-    if methods.cfg_scale_of(sample_config) is not None or any(s != 0 for s in scales):
+    if recipe.cfg_scale_of(sample_config) is not None or any(s != 0 for s in scales):
         return "cfg"
     return "none"
 

@@ -7,8 +7,9 @@ evaluates, is ``adm_jax.evaluation.guidance_sweep``).
 
 import warnings
 
-from adm_jax.diffusion.methods import SAMPLERS, SamplerSpec, sample_images, sampler_spec
+from adm_jax.diffusion.methods import SAMPLERS, SamplerSpec, sample_images
 from adm_jax.images import to_uint8
+from adm_jax.recipe import SampleSettings, parse_class_labels, read_sample, sampler_spec
 from adm_jax.sampling.io import (
     image_grid,
     load_samples_npz,
@@ -24,7 +25,6 @@ from adm_jax.sampling.sampler import (
     check_matches_config,
     load_checkpoint,
     make_mesh,
-    parse_class_labels,
     run_job,
     sample,
     samples_filename,
@@ -40,6 +40,7 @@ warnings.filterwarnings(
 __all__ = [
     "SAMPLERS",
     "BatchSampler",
+    "SampleSettings",
     "SamplerSpec",
     "SamplingJob",
     "assemble",
@@ -51,6 +52,7 @@ __all__ = [
     "load_samples_npz",
     "make_mesh",
     "parse_class_labels",
+    "read_sample",
     "run_job",
     "sample",
     "sample_images",

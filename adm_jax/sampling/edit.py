@@ -27,8 +27,8 @@ from absl import logging
 
 from adm_jax import paths
 from adm_jax.diffusion.editing import EDIT_KINDS, EditSpec
-from adm_jax.diffusion.methods import config_get
 from adm_jax.images import image_grid, save_png
+from adm_jax.recipe import config_get
 from adm_jax.sampling import io
 from adm_jax.sampling import sampler as sampler_lib
 

@@ -36,18 +36,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from adm_jax import checkpoints, paths
+from adm_jax import checkpoints, paths, recipe
 from adm_jax import mesh as mesh_lib
 from adm_jax.batch_sampler import BatchSampler, replicate
-from adm_jax.diffusion import create_diffusion, methods
+from adm_jax.diffusion import create_diffusion
 from adm_jax.diffusion.editing import EditSpec
-from adm_jax.diffusion.methods import config_get
+from adm_jax.recipe import config_get
 from adm_jax.sampling import io
 
 ARGS_FILE = "args.json"
@@ -124,52 +123,16 @@ def check_matches_config(ckpt: Any, config: Any, path: str) -> None:
         else:
             # A missing null_class_embedding is False (the reference's kwargs lack it).
             got = {"null_class_embedding": False, **ckpt.model_kwargs}
-            want = {"null_class_embedding": False, **_config_model_kwargs(config)}
+            want = {"null_class_embedding": False, **recipe.model_kwargs(config)}
             keys = sorted(set(got) - _IGNORED_MODEL_KWARGS)
             diffs += _differences(got, want, keys)
     diffusion_cfg = config_get(config, "diffusion")
     if diffusion_cfg and ckpt.diffusion_kwargs:
         diffs += _differences(
-            ckpt.diffusion_kwargs, _to_dict(diffusion_cfg), _SAMPLING_DIFFUSION_KWARGS
+            ckpt.diffusion_kwargs, recipe.to_dict(diffusion_cfg), _SAMPLING_DIFFUSION_KWARGS
         )
     if diffs:
         raise ValueError(f"checkpoint {path} does not match the config: {'; '.join(diffs)}")
-
-
-def _config_model_kwargs(config: Any) -> dict[str, Any]:
-    """Reference constructor kwargs of ``config.model`` (as training builds the model)."""
-    try:
-        from adm_jax.train import model_kwargs
-    except ImportError:
-        from adm_jax.models import reference_kwargs_from_flags
-
-        extras = ("kind", "class_dropout_prob")
-        flags = {k: v for k, v in _to_dict(config.model).items() if k not in extras}
-        return reference_kwargs_from_flags(config.model.kind, flags)
-    return model_kwargs(config)
-
-
-def _to_dict(cfg: Any) -> dict:
-    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-
-
-def parse_class_labels(spec: Any) -> list[int] | None:
-    """``"random"``/``""``/None -> None (random); ``"1,2"``, ``[1, 2]``, ``3`` -> list."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        spec = spec.strip()
-        if spec.lower() in ("", "random"):
-            return None
-        try:
-            return [int(s) for s in spec.split(",") if s.strip()]
-        except ValueError:
-            raise ValueError(
-                f"sample.class_labels: expected 'random' or comma-separated ints, got {spec!r}"
-            ) from None
-    if isinstance(spec, (int, np.integer)):
-        return [int(spec)]
-    return [int(s) for s in spec]
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,16 +145,14 @@ class SamplingJob:
     scales, and ``with_sampler`` for other samplers of the same models."""
 
     sampler: BatchSampler
+    settings: recipe.SampleSettings
     model_params: Any
     classifier_params: Any
-    seed: int
     num_classes: int | None  # label range when labels are used
-    class_labels: list[int] | None  # None: random
     base_images: np.ndarray | None = None  # two-stage: uint8 NHWC low-resolution images
     base_labels: np.ndarray | None = None
     default_num_samples: int = 0
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
-    cfg_scale: float | None = None  # classifier-free guidance scale of sample.cfg_scale
     rebuild: Callable[..., SamplingJob] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
@@ -199,6 +160,25 @@ class SamplingJob:
     @property
     def batch_size(self) -> int:
         return self.sampler.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def class_labels(self) -> tuple[int, ...] | None:
+        """sample.class_labels; None: random labels."""
+        return self.settings.class_labels
+
+    @property
+    def classifier_scale(self) -> float:
+        """sample.classifier_scale: the classifier guidance scale a run uses unless told."""
+        return self.settings.classifier_scale
+
+    @property
+    def cfg_scale(self) -> float | None:
+        """sample.cfg_scale: None = no classifier-free guidance."""
+        return self.settings.cfg_scale
 
     def with_sampler(self, **overrides) -> SamplingJob:
         """This job's models, labels and seed with other sample.* sampler fields
@@ -256,71 +236,54 @@ class SamplingJob:
         return {"low_res": self.low_res_for(batch_index)}
 
 
-def _module_overrides(config: Any) -> dict[str, Any]:
-    """Compute dtype for sampling: ``config.sample.dtype`` if set, else float32; the
-    attention kernel of ``config.train.attention_impl``.
+@dataclasses.dataclass(frozen=True)
+class _Models:
+    """What ``build_job`` loaded and checked: the networks, their label range, base samples."""
 
-    Not ``config.train.dtype``: sample quality (FID) is measured at full precision unless
-    asked otherwise.
-    """
-    dtype = config_get(config.sample, "dtype")
-    overrides = {"dtype": jnp.dtype(dtype)} if dtype else {}
-    impl = config_get(config_get(config, "train", {}), "attention_impl")
-    if impl:
-        overrides["attention_impl"] = str(impl)
-    return overrides
+    ckpt: Any
+    model_path: str
+    model_apply: Callable[..., Any]
+    classifier_apply: Callable[..., Any] | None
+    classifier_params: Any
+    num_classes: int | None
+    null_label: int | None
+    base_images: np.ndarray | None
+    base_labels: np.ndarray | None
+    base_diffusion: dict[str, Any]
+    mesh: Mesh
 
-
-def check_counts(sc: Any) -> None:
-    """``sample.batch_size`` > 0 and ``sample.num_samples`` >= 0 (0: one sample per base
-    sample, for an upsampler), as one-line ValueErrors naming the field, before any work."""
-    for field, minimum in (("batch_size", 1), ("num_samples", 0)):
-        value = config_get(sc, field, minimum)
-        value = minimum if value is None else value
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(
-                f"sample.{field}: expected an integer >= {minimum}, got {value!r}"
-                + (
-                    " (0 = every base sample, only with sample.base_samples)"
-                    if minimum == 0
-                    else ""
-                )
-            )
-    if not config_get(sc, "num_samples", 0) and not config_get(sc, "base_samples", ""):
-        raise ValueError(
-            "sample.num_samples: 0 samples every base sample once, which needs "
-            "sample.base_samples (an upsampler's input); give a positive count"
-        )
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        mk = self.ckpt.model_kwargs
+        return (int(mk["image_size"]), int(mk["image_size"]), int(mk.get("in_channels", 3)))
 
 
 def build_job(
-    config: Any, workdir: str, *, mesh: Mesh | None = None, edit: EditSpec | None = None
+    config: Any,
+    workdir: str,
+    *,
+    settings: recipe.SampleSettings | None = None,
+    mesh: Mesh | None = None,
+    edit: EditSpec | None = None,
 ) -> SamplingJob:
     """Loads the model (+ classifier, + base samples), validates everything, compiles nothing.
 
+    ``settings``: ``config.sample`` as read by ``recipe.read_sample`` (read here when None);
+    ``config`` itself is only held against the checkpoint (``check_matches_config``).
     ``edit``: the job edits given images (``adm_jax.sampling.edit``) instead of sampling.
     Errors are single-line ``ValueError``/``FileNotFoundError`` naming the config field.
     """
-    sc = config.sample
-    check_counts(sc)
-    mesh = mesh if mesh is not None else make_mesh(int(sc.batch_size))
-    replicated = NamedSharding(mesh, P())
-
-    scale = methods.check_scale(
-        "sample.classifier_scale", config_get(sc, "classifier_scale", 0.0) or 0.0
-    )
-    cfg_scale = methods.cfg_scale_of(sc)
-    spec = methods.sampler_spec(sc)  # field errors before anything is loaded
+    settings = settings if settings is not None else recipe.read_sample(config)
     if edit is not None:
-        edit.check_sampler(spec)
-    classifier_path = config_get(sc, "classifier_checkpoint", "") or ""
-    if scale != 0.0 and not classifier_path:
-        raise ValueError(
-            f"sample.classifier_scale={scale:g} needs sample.classifier_checkpoint "
-            "(a noisy-image classifier); set the scale to 0 to sample without guidance"
-        )
+        edit.check_sampler(settings.sampler)
+    mesh = mesh if mesh is not None else make_mesh(settings.batch_size)
+    models = _load_models(config, workdir, settings, mesh)
+    return _make_job(models, settings, edit)
 
-    model_path = config_get(sc, "checkpoint", "") or workdir
+
+def _load_models(config: Any, workdir: str, settings: recipe.SampleSettings, mesh: Mesh) -> _Models:
+    replicated = NamedSharding(mesh, P())
+    model_path = settings.checkpoint or workdir
     ckpt = load_checkpoint(model_path, replicated)
     if ckpt.kind not in ("unet", "superres"):
         raise ValueError(
@@ -328,36 +291,80 @@ def build_job(
             "diffusion model ('unet' or 'superres')"
         )
     check_matches_config(ckpt, config, model_path)
-    mk = ckpt.model_kwargs
-    image_size = int(mk["image_size"])
-    channels = int(mk.get("in_channels", 3))
-    model_classes = mk.get("num_classes")
-    class_cond = model_classes is not None
-    superres = ckpt.kind == "superres"
-
-    classifier_apply = classifier_params = None
-    classifier_classes = None
-    if classifier_path:
-        cls_ckpt = load_checkpoint(classifier_path, replicated)
-        if cls_ckpt.kind != "classifier":
+    image_size = int(ckpt.model_kwargs["image_size"])
+    classifier_apply, classifier_params, classifier_classes = _load_classifier(
+        settings, image_size, replicated
+    )
+    model_classes = ckpt.model_kwargs.get("num_classes")
+    needs_labels = model_classes is not None or classifier_apply is not None
+    num_classes = _label_range(settings, model_classes, classifier_classes, needs_labels)
+    base_images, base_labels = _load_base_samples(
+        settings, ckpt, model_path, needs_labels, num_classes
+    )
+    module = ckpt.module(**settings.module_overrides())
+    null_label = None
+    if settings.cfg_scale is not None:
+        null_label = getattr(module, "null_label", None)
+        if null_label is None:
             raise ValueError(
-                f"sample.classifier_checkpoint: {classifier_path} holds a {cls_ckpt.kind!r} "
-                "model, not a 'classifier'"
+                f"sample.cfg_scale: {model_path} has no null label; classifier-free guidance "
+                "needs a class-conditional model trained with model.class_dropout_prob > 0"
             )
-        cls_size = int(cls_ckpt.model_kwargs["image_size"])
-        if cls_size != image_size:
-            raise ValueError(
-                f"sample.classifier_checkpoint: classifier image_size {cls_size} does not match "
-                f"the diffusion model's image_size {image_size}"
-            )
-        classifier_classes = int(cls_ckpt.model_kwargs.get("out_channels", 1000))
-        cls_module = cls_ckpt.module(**_module_overrides(config))
-        classifier_apply = lambda p, x, t: cls_module.apply({"params": p}, x, t)
-        classifier_params = cls_ckpt.params
+    if ckpt.kind == "superres":
+        model_apply = lambda p, x, t, y=None, low_res=None: module.apply(
+            {"params": p}, x, t, low_res=low_res, y=y
+        )
+    else:
+        model_apply = lambda p, x, t, y=None: module.apply({"params": p}, x, t, y=y)
+    base_diffusion = dict(ckpt.diffusion_kwargs or recipe.to_dict(config_get(config, "diffusion")))
+    return _Models(
+        ckpt=ckpt,
+        model_path=model_path,
+        model_apply=model_apply,
+        classifier_apply=classifier_apply,
+        classifier_params=classifier_params,
+        num_classes=num_classes,
+        null_label=null_label,
+        base_images=base_images,
+        base_labels=base_labels,
+        base_diffusion=base_diffusion,
+        mesh=mesh,
+    )
 
-    class_labels = parse_class_labels(config_get(sc, "class_labels", "random"))
-    needs_labels = class_cond or classifier_apply is not None
-    if class_labels is not None and not needs_labels:
+
+def _load_classifier(settings: recipe.SampleSettings, image_size: int, replicated):
+    """``(apply, params, number of classes)`` of ``sample.classifier_checkpoint`` (Nones
+    without one)."""
+    path = settings.classifier_checkpoint
+    if not path:
+        return None, None, None
+    ckpt = load_checkpoint(path, replicated)
+    if ckpt.kind != "classifier":
+        raise ValueError(
+            f"sample.classifier_checkpoint: {path} holds a {ckpt.kind!r} model, not a 'classifier'"
+        )
+    size = int(ckpt.model_kwargs["image_size"])
+    if size != image_size:
+        raise ValueError(
+            f"sample.classifier_checkpoint: classifier image_size {size} does not match "
+            f"the diffusion model's image_size {image_size}"
+        )
+    module = ckpt.module(**settings.module_overrides())
+    apply = lambda p, x, t: module.apply({"params": p}, x, t)
+    return apply, ckpt.params, int(ckpt.model_kwargs.get("out_channels", 1000))
+
+
+def _label_range(
+    settings: recipe.SampleSettings,
+    model_classes: int | None,
+    classifier_classes: int | None,
+    needs_labels: bool,
+) -> int | None:
+    """The range random labels are drawn from: the narrower network's, or sample.num_classes
+    (the reference's classifiers always have 1000 outputs, so one trained on 10 classes needs
+    sample.num_classes=10); checks sample.class_labels against it."""
+    labels = settings.class_labels
+    if labels is not None and not needs_labels:
         raise ValueError(
             "sample.class_labels: the model is unconditional and no classifier guides it, so it "
             "cannot take class labels; use 'random' (ignored) or add sample.classifier_checkpoint"
@@ -365,139 +372,125 @@ def build_job(
     limits = [n for n in (model_classes, classifier_classes) if n is not None]
     num_classes = min(limits) if limits else None
     source = "the model" if num_classes == model_classes else "the classifier"
-    # A narrower label range than the networks': the reference's classifiers always have 1000
-    # outputs, so one trained on 10 classes needs sample.num_classes=10 for random labels.
-    requested = int(config_get(sc, "num_classes", 0) or 0)
-    if requested and needs_labels:
-        if requested > num_classes:
+    if settings.num_classes and needs_labels:
+        if settings.num_classes > num_classes:
             raise ValueError(
-                f"sample.num_classes={requested} exceeds {source}'s {num_classes} classes"
+                f"sample.num_classes={settings.num_classes} exceeds {source}'s {num_classes} "
+                "classes"
             )
-        num_classes, source = requested, "sample.num_classes"
-    if class_labels is not None:
-        bad = [y for y in class_labels if not 0 <= y < num_classes]
-        if bad:
-            raise ValueError(
-                f"sample.class_labels: {bad} outside [0, {num_classes}), the range of {source}"
-            )
-
-    base_images = base_labels = None
-    base_path = config_get(sc, "base_samples", "") or ""
-    if superres:
-        if not base_path:
-            raise ValueError(
-                f"sample.base_samples: {model_path} is an upsampler; give it the .npz of base "
-                "samples to upsample"
-            )
-        if class_labels is not None:
-            raise ValueError(
-                "sample.class_labels: an upsampler takes its labels from base_samples arr_1; "
-                "leave class_labels 'random'"
-            )
-        base_images, base_labels = io.load_base_samples(
-            base_path, large_size=image_size, channels=channels, class_cond=needs_labels
-        )
-        if base_labels is not None and num_classes is not None:
-            bad = np.unique(base_labels[(base_labels < 0) | (base_labels >= num_classes)])
-            if bad.size:
-                raise ValueError(
-                    f"sample.base_samples: labels {bad.tolist()} outside [0, {num_classes})"
-                )
-    elif base_path:
+        num_classes, source = settings.num_classes, "sample.num_classes"
+    bad = [y for y in labels or () if not 0 <= y < num_classes]
+    if bad:
         raise ValueError(
-            f"sample.base_samples is set but {model_path} is a {ckpt.kind!r} model; base samples "
-            "feed an upsampler ('superres') checkpoint"
+            f"sample.class_labels: {bad} outside [0, {num_classes}), the range of {source}"
         )
+    return num_classes
 
-    module = ckpt.module(**_module_overrides(config))
-    null_label = None
-    if cfg_scale is not None:
-        null_label = getattr(module, "null_label", None)
-        if null_label is None:
+
+def _load_base_samples(settings, ckpt, model_path: str, needs_labels: bool, num_classes):
+    """Two-stage sampling: the upsampler's input images and labels (Nones otherwise)."""
+    base_path = settings.base_samples
+    if ckpt.kind != "superres":
+        if base_path:
             raise ValueError(
-                f"sample.cfg_scale: {model_path} has no null label; classifier-free guidance "
-                "needs a class-conditional model trained with model.class_dropout_prob > 0"
+                f"sample.base_samples is set but {model_path} is a {ckpt.kind!r} model; base "
+                "samples feed an upsampler ('superres') checkpoint"
             )
-    if superres:
-        model_apply = lambda p, x, t, y=None, low_res=None: module.apply(
-            {"params": p}, x, t, low_res=low_res, y=y
+        return None, None
+    if not base_path:
+        raise ValueError(
+            f"sample.base_samples: {model_path} is an upsampler; give it the .npz of base "
+            "samples to upsample"
         )
-    else:
-        model_apply = lambda p, x, t, y=None: module.apply({"params": p}, x, t, y=y)
+    if settings.class_labels is not None:
+        raise ValueError(
+            "sample.class_labels: an upsampler takes its labels from base_samples arr_1; "
+            "leave class_labels 'random'"
+        )
+    images, labels = io.load_base_samples(
+        base_path,
+        large_size=int(ckpt.model_kwargs["image_size"]),
+        channels=int(ckpt.model_kwargs.get("in_channels", 3)),
+        class_cond=needs_labels,
+    )
+    if labels is not None and num_classes is not None:
+        bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+        if bad.size:
+            raise ValueError(
+                f"sample.base_samples: labels {bad.tolist()} outside [0, {num_classes})"
+            )
+    return images, labels
 
-    base_diffusion = dict(ckpt.diffusion_kwargs or _to_dict(config_get(config, "diffusion", {})))
-    seed = int(config_get(sc, "seed", 0) or 0)
-    clip_denoised = bool(config_get(sc, "clip_denoised", True))
-    fixed = {
-        "checkpoint": paths.absolute(model_path),
-        "checkpoint_step": ckpt.extra.get("step"),
-        "classifier_checkpoint": paths.absolute(classifier_path) if classifier_path else "",
-        "base_samples": paths.absolute(base_path) if base_path else "",
-        "base_samples_shape": None if base_images is None else list(base_images.shape),
-        "seed": seed,
-        "image_shape": [image_size, image_size, channels],
-        "clip_denoised": clip_denoised,
-        "class_labels": "random" if class_labels is None else class_labels,
-        "num_classes": num_classes,
-    }
 
-    def make_job(**overrides) -> SamplingJob:
-        spec = methods.sampler_spec(sc, **overrides)
-        diffusion_kwargs = dict(base_diffusion)
-        if spec.on_training_schedule:  # the solvers discretise the training schedule
-            diffusion_kwargs["timestep_respacing"] = ""
-        elif spec.respacing:
-            diffusion_kwargs["timestep_respacing"] = spec.respacing
-        try:
-            diffusion = create_diffusion(**diffusion_kwargs)
-        except (ValueError, AssertionError) as err:
-            steps = overrides.get("steps", config_get(sc, "steps", 0))
-            field = "sample.steps" if steps else "sample.timestep_respacing"
-            raise ValueError(f"{field}: {err}") from None
-        if spec.name == "ddpm" and spec.respacing.startswith("ddim"):
-            logging.warning("timestep_respacing=%s with sampler ddpm: ancestral", spec.respacing)
-        sampler = BatchSampler(
-            diffusion,
-            model_apply,
-            image_shape=(image_size, image_size, channels),
-            batch_size=int(sc.batch_size),
-            mesh=mesh,
-            clip_denoised=clip_denoised,
-            classifier_apply=classifier_apply,
-            class_cond=class_cond,
-            superres=superres,
-            method=spec,
-            null_label=null_label,
-            unconditional=cfg_scale == 0,
-            edit=edit,
-        )
-        spec = sampler.method
-        provenance = dict(
-            fixed,
-            batch_size=sampler.batch_size,
-            diffusion=_normalize(diffusion_kwargs),
-            sampler=spec.name,
-            steps=spec.steps,
-            eta=spec.eta,
-            thresholding=spec.thresholding,
-            **spec.options(),
-        )
-        return SamplingJob(
-            sampler=sampler,
-            model_params=ckpt.params,
-            classifier_params=classifier_params,
-            seed=seed,
-            num_classes=num_classes,
-            class_labels=class_labels,
-            base_images=base_images,
-            base_labels=base_labels,
-            default_num_samples=0 if base_images is None else len(base_images),
-            provenance=provenance,
-            cfg_scale=cfg_scale,
-            rebuild=make_job,
-        )
-
-    return make_job()
+def _make_job(
+    models: _Models, settings: recipe.SampleSettings, edit: EditSpec | None
+) -> SamplingJob:
+    """The job of ``settings.sampler`` on the loaded models (``with_sampler`` calls it again
+    with other sampler settings: one more compilation, no more loading)."""
+    spec = settings.sampler
+    diffusion_kwargs = dict(models.base_diffusion)
+    if spec.on_training_schedule:  # the solvers discretise the training schedule
+        diffusion_kwargs["timestep_respacing"] = ""
+    elif spec.respacing:
+        diffusion_kwargs["timestep_respacing"] = spec.respacing
+    try:
+        diffusion = create_diffusion(**diffusion_kwargs)
+    except (ValueError, AssertionError) as err:
+        steps = settings.sampler_fields.get("steps")
+        field = "sample.steps" if steps else "sample.timestep_respacing"
+        raise ValueError(f"{field}: {err}") from None
+    if spec.name == "ddpm" and spec.respacing.startswith("ddim"):
+        logging.warning("timestep_respacing=%s with sampler ddpm: ancestral", spec.respacing)
+    ckpt = models.ckpt
+    sampler = BatchSampler(
+        diffusion,
+        models.model_apply,
+        image_shape=models.image_shape,
+        batch_size=settings.batch_size,
+        mesh=models.mesh,
+        clip_denoised=settings.clip_denoised,
+        classifier_apply=models.classifier_apply,
+        class_cond=ckpt.model_kwargs.get("num_classes") is not None,
+        superres=ckpt.kind == "superres",
+        method=spec,
+        null_label=models.null_label,
+        unconditional=settings.cfg_scale == 0,
+        edit=edit,
+    )
+    spec = sampler.method
+    provenance = dict(
+        checkpoint=paths.absolute(models.model_path),
+        checkpoint_step=ckpt.extra.get("step"),
+        classifier_checkpoint=(
+            paths.absolute(settings.classifier_checkpoint) if settings.classifier_checkpoint else ""
+        ),
+        base_samples=paths.absolute(settings.base_samples) if settings.base_samples else "",
+        base_samples_shape=None if models.base_images is None else list(models.base_images.shape),
+        seed=settings.seed,
+        image_shape=list(models.image_shape),
+        clip_denoised=settings.clip_denoised,
+        class_labels="random" if settings.class_labels is None else list(settings.class_labels),
+        num_classes=models.num_classes,
+        batch_size=sampler.batch_size,
+        diffusion=_normalize(diffusion_kwargs),
+        sampler=spec.name,
+        steps=spec.steps,
+        eta=spec.eta,
+        thresholding=spec.thresholding,
+        **spec.options(),
+    )
+    return SamplingJob(
+        sampler=sampler,
+        settings=settings,
+        model_params=ckpt.params,
+        classifier_params=models.classifier_params,
+        num_classes=models.num_classes,
+        base_images=models.base_images,
+        base_labels=models.base_labels,
+        default_num_samples=0 if models.base_images is None else len(models.base_images),
+        provenance=provenance,
+        rebuild=lambda **overrides: _make_job(models, settings.with_sampler(**overrides), edit),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,7 +560,7 @@ def run_job(
     output_dir: str,
     *,
     num_samples: int,
-    classifier_scale: float = 0.0,
+    classifier_scale: float | None = None,
     cfg_scale: float | None = None,
     max_batches: int | None = None,
     grid_images: int = 64,
@@ -577,12 +570,16 @@ def run_job(
 
     ``output_dir`` may be local or ``gs://``/``s3://``. Every process calls this (each batch
     spans all devices); each writes its share of the shards, process 0 assembles them.
-    ``cfg_scale`` None means the job's (``sample.cfg_scale``); a number needs a job built
-    with classifier-free guidance. ``max_batches`` stops after that many NEW batches (a
-    preemption stand-in, also handy to split a run over jobs); the return value is then None
-    unless the run is complete.
+    ``classifier_scale`` / ``cfg_scale`` None mean the job's (``sample.classifier_scale`` /
+    ``sample.cfg_scale``, checked when the config was read); a number given here (a sweep's)
+    is checked here, and a cfg_scale needs a job built with classifier-free guidance.
+    ``max_batches`` stops after that many NEW batches (a preemption stand-in, also handy to
+    split a run over jobs); the return value is then None unless the run is complete.
     """
-    classifier_scale = methods.check_scale("sample.classifier_scale", classifier_scale)
+    if classifier_scale is None:
+        classifier_scale = job.classifier_scale
+    else:
+        classifier_scale = recipe.check_scale("sample.classifier_scale", classifier_scale)
     if classifier_scale and not job.sampler.guided:
         raise ValueError(
             f"sample.classifier_scale={classifier_scale:g} needs sample.classifier_checkpoint"
@@ -594,8 +591,8 @@ def run_job(
             f"sample.cfg_scale={cfg_scale!r}: this job samples without classifier-free guidance "
             "(build it with sample.cfg_scale set)"
         )
-    if cfg_scale is not None:
-        cfg_scale = methods.check_scale("sample.cfg_scale", cfg_scale)
+    else:
+        cfg_scale = recipe.check_scale("sample.cfg_scale", cfg_scale)
     if num_samples <= 0:
         raise ValueError(f"sample.num_samples must be positive, got {num_samples}")
     batch_size = job.batch_size
@@ -732,7 +729,8 @@ def assemble(shard_dir: str, out_path: str, num_samples: int, batch_size: int) -
 
 
 def output_dir_for(config: Any, workdir: str) -> str:
-    out = config_get(config.sample, "output_dir", "") or ""
+    """sample.output_dir, or WORKDIR/samples when it is empty."""
+    out = recipe.config_text(config_get(config, "sample"), "output_dir")
     return out or str(paths.path(workdir or ".") / "samples")
 
 
@@ -745,12 +743,11 @@ def sample(config: Any, workdir: str, *, max_batches: int | None = None) -> str 
     upsampler checkpoint and ``config.sample.base_samples`` this is the second stage of
     two-stage sampling.
     """
-    job = build_job(config, workdir)
-    num_samples = int(config_get(config.sample, "num_samples", 0) or 0) or job.default_num_samples
+    settings = recipe.read_sample(config)
+    job = build_job(config, workdir, settings=settings)
     return run_job(
         job,
         output_dir_for(config, workdir),
-        num_samples=num_samples,
-        classifier_scale=config_get(config.sample, "classifier_scale", 0.0) or 0.0,
+        num_samples=settings.num_samples or job.default_num_samples,
         max_batches=max_batches,
     )

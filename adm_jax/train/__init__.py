@@ -5,7 +5,7 @@ Entry points (what ``adm_jax.main`` calls; a notebook can call them too):
 ``export(config, workdir)``, and ``restore_inference(workdir_or_checkpoint)`` for samplers.
 """
 
-from adm_jax.train.config_lib import (
+from adm_jax.recipe.config import (
     ConfigError,
     build_diffusion,
     build_model,

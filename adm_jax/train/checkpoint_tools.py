@@ -109,7 +109,7 @@ def _flatten(tree, prefix: str = "") -> dict:
 def config_differences(stored: dict, config) -> list[str]:
     """``"model.num_channels: 64 in the checkpoint, 32 in --config"`` for each model/diffusion
     field that differs (json round-trip on both sides: tuples vs lists do not count)."""
-    from adm_jax.train import config_lib
+    from adm_jax.recipe import config as config_lib
 
     current = json.loads(json.dumps(config_lib.config_to_dict(config)))
     out = []
@@ -129,7 +129,7 @@ def _abstract_state(config):
     """ShapeDtypeStructs of the TrainState ``config`` trains, replicated on every device (a
     check needs every value, not the training mesh)."""
     from adm_jax.checkpoints import replicated_sharding
-    from adm_jax.train import config_lib
+    from adm_jax.recipe import config as config_lib
     from adm_jax.train import state as state_lib
 
     module = config_lib.build_model(config)

@@ -14,9 +14,10 @@ import ml_collections
 from absl import logging
 
 from adm_jax import checkpoints as inference_lib
-from adm_jax import paths
+from adm_jax import paths, posthoc_ema
 from adm_jax.models import abstract_params
-from adm_jax.train import checkpointing, config_lib, posthoc_ema
+from adm_jax.recipe import config as config_lib
+from adm_jax.train import checkpointing
 
 
 def _ema_index(config, ema_rate: str | float | None) -> int | None:

@@ -23,7 +23,7 @@ from absl import logging
 from flax import traverse_util
 
 from adm_jax.models import count_params
-from adm_jax.train import config_lib
+from adm_jax.recipe import config as config_lib
 from adm_jax.train.export import restore_inference
 
 # Constructor arguments that do not change the parameters (or are checked leaf by leaf).

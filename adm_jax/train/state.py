@@ -18,7 +18,8 @@ import optax
 
 from adm_jax.diffusion import loss_second_moment_init
 from adm_jax.models import example_inputs
-from adm_jax.train import config_lib, sharding
+from adm_jax.recipe import config as config_lib
+from adm_jax.train import sharding
 
 
 @flax.struct.dataclass

@@ -22,7 +22,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from adm_jax import diffusion as dlib
-from adm_jax.train import config_lib, posthoc_ema
+from adm_jax import posthoc_ema
+from adm_jax.recipe import config as config_lib
 from adm_jax.train import sharding as sharding_lib
 from adm_jax.train.state import TrainState, current_lr
 

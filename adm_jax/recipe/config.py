@@ -17,7 +17,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from adm_jax import paths
+from adm_jax import paths, posthoc_ema
+from adm_jax.data import validate_data_config
 from adm_jax.diffusion import create_diffusion
 from adm_jax.models import (
     ATTENTION_IMPLS,
@@ -27,7 +28,7 @@ from adm_jax.models import (
     remat_policy_name,
     with_shape,
 )
-from adm_jax.train import posthoc_ema
+from adm_jax.recipe.reader import ConfigError
 
 MODEL_KINDS = ("unet", "superres", "classifier")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
@@ -36,10 +37,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # config.model fields that are not README flags (configs/default.py DIFFUSION_MODEL_EXTRAS).
 MODEL_EXTRAS = ("class_dropout_prob", "in_channels", "num_classes")
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "default.py"
-
-
-class ConfigError(ValueError):
-    """A config field is unknown or has an impossible value; the message names the field."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -217,8 +214,6 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
             fail("model.class_dropout_prob", f"must be in [0, 1), got {p_drop}")
         if p_drop > 0 and not m.class_cond:
             fail("model.class_dropout_prob", f"{p_drop} needs model.class_cond (labels to drop)")
-    from adm_jax.data import validate_data_config
-
     try:
         validate_data_config(data)
     except ValueError as err:
