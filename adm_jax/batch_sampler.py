@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from adm_jax import mesh as mesh_lib
 from adm_jax.diffusion import classifier_free_model_fn, editing, methods
 from adm_jax.images import to_uint8
+from adm_jax.models import SuperResUNet
 
 
 def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -99,9 +100,12 @@ class BatchSampler:
         # cfg_scale 0 is the unconditional model: one pass with the null label, not the doubled
         # batch of eps_u + 0 * (eps_c - eps_u).
         self.unconditional = bool(unconditional)
+        self.diffusion = diffusion
         self.method = method if diffusion is None else method.with_nfe(diffusion)
         self.batch_size = int(batch_size)
         self.image_shape = tuple(int(s) for s in image_shape)
+        self.model_apply, self.classifier_apply = model_apply, classifier_apply
+        self.clip_denoised = clip_denoised
         self.class_cond, self.superres = class_cond, superres
         self.guided = classifier_apply is not None
         self.null_label = null_label
@@ -109,89 +113,145 @@ class BatchSampler:
         self.batch_sharding = NamedSharding(self.mesh, P(axes))
         self.replicated = NamedSharding(self.mesh, P())
         self.trace_count = 0
-        constrain = lambda a: jax.lax.with_sharding_constraint(a, self.batch_sharding)
-        spec = self.method
-
-        def run(
-            model_params,
-            classifier_params,
-            seed,
-            batch_index,
-            labels,
-            scale,
-            cfg,
-            low_res,
-            extra=None,
-        ):
-            self.trace_count += 1
-            extra = extra or {}
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
-
-            def net(x, t, y):
-                # Without the constraints, an unconditional model has no sharded input and XLA
-                # could replicate the whole batch on every device.
-                kwargs = {} if y is None else {"y": y}
-                if superres:  # classifier-free guidance doubles the batch: tile low_res
-                    kwargs["low_res"] = jnp.tile(low_res, (x.shape[0] // low_res.shape[0], 1, 1, 1))
-                return constrain(model_apply(model_params, constrain(x), t, **kwargs))
-
-            unguided_model_fn = None
-            if unconditional:
-                model_fn = lambda x, t: net(x, t, jnp.full_like(labels, null_label))
-            elif null_label is not None:
-                model_fn = classifier_free_model_fn(net, labels, null_label, cfg)
-                # Outside sample.guidance_interval: the conditional model, one pass.
-                unguided_model_fn = lambda x, t: net(x, t, labels)
-            else:
-                model_fn = lambda x, t: net(x, t, labels if class_cond else None)
-            classifier_fn = None
-            if classifier_apply is not None:
-                classifier_fn = lambda x, t: classifier_apply(classifier_params, x, t)
-            if "x_known" in extra:  # an EditSpec's edit
-                source_labels = extra.get("source_labels")
-                source_model_fn = None
-                if source_labels is not None:
-                    source_model_fn = lambda x, t: net(x, t, source_labels)
-                x = editing.edit_images(
-                    edit,
-                    spec,
-                    diffusion,
-                    model_fn,
-                    key,
-                    constrain(extra["x_known"]),
-                    mask=extra.get("mask"),
-                    source_model_fn=source_model_fn,
-                    classifier_fn=classifier_fn,
-                    y=labels,
-                    classifier_scale=scale,
-                    unguided_model_fn=unguided_model_fn,
-                )
-                return to_uint8(x)
-            x_init, x_T = extra.get("x_init"), extra.get("x_T")
-            x = methods.sample_images(
-                spec,
-                diffusion,
-                model_fn,
-                key,
-                (self.batch_size, *self.image_shape),
-                clip_denoised=clip_denoised,
-                classifier_fn=classifier_fn,
-                y=labels,
-                classifier_scale=scale,
-                unguided_model_fn=unguided_model_fn,
-                x_init=None if x_init is None else constrain(x_init),
-                strength=extra.get("strength", 1.0),
-                x_T=None if x_T is None else constrain(x_T),
-            )
-            return to_uint8(x)
-
         b, r = self.batch_sharding, self.replicated
         shardings = (r, r, r, r, b, r, r, b)
-        self.program = jax.jit(run, in_shardings=shardings, out_shardings=r)
+        self.program = jax.jit(self._run, in_shardings=shardings, out_shardings=r)
         # The same with a dict of per-batch editing inputs appended (laid out like the labels):
         # x_init / strength / x_T (sample_images' starts) or x_known / mask / source_labels
         # (an EditSpec's edit).
-        self.edit_program = jax.jit(run, in_shardings=(*shardings, b), out_shardings=r)
+        self.edit_program = jax.jit(self._run, in_shardings=(*shardings, b), out_shardings=r)
+
+    @classmethod
+    def for_networks(
+        cls,
+        diffusion: Any,
+        module: Any,
+        *,
+        classifier: Any = None,
+        cfg: bool = False,
+        unconditional: bool = False,
+        model_options: dict[str, Any] | None = None,
+        **options,
+    ) -> BatchSampler:
+        """The program for linen networks: ``module`` the diffusion model (``UNet`` or
+        ``SuperResUNet``: labels when it has classes, ``low_res`` when it upsamples),
+        ``classifier`` the noisy classifier that guides it (``EncoderUNet``, or None); ``cfg``
+        classifier-free guidance with the model's null label (``unconditional``: scale 0, one
+        pass with the null label). ``model_options`` go to every call of the model (e.g.
+        ``train=False``); ``options`` are ``BatchSampler``'s (image_shape, batch_size, mesh,
+        method, clip_denoised, edit)."""
+        fixed = dict(model_options or {})
+        superres = isinstance(module, SuperResUNet)
+        if superres:
+            model_apply = lambda p, x, t, y=None, low_res=None: module.apply(
+                {"params": p}, x, t, low_res=low_res, y=y, **fixed
+            )
+        else:
+            model_apply = lambda p, x, t, y=None: module.apply({"params": p}, x, t, y=y, **fixed)
+        classifier_apply = None
+        if classifier is not None:
+            classifier_apply = lambda p, x, t: classifier.apply({"params": p}, x, t)
+        null_label = None
+        if cfg or unconditional:
+            null_label = getattr(module, "null_label", None)
+            if null_label is None:
+                raise ValueError(
+                    "sample.cfg_scale: the model has no null label; classifier-free guidance "
+                    "needs a class-conditional model trained with model.class_dropout_prob > 0"
+                )
+        return cls(
+            diffusion,
+            model_apply,
+            classifier_apply=classifier_apply,
+            class_cond=getattr(module, "num_classes", None) is not None,
+            superres=superres,
+            null_label=null_label,
+            unconditional=unconditional,
+            **options,
+        )
+
+    def _constrain(self, array: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(array, self.batch_sharding)
+
+    def _model_fns(self, model_params, labels, cfg, low_res):
+        """``(model_fn, unguided_model_fn, net)``: the model as the samplers call it (with
+        classifier-free guidance when built with a null label), the conditional model used
+        outside sample.guidance_interval (or None), and the raw ``net(x, t, y)``."""
+        constrain = self._constrain
+
+        def net(x, t, y):
+            # Without the constraints, an unconditional model has no sharded input and XLA
+            # could replicate the whole batch on every device.
+            kwargs = {} if y is None else {"y": y}
+            if self.superres:  # classifier-free guidance doubles the batch: tile low_res
+                kwargs["low_res"] = jnp.tile(low_res, (x.shape[0] // low_res.shape[0], 1, 1, 1))
+            return constrain(self.model_apply(model_params, constrain(x), t, **kwargs))
+
+        null_label = self.null_label
+        if self.unconditional:
+            return lambda x, t: net(x, t, jnp.full_like(labels, null_label)), None, net
+        if null_label is not None:
+            model_fn = classifier_free_model_fn(net, labels, null_label, cfg)
+            return model_fn, (lambda x, t: net(x, t, labels)), net
+        return (lambda x, t: net(x, t, labels if self.class_cond else None)), None, net
+
+    def _run(
+        self,
+        model_params,
+        classifier_params,
+        seed,
+        batch_index,
+        labels,
+        scale,
+        cfg,
+        low_res,
+        extra=None,
+    ):
+        """The traced program: one global batch, uint8 NHWC."""
+        self.trace_count += 1
+        extra = extra or {}
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
+        model_fn, unguided_model_fn, net = self._model_fns(model_params, labels, cfg, low_res)
+        classifier_fn = None
+        if self.classifier_apply is not None:
+            classifier_fn = lambda x, t: self.classifier_apply(classifier_params, x, t)
+        guidance = dict(
+            classifier_fn=classifier_fn,
+            y=labels,
+            classifier_scale=scale,
+            unguided_model_fn=unguided_model_fn,
+        )
+        if "x_known" in extra:  # an EditSpec's edit
+            source_labels = extra.get("source_labels")
+            source_model_fn = None
+            if source_labels is not None:
+                source_model_fn = lambda x, t: net(x, t, source_labels)
+            x = editing.edit_images(
+                self.edit,
+                self.method,
+                self.diffusion,
+                model_fn,
+                key,
+                self._constrain(extra["x_known"]),
+                mask=extra.get("mask"),
+                source_model_fn=source_model_fn,
+                **guidance,
+            )
+            return to_uint8(x)
+        x_init, x_T = extra.get("x_init"), extra.get("x_T")
+        x = methods.sample_images(
+            self.method,
+            self.diffusion,
+            model_fn,
+            key,
+            (self.batch_size, *self.image_shape),
+            clip_denoised=self.clip_denoised,
+            x_init=None if x_init is None else self._constrain(x_init),
+            strength=extra.get("strength", 1.0),
+            x_T=None if x_T is None else self._constrain(x_T),
+            **guidance,
+        )
+        return to_uint8(x)
 
     @property
     def needs_labels(self) -> bool:

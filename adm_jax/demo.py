@@ -341,7 +341,7 @@ def inpaint_row(config, sample_cfg, dirs, images, labels, metrics_fn) -> dict[st
     ec.jump_length, ec.jump_n_sample = int(dc.inpaint_jump_length), int(dc.inpaint_jump_n_sample)
     sc.sampler, sc.classifier_scale = "ddpm", float(dc.inpaint_scale)
     npz = edit_lib.edit(cfg, dirs["diffusion"])
-    settings = edit_lib.read_settings(cfg, dirs["diffusion"])
+    settings = recipe.read_edit(cfg, dirs["diffusion"])
     steps = json.loads((out_dir / "shards" / "args.json").read_text())["steps"]  # respaced
     row = dict(
         sampler="repaint", nfe=settings.spec.nfe(methods.SamplerSpec("ddpm", steps=steps)),

@@ -152,7 +152,7 @@ def _settings(tmp_path, **fields):
     config = {
         "edit": {"kind": "inpaint", "images": str(tmp_path), "masks": "half", **fields},
     }
-    return edit_lib.read_settings(config, str(tmp_path))
+    return recipe.read_edit(config, str(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adm_jax import checkpoints, paths
+from adm_jax import checkpoints, paths, recipe
 from adm_jax import diffusion as dm
 from adm_jax.evaluation import bpd as nll_lib
 from adm_jax.models import module_from_kwargs
@@ -155,7 +155,7 @@ def test_nll_rejects_unknown_fields_and_mismatched_data(tiny_ckpt, tiny_tfds_dir
     with config.unlocked():
         config.nll.steps = 3
     with pytest.raises(ValueError, match=r"^nll.steps: unknown field; expected one of"):
-        nll_lib.nll_settings(config)
+        recipe.read_nll(config)
     config = _config(tiny_ckpt, tiny_tfds_dir)
     config.model.image_size = config.data.image_size = 8
     with pytest.raises(ValueError, match=r"image_size=16 \(checkpoint\) vs 8 \(config\)"):

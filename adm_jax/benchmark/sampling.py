@@ -80,20 +80,16 @@ def batch_sampler(config, diffusion, net, spec, *, mesh, batch: int, guidance: s
     for ``net``; ``guidance``: "none", "classifier" (guided by ``classifier``) or "cfg"
     (``net`` carries the null label)."""
     size = config_lib.model_image_size(config)
-    guided = guidance == "classifier"
-    return BatchSampler(
+    return BatchSampler.for_networks(
         diffusion,
-        lambda p, x, t, y=None: net.apply({"params": p}, x, t, y=y),
+        net,
+        classifier=classifier if guidance == "classifier" else None,
+        cfg=guidance == "cfg",
         image_shape=(size, size, int(config.data.channels)),
         batch_size=batch,
         mesh=mesh,
         clip_denoised=bool(recipe.config_get(config.sample, "clip_denoised", True)),
-        classifier_apply=(
-            (lambda p, x, t: classifier.apply({"params": p}, x, t)) if guided else None
-        ),
-        class_cond=getattr(net, "num_classes", None) is not None,
         method=spec,
-        null_label=net.null_label if guidance == "cfg" else None,
     )
 
 

@@ -7,7 +7,7 @@ Numbers follow openai/guided-diffusion ``evaluations/evaluator.py``; see docs/ev
 No TensorFlow on the import path (TFDS is imported only by ``iterate_tfds_images``).
 """
 
-from adm_jax.evaluation.bpd import BpdProgram, NllSettings, nll, nll_settings
+from adm_jax.evaluation.bpd import BpdProgram, nll
 from adm_jax.evaluation.features import EVAL_OUTPUTS, FeatureExtractor, inception_fn
 from adm_jax.evaluation.inception import (
     WEIGHTS_SHA256,
@@ -50,6 +50,8 @@ from adm_jax.evaluation.sweep import (
     sampler_grid,
     write_sweep_report,
 )
+from adm_jax.recipe import NllSettings
+from adm_jax.recipe import read_nll as nll_settings
 
 __all__ = [
     "BpdProgram",

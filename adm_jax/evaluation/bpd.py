@@ -17,7 +17,6 @@ process accumulates the same float64 totals. Batch ``b`` draws its noise from
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -35,63 +34,11 @@ from adm_jax import data as data_lib
 from adm_jax import diffusion as dm
 from adm_jax import mesh as mesh_lib
 from adm_jax import paths
+from adm_jax.recipe.evaluate import NllSettings, read_nll
 from adm_jax.sampling import sampler as sampler_lib
 
 OUTPUT_FILE = "nll.json"
 TERMS = ("vb", "mse", "xstart_mse")  # per-timestep terms, as the reference's *_terms.npz
-
-
-@dataclasses.dataclass(frozen=True)
-class NllSettings:
-    """``config.nll``, checked (see configs/default.py for the meanings)."""
-
-    checkpoint: str
-    split: str
-    num_samples: int
-    batch_size: int
-    clip_denoised: bool
-    timestep_respacing: str
-    seed: int
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-_CHECKS = {
-    "checkpoint": (lambda v: isinstance(v, str), "a path string ('' = sample.checkpoint)"),
-    "split": (lambda v: isinstance(v, str), "a TFDS split name ('' = data.eval_split)"),
-    "num_samples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = the whole split)"),
-    "batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "clip_denoised": (lambda v: isinstance(v, bool), "True or False"),
-    "timestep_respacing": (lambda v: isinstance(v, str), "a respacing string ('' = all steps)"),
-    "seed": (_is_int, "an integer"),
-}
-
-
-def nll_settings(config: Any) -> NllSettings:
-    """``config.nll`` as ``NllSettings``; a one-line ``ValueError`` names a bad field."""
-    section = config.get("nll") if hasattr(config, "get") else None
-    if section is None:
-        raise ValueError("nll: missing config section (configs/default.py defines it)")
-    for name in section:
-        if name not in _CHECKS:
-            raise ValueError(f"nll.{name}: unknown field; expected one of {sorted(_CHECKS)}")
-    values = {}
-    for name, (ok, expected) in _CHECKS.items():
-        if name not in section:
-            raise ValueError(f"nll.{name}: missing field ({expected})")
-        value = section[name]
-        if not ok(value):
-            raise ValueError(f"nll.{name}: expected {expected}, got {value!r}")
-        values[name] = value
-    n, pc, dc = values["batch_size"], jax.process_count(), jax.device_count()
-    if pc > 1 and n % dc:
-        raise ValueError(
-            f"nll.batch_size: the global batch ({n}) must be a multiple of the {dc} devices of "
-            "a multi-process run"
-        )
-    return NllSettings(**values)
 
 
 class BpdProgram:
@@ -213,7 +160,7 @@ def nll(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     whose network timestep is ``timesteps[j]``), ``num_images`` and the run's settings.
     Errors in the config are one-line ``ValueError``s naming the field.
     """
-    settings = nll_settings(config)
+    settings = read_nll(config)
     mesh = mesh_lib.batch_mesh(settings.batch_size, field="nll.batch_size")
     ckpt, path, module, diffusion, diffusion_kwargs = _model(config, workdir, settings, mesh)
     split = settings.split or config.data.get("eval_split") or config.data.split

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
-from adm_jax import paths
+from adm_jax import paths, recipe
 from adm_jax.evaluation import inception, metrics
 from adm_jax.evaluation import reference_batch as rb
 from adm_jax.evaluation.features import FeatureExtractor
@@ -156,24 +156,15 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _cfg_get(cfg, name, default=None):
-    value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-    return default if value in (None, "") else value
-
-
-def inception_settings(ev) -> tuple[dict, dict]:
-    """(Inception variables, ``evaluate_npz`` keyword arguments) from ``config.evaluate``:
-    inception_weights / inception_sha256, batch_size, resize, distance (empty: defaults)."""
-    sha = _cfg_get(ev, "inception_sha256", inception.WEIGHTS_SHA256)
+def inception_settings(settings: recipe.EvaluateSettings) -> tuple[dict, dict]:
+    """(Inception variables, ``evaluate_npz`` keyword arguments) of ``settings``."""
     variables = inception.load_inception_variables(
-        _cfg_get(ev, "inception_weights"), sha256=None if str(sha).lower() == "none" else sha
+        settings.inception_weights or None,
+        sha256=(settings.inception_sha256 or inception.WEIGHTS_SHA256)
+        if settings.inception_sha256 is not None
+        else None,
     )
-    kwargs = dict(
-        batch_size=int(_cfg_get(ev, "batch_size", 256)),
-        resize=_cfg_get(ev, "resize", "tf"),
-        distance=_cfg_get(ev, "distance", "float32"),
-    )
-    return variables, kwargs
+    return variables, settings.metric_options()
 
 
 def evaluate(config, workdir) -> dict:
@@ -185,9 +176,8 @@ def evaluate(config, workdir) -> dict:
     distance ("float32" | "float64"). Every process of a multi-process run computes the same
     record; process 0 writes the JSON and prints the table.
     """
-    ev = config.evaluate
-    sample_npz = _cfg_get(ev, "sample_npz")
-    reference = _cfg_get(ev, "reference_batch")
+    settings = recipe.read_evaluate(config)
+    sample_npz, reference = settings.sample_npz, settings.reference_batch
     if not sample_npz or not reference:
         raise ValueError(
             "config.evaluate.sample_npz and config.evaluate.reference_batch are required"
@@ -195,8 +185,8 @@ def evaluate(config, workdir) -> dict:
     for field, value in (("sample_npz", sample_npz), ("reference_batch", reference)):
         if not paths.path(value).exists():
             raise ValueError(f"evaluate.{field}: {value}: no such file")
-    variables, kwargs = inception_settings(ev)
-    resize = kwargs["resize"]
+    variables, kwargs = inception_settings(settings)
+    resize = settings.resize
     results = evaluate_npz(sample_npz, reference, inception_params=variables, **kwargs)
     record = {
         **results,

@@ -32,7 +32,13 @@ from absl import logging
 
 from adm_jax import paths, recipe
 from adm_jax.evaluation.run import evaluate_npz, inception_settings
-from adm_jax.recipe import config_get
+from adm_jax.recipe.sweep import (  # noqa: F401 - the sweep's parsing, re-exported
+    FULL_INTERVAL,
+    interval_dirname,
+    parse_guidance_intervals,
+    parse_scales,
+    sampler_grid,
+)
 from adm_jax.sampling import sampler as sampler_lib
 
 # Column order and direction (True: higher is better) of the metrics we know how to plot.
@@ -46,93 +52,11 @@ _KNOWN_METRICS = {
 MetricsFn = Callable[[str], Mapping[str, float]]
 
 
-def parse_scales(spec: Any) -> list[float]:
-    """``"0,1,10"``, ``[0, 1, 10]`` or a single number -> list of finite floats >= 0."""
-    if isinstance(spec, str):
-        values = [s for s in spec.split(",") if s.strip()]
-    elif isinstance(spec, (int, float)):
-        values = [spec]
-    else:
-        values = list(spec)
-    return [recipe.check_scale("sample.sweep_scales", v) for v in values]
-
-
-def _parse_list(spec: Any) -> list[str]:
-    if spec is None:
-        return []
-    if isinstance(spec, str):
-        return [s.strip() for s in spec.split(",") if s.strip()]
-    if isinstance(spec, (int, float)):
-        return [str(spec)]
-    return [str(s).strip() for s in spec]
-
-
-FULL_INTERVAL = "full"
-
-
-def parse_guidance_intervals(spec: Any) -> list[str]:
-    """``"full;0.3,5"`` (or a list) -> ["full", "0.3,5"]: the sweep's guidance intervals,
-    each "full" or "lo,hi"; "" -> [] (no interval axis)."""
-    if spec is None:
-        return []
-    items = spec.split(";") if isinstance(spec, str) else list(spec)
-    out = []
-    for item in items:
-        text = str(item).strip().lower().replace(" ", "")
-        if not text:
-            continue
-        if text != FULL_INTERVAL:
-            try:
-                recipe.sampler_spec({"sampler": "ddpm"}, guidance_interval=text)
-            except ValueError as err:
-                raise ValueError(
-                    f"sample.sweep_guidance_intervals: expected ';'-separated 'full' or 'lo,hi' "
-                    f"sigma ranges, e.g. 'full;0.3,5', got {item!r} ({err})"
-                ) from None
-        out.append(text)
-    return out
-
-
-def interval_dirname(interval: str) -> str:
-    """The output subdirectory of one swept interval: interval_full, interval_0.3-5."""
-    return "interval_" + interval.replace(",", "-")
-
-
-def sampler_grid(
-    sample_config: Any, samplers: Any = None, steps: Any = None, intervals: Any = None
-) -> list[dict]:
-    """The (sampler, NFE[, guidance interval]) points of a sweep as ``sampler_spec``
-    overrides: the product of ``samplers`` (default ``sample.sweep_samplers``), ``steps``
-    (``sample.sweep_steps``) and ``intervals`` (``sample.sweep_guidance_intervals``; a point
-    then holds guidance_interval, "" for "full"); an empty list keeps ``sample.sampler`` /
-    ``sample.steps`` / ``sample.guidance_interval``."""
-    get = lambda name: config_get(sample_config, name, "")
-    names = _parse_list(get("sweep_samplers") if samplers is None else samplers)
-    counts = _parse_list(get("sweep_steps") if steps is None else steps)
-    try:
-        counts = [int(c) for c in counts]
-    except ValueError:
-        raise ValueError(
-            f"sample.sweep_steps: expected comma-separated ints, got {counts}"
-        ) from None
-    # An explicit sampler replaces use_ddim (the old spelling of "ddim") too.
-    by_name = [{"sampler": n, "use_ddim": False} for n in names] or [{}]
-    by_steps = [{"steps": c} for c in counts] or [{}]
-    spans = parse_guidance_intervals(
-        get("sweep_guidance_intervals") if intervals is None else intervals
-    )
-    by_interval = [{"guidance_interval": "" if i == FULL_INTERVAL else i} for i in spans] or [{}]
-    grid = [{**a, **b, **c} for a in by_name for b in by_steps for c in by_interval]
-    for point in grid:
-        recipe.sampler_spec(sample_config, **point)  # field errors before anything runs
-    return grid
-
-
 def inception_metrics_fn(config: Any) -> MetricsFn:
     """The evaluator's metrics against ``config.sample.reference_batch`` (``config.evaluate``
     supplies the Inception weights, batch size, resize path and distance precision)."""
-    variables, kwargs = inception_settings(config_get(config, "evaluate"))
-    reference = config.sample.reference_batch
+    variables, kwargs = inception_settings(recipe.read_evaluate(config))
+    reference = recipe.read_sweep(config).reference_batch
 
     def metrics(npz_path: str) -> Mapping[str, float]:
         return evaluate_npz(npz_path, reference, inception_params=variables, **kwargs)
@@ -160,23 +84,20 @@ def guidance_sweep(
     ``config.sample.reference_batch`` selects
     ``evaluate_npz``, and with neither only samples are written.
     """
-    sc = config.sample
-    scales = parse_scales(scales if scales is not None else sc.sweep_scales)
-    if not scales:
-        raise ValueError("sample.sweep_scales: give at least one guidance scale, e.g. '0,1,10'")
-    grid = sampler_grid(sc, samplers, steps, intervals)
-    several_samplers = len({(p.get("sampler"), p.get("steps")) for p in grid}) > 1
-    guidance = _guidance_kind(sc, scales)
-    if metrics_fn is None and config_get(sc, "reference_batch"):
+    sweep = recipe.read_sweep(
+        config, scales=scales, samplers=samplers, steps=steps, intervals=intervals
+    )
+    several_samplers = len({(p.get("sampler"), p.get("steps")) for p in sweep.grid}) > 1
+    guidance = sweep.guidance
+    if metrics_fn is None and sweep.reference_batch:
         metrics_fn = inception_metrics_fn(config)
 
-    base_job = _build_job(config, workdir, guidance, scales)
-    num_samples = int(config_get(sc, "num_samples", 0) or 0)
-    num_samples = num_samples or base_job.default_num_samples
-    classifier_scale = float(config_get(sc, "classifier_scale", 0.0) or 0.0)
+    base_job = _build_job(config, workdir, guidance, sweep.scales)
+    num_samples = base_job.settings.num_samples or base_job.default_num_samples
+    classifier_scale = base_job.classifier_scale
     output_dir = sampler_lib.output_dir_for(config, workdir)
     rows = []
-    for point in grid:
+    for point in sweep.grid:
         job = base_job.with_sampler(**point) if point else base_job
         spec = job.sampler.method
         folder = paths.path(output_dir) / spec.tag if several_samplers else paths.path(output_dir)
@@ -184,7 +105,7 @@ def guidance_sweep(
         if "guidance_interval" in point:
             interval = point["guidance_interval"] or FULL_INTERVAL
             folder = folder / interval_dirname(interval)
-        for scale in scales:
+        for scale in sweep.scales:
             run = {"classifier_scale": scale if guidance == "classifier" else classifier_scale}
             if guidance == "cfg":
                 run["cfg_scale"] = scale
@@ -207,16 +128,6 @@ def guidance_sweep(
             logging.warning("%s traced %d times", spec.label, job.sampler.trace_count)
     write_sweep_report(rows, output_dir)
     return rows
-
-
-def _guidance_kind(sample_config: Any, scales: Sequence[float]) -> str:
-    """What the scales scale: "classifier" (a classifier is given), "cfg" (classifier-free:
-    sample.cfg_scale set, or scales other than 0 without a classifier), or "none"."""
-    if config_get(sample_config, "classifier_checkpoint"):
-        return "classifier"
-    if recipe.cfg_scale_of(sample_config) is not None or any(s != 0 for s in scales):
-        return "cfg"
-    return "none"
 
 
 def _build_job(config: Any, workdir: str, guidance: str, scales: Sequence[float]):

@@ -1,9 +1,17 @@
 """From a config to objects: read, check, and turn each section into typed settings.
 
-The layer below train, sampling, evaluation and the benchmark: ``reader`` (``config_get``,
-``ConfigError``), ``config`` (the model, diffusion and train sections: the field schema of
-configs/default.py, ``validate_config``, the network and diffusion they describe) and
-``sample`` (``read_sample`` -> ``SampleSettings``). Nothing here compiles or loads weights.
+The layer below checkpoints, train, sampling, evaluation and the benchmark. A section is read
+and checked in one place, and what the rest of the code receives is its typed settings:
+
+- ``reader``: ``config_get`` / ``config_text`` (the one accessor) and ``ConfigError``;
+- ``config``: the model, diffusion, data and train sections (the field schema,
+  ``validate_config``, the network and diffusion they describe);
+- ``sample``: ``read_sample`` -> ``SampleSettings`` (sampler, guidance, labels, counts);
+- ``sweep``: ``read_sweep`` -> ``SweepSettings`` (the guidance sweep's scales and grid);
+- ``edit``: ``read_edit`` -> ``EditSettings``;
+- ``evaluate``: ``read_evaluate`` -> ``EvaluateSettings``, ``read_nll`` -> ``NllSettings``.
+
+Nothing here compiles, loads weights or reads data.
 """
 
 from adm_jax.recipe.config import (
@@ -14,6 +22,8 @@ from adm_jax.recipe.config import (
     model_kwargs,
     validate_config,
 )
+from adm_jax.recipe.edit import EditSettings, read_edit
+from adm_jax.recipe.evaluate import EvaluateSettings, NllSettings, read_evaluate, read_nll
 from adm_jax.recipe.reader import ConfigError, config_get, config_text, to_dict
 from adm_jax.recipe.sample import (
     SampleSettings,
@@ -24,10 +34,15 @@ from adm_jax.recipe.sample import (
     read_sample,
     sampler_spec,
 )
+from adm_jax.recipe.sweep import SweepSettings, read_sweep
 
 __all__ = [
     "ConfigError",
+    "EditSettings",
+    "EvaluateSettings",
+    "NllSettings",
     "SampleSettings",
+    "SweepSettings",
     "build_diffusion",
     "cfg_scale_of",
     "check_scale",
@@ -39,7 +54,11 @@ __all__ = [
     "model_kwargs",
     "parse_class_labels",
     "parse_sampler",
+    "read_edit",
+    "read_evaluate",
+    "read_nll",
     "read_sample",
+    "read_sweep",
     "sampler_spec",
     "to_dict",
     "validate_config",

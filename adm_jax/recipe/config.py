@@ -175,67 +175,81 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
     ``num_devices``: the global device count the run will use (checks batch and mesh sizes);
     ``mode``: "train" / "train_classifier" (checks the model kind fits the mode).
     """
-    default = _default_module().get_config()
-    _check_names(config, default)
+    _check_names(config, _default_module().get_config())
+    _check_model_data_diffusion(config, mode)
+    _check_optimizer(config)
+    _check_emas(config)
+    _check_kernels(config)
+    _check_batch(config, num_devices)
+    _check_builds(config)
+
+
+def _fail(field: str, problem: str):
+    """Raises the one-line ConfigError of ``field``."""
+    raise ConfigError(f"{field}: {problem}")
+
+
+def _check_model_data_diffusion(config, mode: str | None) -> None:
+    """The model fits the mode, the diffusion and the data."""
     m, d, data, t = config.model, config.diffusion, config.data, config.train
-
-    def fail(field, problem):
-        raise ConfigError(f"{field}: {problem}")
-
     if mode == "train" and m.kind == "classifier":
-        fail("model.kind", "a classifier config needs --mode=train_classifier")
+        _fail("model.kind", "a classifier config needs --mode=train_classifier")
     if mode == "train_classifier" and m.kind != "classifier":
-        fail("model.kind", f"--mode=train_classifier needs a classifier config, got {m.kind!r}")
+        _fail("model.kind", f"--mode=train_classifier needs a classifier config, got {m.kind!r}")
     if d.noise_schedule not in NOISE_SCHEDULES:
-        fail(
+        _fail(
             "diffusion.noise_schedule", f"unknown schedule {d.noise_schedule!r}; {NOISE_SCHEDULES}"
         )
     if d.steps <= 0:
-        fail("diffusion.steps", f"must be positive, got {d.steps}")
+        _fail("diffusion.steps", f"must be positive, got {d.steps}")
     if m.kind != "classifier" and bool(m.learn_sigma) != bool(d.learn_sigma):
-        fail("diffusion.learn_sigma", f"{d.learn_sigma} but model.learn_sigma is {m.learn_sigma}")
+        _fail("diffusion.learn_sigma", f"{d.learn_sigma} but model.learn_sigma is {m.learn_sigma}")
     if data.image_size != model_image_size(config):
         field = "large_size" if m.kind == "superres" else "image_size"
-        fail(
+        _fail(
             "data.image_size", f"{data.image_size} but model.{field} is {model_image_size(config)}"
         )
     if m.kind == "superres" and m.large_size % m.small_size:
-        fail("model.small_size", f"{m.small_size} does not divide large_size {m.large_size}")
+        _fail("model.small_size", f"{m.small_size} does not divide large_size {m.large_size}")
     if m.kind != "classifier" and bool(m.class_cond) != bool(data.class_cond):
-        fail("data.class_cond", f"{data.class_cond} but model.class_cond is {m.class_cond}")
+        _fail("data.class_cond", f"{data.class_cond} but model.class_cond is {m.class_cond}")
     if m.kind == "classifier" and not data.class_cond:
-        fail("data.class_cond", "a classifier needs labels (set it True)")
+        _fail("data.class_cond", "a classifier needs labels (set it True)")
     if m.kind != "classifier":
         try:
             p_drop = class_dropout_prob(config)
         except (TypeError, ValueError):
-            fail("model.class_dropout_prob", f"expected a number, got {m.class_dropout_prob!r}")
+            _fail("model.class_dropout_prob", f"expected a number, got {m.class_dropout_prob!r}")
         if not 0 <= p_drop < 1:
-            fail("model.class_dropout_prob", f"must be in [0, 1), got {p_drop}")
+            _fail("model.class_dropout_prob", f"must be in [0, 1), got {p_drop}")
         if p_drop > 0 and not m.class_cond:
-            fail("model.class_dropout_prob", f"{p_drop} needs model.class_cond (labels to drop)")
+            _fail("model.class_dropout_prob", f"{p_drop} needs model.class_cond (labels to drop)")
     try:
         validate_data_config(data)
     except ValueError as err:
-        fail("data", str(err))
+        _fail("data", str(err))
     for name in ("in_channels", "num_classes"):
         value = m.get(name, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            fail(f"model.{name}", f"expected a positive integer, got {value!r}")
+            _fail(f"model.{name}", f"expected a positive integer, got {value!r}")
     if data.channels != in_channels(config):
-        fail(
+        _fail(
             "data.channels",
             f"{data.channels} but model.in_channels is {in_channels(config)} (set both: 1 for "
             "grey images, 3 for RGB)",
         )
     init_from = str(t.get("init_from", "") or "")
     if init_from and not paths.is_remote(init_from) and not paths.path(init_from).exists():
-        fail("train.init_from", f"{init_from}: no such checkpoint or workdir")
+        _fail("train.init_from", f"{init_from}: no such checkpoint or workdir")
 
+
+def _check_optimizer(config) -> None:
+    """Optimizer and loop sizes."""
+    t = config.train
     positive = ("num_steps", "batch_size", "grad_accum_steps", "lr", "max_to_keep")
     for name in positive:
         if not t[name] > 0:
-            fail(f"train.{name}", f"must be > 0, got {t[name]}")
+            _fail(f"train.{name}", f"must be > 0, got {t[name]}")
     non_negative = (
         "weight_decay", "warmup_steps", "lr_anneal_steps", "grad_clip", "log_every",
         "checkpoint_every", "eval_every", "eval_batches", "sample_every", "profile_steps",
@@ -243,80 +257,100 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
     )  # fmt: skip
     for name in non_negative:
         if t[name] < 0:
-            fail(f"train.{name}", f"must be >= 0, got {t[name]}")
+            _fail(f"train.{name}", f"must be >= 0, got {t[name]}")
     for name in ("b1", "b2"):
         if not 0 <= t[name] < 1:
-            fail(f"train.{name}", f"must be in [0, 1), got {t[name]}")
+            _fail(f"train.{name}", f"must be in [0, 1), got {t[name]}")
+
+
+def _check_emas(config) -> None:
+    """train.ema_rate and the post-hoc EMA fields."""
+    t = config.train
     try:
         rates = ema_rates(config)
     except ValueError:
-        fail("train.ema_rate", f"expected comma-separated floats, got {t.ema_rate!r}")
+        _fail("train.ema_rate", f"expected comma-separated floats, got {t.ema_rate!r}")
     if any(not 0 < r < 1 for r in rates):
-        fail("train.ema_rate", f"every rate must be in (0, 1), got {t.ema_rate!r}")
+        _fail("train.ema_rate", f"every rate must be in (0, 1), got {t.ema_rate!r}")
     try:
         stds = posthoc_ema_stds(config)
     except ValueError:
-        fail(
+        _fail(
             "train.posthoc_ema_stds", f"expected comma-separated floats, got {t.posthoc_ema_stds!r}"
         )
     for std in stds:
         try:
             posthoc_ema.std_to_exp(std)
         except ValueError as err:
-            fail("train.posthoc_ema_stds", str(err))
+            _fail("train.posthoc_ema_stds", str(err))
     every = t.get("posthoc_ema_every", 0)
     if not isinstance(every, int) or every < 0:
-        fail("train.posthoc_ema_every", f"expected an integer >= 0, got {every!r}")
+        _fail("train.posthoc_ema_every", f"expected an integer >= 0, got {every!r}")
     if stds and not every:
-        fail("train.posthoc_ema_every", "must be > 0 when train.posthoc_ema_stds is set")
+        _fail("train.posthoc_ema_every", "must be > 0 when train.posthoc_ema_stds is set")
     if t.get("export_ema_std") is not None:
         try:
             posthoc_ema.std_to_exp(float(t.export_ema_std))
         except (TypeError, ValueError) as err:
-            fail("train.export_ema_std", str(err))
+            _fail("train.export_ema_std", str(err))
+
+
+def _check_kernels(config) -> None:
+    """Schedule sampler, compute dtype, attention kernel, remat policy."""
+    t = config.train
     if t.schedule_sampler not in SCHEDULE_SAMPLERS:
-        fail("train.schedule_sampler", f"unknown {t.schedule_sampler!r}; {SCHEDULE_SAMPLERS}")
+        _fail("train.schedule_sampler", f"unknown {t.schedule_sampler!r}; {SCHEDULE_SAMPLERS}")
     if t.dtype == "float16":
         # float16 needs dynamic loss scaling (the reference's lg_loss_scale) or small gradients
         # underflow to zero silently; bfloat16 has float32's range, runs at the same speed on
         # every accelerator adm_jax targets (TPU v4+, A100/H100) and needs none.
-        fail("train.dtype", "float16 training is not supported (no loss scaling); use bfloat16")
+        _fail("train.dtype", "float16 training is not supported (no loss scaling); use bfloat16")
     if t.dtype not in DTYPES:
-        fail("train.dtype", f"unknown {t.dtype!r}; {tuple(DTYPES)}")
+        _fail("train.dtype", f"unknown {t.dtype!r}; {tuple(DTYPES)}")
     if attention_impl(config) not in ATTENTION_IMPLS:
-        fail(
+        _fail(
             "train.attention_impl",
             f"unknown {t.attention_impl!r}; expected one of {ATTENTION_IMPLS}",
         )
     if remat_policy(config) not in REMAT_POLICIES:
-        fail("train.remat", f"unknown policy {t.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+        _fail("train.remat", f"unknown policy {t.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+
+
+def _check_batch(config, num_devices: int | None) -> None:
+    """The batch against the accumulation steps, the mesh and the devices."""
+    t = config.train
     if t.lr_anneal_steps and t.warmup_steps >= t.lr_anneal_steps:
-        fail("train.warmup_steps", f"{t.warmup_steps} >= lr_anneal_steps {t.lr_anneal_steps}")
+        _fail("train.warmup_steps", f"{t.warmup_steps} >= lr_anneal_steps {t.lr_anneal_steps}")
     if t.batch_size % t.grad_accum_steps:
-        fail("train.batch_size", f"{t.batch_size} not divisible by grad_accum_steps")
+        _fail("train.batch_size", f"{t.batch_size} not divisible by grad_accum_steps")
     if t.fsdp < 1:
-        fail("train.fsdp", f"must be >= 1, got {t.fsdp}")
+        _fail("train.fsdp", f"must be >= 1, got {t.fsdp}")
     if num_devices is not None:
         if num_devices % t.fsdp:
-            fail("train.fsdp", f"{t.fsdp} does not divide the device count {num_devices}")
+            _fail("train.fsdp", f"{t.fsdp} does not divide the device count {num_devices}")
         micro = t.batch_size // t.grad_accum_steps
         if micro % num_devices:
-            fail(
+            _fail(
                 "train.batch_size",
                 f"{t.batch_size} (/ grad_accum_steps {t.grad_accum_steps}) is not divisible by "
                 f"the {num_devices} devices",
             )
 
+
+def _check_builds(config) -> None:
+    """Builds the network description (and the sample-grid diffusion) now: unknown README
+    flag values fail here, not in jit."""
+    m, t = config.model, config.train
     # Build the network description now: unknown README flag values fail here, not in jit.
     try:
         model_kwargs(config)
     except (ValueError, TypeError, AssertionError) as err:
-        fail("model", str(err))
+        _fail("model", str(err))
     if m.kind != "classifier" and t.sample_every:
         try:
             build_diffusion(config, timestep_respacing=t.sample_respacing)
         except (ValueError, AssertionError) as err:
-            fail("train.sample_respacing", str(err))
+            _fail("train.sample_respacing", str(err))
 
 
 def _check_names(config, default) -> None:

@@ -26,68 +26,15 @@ import numpy as np
 from absl import logging
 
 from adm_jax import paths
-from adm_jax.diffusion.editing import EDIT_KINDS, EditSpec
 from adm_jax.images import image_grid, save_png
-from adm_jax.recipe import config_get
+from adm_jax.recipe.edit import MASK_KINDS, EditSettings, read_edit
 from adm_jax.sampling import io
 from adm_jax.sampling import sampler as sampler_lib
 
-MASK_KINDS = ("half", "thick", "thin", "every_second_line", "super_resolve")
 # Brush strokes of the free-form masks (as LaMa's / RePaint's "wide" and "narrow" masks):
 # (strokes, width as a fraction of the image size).
 _STROKES = {"thick": ((2, 4), (0.12, 0.25)), "thin": ((4, 8), (0.03, 0.07))}
 GRID_ROWS = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class EditSettings:
-    """``config.edit``, read and checked once."""
-
-    spec: EditSpec
-    images: str
-    labels: str
-    target_labels: str
-    masks: str
-    num_images: int
-    output_dir: str
-
-
-def read_settings(config: Any, workdir: str) -> EditSettings:
-    """One-line ValueErrors naming the ``edit.*`` field."""
-    ec = config_get(config, "edit")
-    if ec is None:
-        raise ValueError("edit: the config has no edit section (see configs/default.py)")
-    kind = str(config_get(ec, "kind", "") or "").strip().lower()
-    if kind not in EDIT_KINDS:
-        raise ValueError(f"edit.kind: expected one of {EDIT_KINDS}, got {kind!r}")
-    spec = EditSpec(
-        kind,
-        strength=config_get(ec, "strength", 0.5),
-        jump_length=config_get(ec, "jump_length", 10),
-        jump_n_sample=config_get(ec, "jump_n_sample", 10),
-    )
-    images = str(config_get(ec, "images", "") or "")
-    if not images:
-        raise ValueError("edit.images: give a folder of images or a .npz of them (arr_0)")
-    num_images = config_get(ec, "num_images", 0)
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-        raise ValueError(f"edit.num_images: expected an integer >= 0 (0 = all), got {num_images!r}")
-    masks = str(config_get(ec, "masks", "") or "")
-    if spec.uses_mask and not masks:
-        raise ValueError(f"edit.masks: inpainting needs {MASK_KINDS} or a folder of mask PNGs")
-    if masks and not spec.uses_mask:
-        raise ValueError(f"edit.masks: masks belong to edit.kind=inpaint, not {kind}; set it ''")
-    output_dir = str(config_get(ec, "output_dir", "") or "")
-    output_dir = output_dir or str(paths.path(workdir or ".") / "edits" / kind)
-    return EditSettings(
-        spec,
-        images=images,
-        labels=str(config_get(ec, "labels", "") or "").strip(),
-        target_labels=str(config_get(ec, "target_labels", "") or "").strip(),
-        masks=masks,
-        num_images=num_images,
-        output_dir=output_dir,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +281,7 @@ def edit_grid(job: EditJob, results: np.ndarray) -> np.ndarray:
 
 def edit(config: Any, workdir: str, *, max_batches: int | None = None) -> str | None:
     """``--mode=edit``: edits ``edit.images``; returns the ``.npz`` of the results."""
-    settings = read_settings(config, workdir)
+    settings = read_edit(config, workdir)
     job = build_edit_job(config, workdir, settings)
     n = job.default_num_samples
     logging.info(
@@ -348,7 +295,6 @@ def edit(config: Any, workdir: str, *, max_batches: int | None = None) -> str | 
         job,
         settings.output_dir,
         num_samples=n,
-        classifier_scale=config_get(config.sample, "classifier_scale", 0.0) or 0.0,
         max_batches=max_batches,
     )
     if final is not None and jax.process_index() == 0:

@@ -40,6 +40,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from adm_jax import checkpoints, paths, recipe
 from adm_jax import mesh as mesh_lib
@@ -242,11 +243,10 @@ class _Models:
 
     ckpt: Any
     model_path: str
-    model_apply: Callable[..., Any]
-    classifier_apply: Callable[..., Any] | None
+    module: Any
+    classifier: Any  # the classifier's linen module, or None
     classifier_params: Any
     num_classes: int | None
-    null_label: int | None
     base_images: np.ndarray | None
     base_labels: np.ndarray | None
     base_diffusion: dict[str, Any]
@@ -292,48 +292,38 @@ def _load_models(config: Any, workdir: str, settings: recipe.SampleSettings, mes
         )
     check_matches_config(ckpt, config, model_path)
     image_size = int(ckpt.model_kwargs["image_size"])
-    classifier_apply, classifier_params, classifier_classes = _load_classifier(
+    classifier, classifier_params, classifier_classes = _load_classifier(
         settings, image_size, replicated
     )
     model_classes = ckpt.model_kwargs.get("num_classes")
-    needs_labels = model_classes is not None or classifier_apply is not None
+    needs_labels = model_classes is not None or classifier is not None
     num_classes = _label_range(settings, model_classes, classifier_classes, needs_labels)
     base_images, base_labels = _load_base_samples(
         settings, ckpt, model_path, needs_labels, num_classes
     )
     module = ckpt.module(**settings.module_overrides())
-    null_label = None
-    if settings.cfg_scale is not None:
-        null_label = getattr(module, "null_label", None)
-        if null_label is None:
-            raise ValueError(
-                f"sample.cfg_scale: {model_path} has no null label; classifier-free guidance "
-                "needs a class-conditional model trained with model.class_dropout_prob > 0"
-            )
-    if ckpt.kind == "superres":
-        model_apply = lambda p, x, t, y=None, low_res=None: module.apply(
-            {"params": p}, x, t, low_res=low_res, y=y
+    if settings.cfg_scale is not None and getattr(module, "null_label", None) is None:
+        raise ValueError(
+            f"sample.cfg_scale: {model_path} has no null label; classifier-free guidance "
+            "needs a class-conditional model trained with model.class_dropout_prob > 0"
         )
-    else:
-        model_apply = lambda p, x, t, y=None: module.apply({"params": p}, x, t, y=y)
-    base_diffusion = dict(ckpt.diffusion_kwargs or recipe.to_dict(config_get(config, "diffusion")))
+    base_diffusion = ckpt.diffusion_kwargs or recipe.to_dict(config_get(config, "diffusion"))
     return _Models(
         ckpt=ckpt,
         model_path=model_path,
-        model_apply=model_apply,
-        classifier_apply=classifier_apply,
+        module=module,
+        classifier=classifier,
         classifier_params=classifier_params,
         num_classes=num_classes,
-        null_label=null_label,
         base_images=base_images,
         base_labels=base_labels,
-        base_diffusion=base_diffusion,
+        base_diffusion=dict(base_diffusion),
         mesh=mesh,
     )
 
 
 def _load_classifier(settings: recipe.SampleSettings, image_size: int, replicated):
-    """``(apply, params, number of classes)`` of ``sample.classifier_checkpoint`` (Nones
+    """``(module, params, number of classes)`` of ``sample.classifier_checkpoint`` (Nones
     without one)."""
     path = settings.classifier_checkpoint
     if not path:
@@ -350,8 +340,7 @@ def _load_classifier(settings: recipe.SampleSettings, image_size: int, replicate
             f"the diffusion model's image_size {image_size}"
         )
     module = ckpt.module(**settings.module_overrides())
-    apply = lambda p, x, t: module.apply({"params": p}, x, t)
-    return apply, ckpt.params, int(ckpt.model_kwargs.get("out_channels", 1000))
+    return module, ckpt.params, int(ckpt.model_kwargs.get("out_channels", 1000))
 
 
 def _label_range(
@@ -442,19 +431,17 @@ def _make_job(
     if spec.name == "ddpm" and spec.respacing.startswith("ddim"):
         logging.warning("timestep_respacing=%s with sampler ddpm: ancestral", spec.respacing)
     ckpt = models.ckpt
-    sampler = BatchSampler(
+    sampler = BatchSampler.for_networks(
         diffusion,
-        models.model_apply,
+        models.module,
+        classifier=models.classifier,
+        cfg=settings.cfg_scale is not None,
+        unconditional=settings.cfg_scale == 0,
         image_shape=models.image_shape,
         batch_size=settings.batch_size,
         mesh=models.mesh,
         clip_denoised=settings.clip_denoised,
-        classifier_apply=models.classifier_apply,
-        class_cond=ckpt.model_kwargs.get("num_classes") is not None,
-        superres=ckpt.kind == "superres",
         method=spec,
-        null_label=models.null_label,
-        unconditional=settings.cfg_scale == 0,
         edit=edit,
     )
     spec = sampler.method
@@ -595,11 +582,41 @@ def run_job(
         cfg_scale = recipe.check_scale("sample.cfg_scale", cfg_scale)
     if num_samples <= 0:
         raise ValueError(f"sample.num_samples must be positive, got {num_samples}")
-    batch_size = job.batch_size
-    num_batches = math.ceil(num_samples / batch_size)
+    num_batches = math.ceil(num_samples / job.batch_size)
     shard_dir = paths.path(output_dir) / "shards"
     args = dict(job.provenance, classifier_scale=classifier_scale, cfg_scale=cfg_scale)
+    done = _batches_done(shard_dir, args, num_batches, output_dir)
+    remaining = [b for b in range(num_batches) if b not in done]
+    todo = remaining if max_batches is None else remaining[:max_batches]
+    bar = None
+    if progress and _is_main():
+        bar = tqdm(
+            total=num_batches,
+            initial=len(done),
+            unit="batch",
+            desc=f"sampling {num_samples} ({_describe(job, classifier_scale, cfg_scale)})",
+        )
+    _write_shards(job, todo, shard_dir, classifier_scale, cfg_scale, bar)
+    _sync("adm_jax.sampling.shards_written")  # every process's shards exist from here on
+    if len(todo) < len(remaining):
+        return None
+    final = paths.path(output_dir) / samples_filename(num_samples, job.sampler.image_shape)
+    if _is_main():
+        assemble(shard_dir, final, num_samples, job.batch_size)
+        num_grid = min(grid_images, num_samples)
+        grid = [
+            io.load_samples_npz(shard_dir / SHARD_PATTERN.format(b))[0]
+            for b in range(math.ceil(num_grid / job.batch_size))
+        ]
+        io.save_image_grid(final.with_suffix(".png"), np.concatenate(grid)[:num_grid])
+        logging.info("Wrote %s", final)
+    _sync("adm_jax.sampling.done")
+    return str(final)
 
+
+def _batches_done(shard_dir, args: dict[str, Any], num_batches: int, output_dir: str) -> set[int]:
+    """The batches already written by an earlier run with the same ``args`` (stored for a new
+    run), as process 0 sees them, on every process; refuses a folder of other arguments."""
     mismatch = None
     if _is_main():
         shard_dir.mkdir(parents=True, exist_ok=True)
@@ -618,25 +635,16 @@ def run_job(
         )
     if not _is_main():
         shard_dir.mkdir(parents=True, exist_ok=True)
-    remaining = [b for b in range(num_batches) if not done_mask[b]]
-    todo = remaining if max_batches is None else remaining[:max_batches]
-    complete = len(todo) == len(remaining)
-    if done_mask[:-1].any() and _is_main():
-        logging.info(
-            "Resuming %s: %d of %d batches done", output_dir, done_mask[:-1].sum(), num_batches
-        )
+    done = {int(b) for b in np.flatnonzero(done_mask[:-1])}
+    if done and _is_main():
+        logging.info("Resuming %s: %d of %d batches done", output_dir, len(done), num_batches)
+    return done
 
+
+def _write_shards(job, todo, shard_dir, classifier_scale, cfg_scale, bar) -> None:
+    """Samples the ``todo`` batches, writing each shard from its writer process while the
+    devices compute the next batch."""
     start = time.time()
-    bar = None
-    if progress and _is_main():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=num_batches,
-            initial=int(done_mask[:-1].sum()),
-            unit="batch",
-            desc=f"sampling {num_samples} ({_describe(job, classifier_scale, cfg_scale)})",
-        )
 
     def save(pending):
         b, images, labels = pending
@@ -663,26 +671,10 @@ def run_job(
         logging.info(
             "Sampled %d batches of %d in %.1fs (%.2f samples/s)",
             len(todo),
-            batch_size,
+            job.batch_size,
             elapsed,
-            len(todo) * batch_size / max(elapsed, 1e-9),
+            len(todo) * job.batch_size / max(elapsed, 1e-9),
         )
-    _sync("adm_jax.sampling.shards_written")  # every process's shards exist from here on
-    if not complete:
-        return None
-
-    final = paths.path(output_dir) / samples_filename(num_samples, job.sampler.image_shape)
-    if _is_main():
-        assemble(shard_dir, final, num_samples, batch_size)
-        num_grid = min(grid_images, num_samples)
-        grid = [
-            io.load_samples_npz(shard_dir / SHARD_PATTERN.format(b))[0]
-            for b in range(math.ceil(num_grid / batch_size))
-        ]
-        io.save_image_grid(final.with_suffix(".png"), np.concatenate(grid)[:num_grid])
-        logging.info("Wrote %s", final)
-    _sync("adm_jax.sampling.done")
-    return str(final)
 
 
 def _describe(job: SamplingJob, classifier_scale: float, cfg_scale: float | None) -> str:

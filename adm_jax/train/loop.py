@@ -385,14 +385,13 @@ class _SampleGrid:
         batch = -(-self.num_images // mesh.size) * mesh.size
         channels = config_lib.in_channels(config)
         size = config_lib.model_image_size(config)
-        self.sampler = BatchSampler(
+        self.sampler = BatchSampler.for_networks(
             config_lib.build_diffusion(config, timestep_respacing=tc.sample_respacing),
-            lambda params, x, t, **kw: module.apply({"params": params}, x, t, train=False, **kw),
+            module,
+            model_options=dict(train=False),
             image_shape=(size, size, channels),
             batch_size=batch,
             mesh=mesh,
-            class_cond=self.num_classes is not None,
-            superres=self.small_size is not None,
         )
         self.program = _CompileOnceThenSync(self.sampler.program, "sample_grid")
         self._gather = jax.jit(self._last_batch_inputs, out_shardings=self.sampler.replicated)
