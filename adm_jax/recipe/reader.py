@@ -7,6 +7,7 @@ three the same way, so "absent" and "empty" mean the same thing everywhere.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -31,7 +32,11 @@ def config_text(section: Any, name: str, default: str = "") -> str:
 
 
 def to_dict(section: Any) -> dict[str, Any]:
-    """A section (ConfigDict, mapping) as a plain dict; None as {}."""
+    """A section (ConfigDict, mapping or plain object) as a plain dict; None as {}."""
     if section is None:
         return {}
-    return dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    if hasattr(section, "to_dict"):
+        return dict(section.to_dict())
+    if isinstance(section, Mapping):
+        return dict(section)
+    return dict(vars(section))

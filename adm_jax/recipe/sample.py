@@ -65,7 +65,7 @@ def sampler_spec(sample_config: Any, **overrides) -> SamplerSpec:
     (dpm++, unipc, heun, euler_ancestral, dpmpp_2m, dpmpp_2m_sde) ignore timestep_respacing
     and run ``steps`` (default 20) solver steps on the training schedule.
     """
-    get = lambda name, default=None: overrides.get(name, config_get(sample_config, name, default))
+    get = {**to_dict(sample_config), **overrides}.get
     name = str(get("sampler", "ddpm") or "ddpm").strip().lower()
     if name not in SAMPLERS:
         raise ValueError(f"sample.sampler: expected one of {SAMPLERS}, got {name!r}")
@@ -192,7 +192,7 @@ def check_scale(field: str, value: Any) -> float:
 def cfg_scale_of(sample_config: Any) -> float | None:
     """``sample.cfg_scale``: None (or "") means classifier-free guidance is off; otherwise a
     finite scale >= 0 (1 = the conditional model, 0 = the unconditional one)."""
-    value = config_get(sample_config, "cfg_scale", None)
+    value = to_dict(sample_config).get("cfg_scale")
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     return check_scale("sample.cfg_scale", value)
@@ -217,8 +217,8 @@ def parse_class_labels(spec: Any) -> list[int] | None:
     return [int(s) for s in spec]
 
 
-def _count(section: Any, field: str, minimum: int) -> int:
-    value = config_get(section, field, minimum)
+def _count(fields: Mapping[str, Any], field: str, minimum: int) -> int:
+    value = fields.get(field, minimum)
     value = minimum if value is None else value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         hint = " (0 = every base sample, only with sample.base_samples)" if minimum == 0 else ""
@@ -268,46 +268,47 @@ class SampleSettings:
 def read_sample(config: Any, **sampler_overrides) -> SampleSettings:
     """``config.sample`` (and ``config.train.attention_impl``) as ``SampleSettings``; every
     problem is a one-line ValueError naming the field."""
-    sc = config_get(config, "sample")
-    batch_size = _count(sc, "batch_size", 1)
-    num_samples = _count(sc, "num_samples", 0)
-    base_samples = config_text(sc, "base_samples")
+    fields = to_dict(config_get(config, "sample"))
+    text = lambda name: "" if fields.get(name) is None else str(fields[name])
+    batch_size = _count(fields, "batch_size", 1)
+    num_samples = _count(fields, "num_samples", 0)
+    base_samples = text("base_samples")
     if not num_samples and not base_samples:
         raise ValueError(
             "sample.num_samples: 0 samples every base sample once, which needs "
             "sample.base_samples (an upsampler's input); give a positive count"
         )
     classifier_scale = check_scale(
-        "sample.classifier_scale", config_get(sc, "classifier_scale", 0.0) or 0.0
+        "sample.classifier_scale", fields.get("classifier_scale", 0.0) or 0.0
     )
-    classifier_checkpoint = config_text(sc, "classifier_checkpoint")
+    classifier_checkpoint = text("classifier_checkpoint")
     if classifier_scale != 0.0 and not classifier_checkpoint:
         raise ValueError(
             f"sample.classifier_scale={classifier_scale:g} needs sample.classifier_checkpoint "
             "(a noisy-image classifier); set the scale to 0 to sample without guidance"
         )
-    num_classes = config_get(sc, "num_classes", 0) or 0
+    num_classes = fields.get("num_classes", 0) or 0
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
         raise ValueError(f"sample.num_classes: expected an integer >= 0, got {num_classes!r}")
     if num_classes < 0:
         raise ValueError(f"sample.num_classes: expected an integer >= 0, got {num_classes!r}")
-    labels = parse_class_labels(config_get(sc, "class_labels", "random"))
-    fields = to_dict(sc)
+    labels = parse_class_labels(fields.get("class_labels", "random"))
+    fields.update(sampler_overrides)
     return SampleSettings(
-        sampler=sampler_spec(fields, **sampler_overrides),
+        sampler=sampler_spec(fields),
         classifier_scale=classifier_scale,
-        cfg_scale=cfg_scale_of(sc),
-        checkpoint=config_text(sc, "checkpoint"),
+        cfg_scale=cfg_scale_of(fields),
+        checkpoint=text("checkpoint"),
         classifier_checkpoint=classifier_checkpoint,
         batch_size=batch_size,
         num_samples=num_samples,
-        seed=int(config_get(sc, "seed", 0) or 0),
+        seed=int(fields.get("seed", 0) or 0),
         class_labels=None if labels is None else tuple(labels),
         num_classes=int(num_classes),
         base_samples=base_samples,
-        clip_denoised=bool(config_get(sc, "clip_denoised", True)),
-        dtype=config_text(sc, "dtype"),
+        clip_denoised=bool(fields.get("clip_denoised", True)),
+        dtype=text("dtype"),
         attention_impl=config_text(config_get(config, "train"), "attention_impl"),
-        output_dir=config_text(sc, "output_dir"),
+        output_dir=text("output_dir"),
         sampler_fields=fields,
     )

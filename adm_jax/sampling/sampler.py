@@ -48,6 +48,7 @@ from adm_jax.batch_sampler import BatchSampler, replicate
 from adm_jax.diffusion import create_diffusion
 from adm_jax.diffusion.editing import EditSpec
 from adm_jax.recipe import config_get
+from adm_jax.recipe.sample import SampleSettings, check_scale, read_sample
 from adm_jax.sampling import io
 
 ARGS_FILE = "args.json"
@@ -146,7 +147,7 @@ class SamplingJob:
     scales, and ``with_sampler`` for other samplers of the same models."""
 
     sampler: BatchSampler
-    settings: recipe.SampleSettings
+    settings: SampleSettings
     model_params: Any
     classifier_params: Any
     num_classes: int | None  # label range when labels are used
@@ -262,7 +263,7 @@ def build_job(
     config: Any,
     workdir: str,
     *,
-    settings: recipe.SampleSettings | None = None,
+    settings: SampleSettings | None = None,
     mesh: Mesh | None = None,
     edit: EditSpec | None = None,
 ) -> SamplingJob:
@@ -273,7 +274,7 @@ def build_job(
     ``edit``: the job edits given images (``adm_jax.sampling.edit``) instead of sampling.
     Errors are single-line ``ValueError``/``FileNotFoundError`` naming the config field.
     """
-    settings = settings if settings is not None else recipe.read_sample(config)
+    settings = settings if settings is not None else read_sample(config)
     if edit is not None:
         edit.check_sampler(settings.sampler)
     mesh = mesh if mesh is not None else make_mesh(settings.batch_size)
@@ -281,7 +282,7 @@ def build_job(
     return _make_job(models, settings, edit)
 
 
-def _load_models(config: Any, workdir: str, settings: recipe.SampleSettings, mesh: Mesh) -> _Models:
+def _load_models(config: Any, workdir: str, settings: SampleSettings, mesh: Mesh) -> _Models:
     replicated = NamedSharding(mesh, P())
     model_path = settings.checkpoint or workdir
     ckpt = load_checkpoint(model_path, replicated)
@@ -322,7 +323,7 @@ def _load_models(config: Any, workdir: str, settings: recipe.SampleSettings, mes
     )
 
 
-def _load_classifier(settings: recipe.SampleSettings, image_size: int, replicated):
+def _load_classifier(settings: SampleSettings, image_size: int, replicated):
     """``(module, params, number of classes)`` of ``sample.classifier_checkpoint`` (Nones
     without one)."""
     path = settings.classifier_checkpoint
@@ -344,7 +345,7 @@ def _load_classifier(settings: recipe.SampleSettings, image_size: int, replicate
 
 
 def _label_range(
-    settings: recipe.SampleSettings,
+    settings: SampleSettings,
     model_classes: int | None,
     classifier_classes: int | None,
     needs_labels: bool,
@@ -411,9 +412,7 @@ def _load_base_samples(settings, ckpt, model_path: str, needs_labels: bool, num_
     return images, labels
 
 
-def _make_job(
-    models: _Models, settings: recipe.SampleSettings, edit: EditSpec | None
-) -> SamplingJob:
+def _make_job(models: _Models, settings: SampleSettings, edit: EditSpec | None) -> SamplingJob:
     """The job of ``settings.sampler`` on the loaded models (``with_sampler`` calls it again
     with other sampler settings: one more compilation, no more loading)."""
     spec = settings.sampler
@@ -566,7 +565,7 @@ def run_job(
     if classifier_scale is None:
         classifier_scale = job.classifier_scale
     else:
-        classifier_scale = recipe.check_scale("sample.classifier_scale", classifier_scale)
+        classifier_scale = check_scale("sample.classifier_scale", classifier_scale)
     if classifier_scale and not job.sampler.guided:
         raise ValueError(
             f"sample.classifier_scale={classifier_scale:g} needs sample.classifier_checkpoint"
@@ -579,7 +578,7 @@ def run_job(
             "(build it with sample.cfg_scale set)"
         )
     else:
-        cfg_scale = recipe.check_scale("sample.cfg_scale", cfg_scale)
+        cfg_scale = check_scale("sample.cfg_scale", cfg_scale)
     if num_samples <= 0:
         raise ValueError(f"sample.num_samples must be positive, got {num_samples}")
     num_batches = math.ceil(num_samples / job.batch_size)
@@ -735,7 +734,7 @@ def sample(config: Any, workdir: str, *, max_batches: int | None = None) -> str 
     upsampler checkpoint and ``config.sample.base_samples`` this is the second stage of
     two-stage sampling.
     """
-    settings = recipe.read_sample(config)
+    settings = read_sample(config)
     job = build_job(config, workdir, settings=settings)
     return run_job(
         job,
