@@ -1,5 +1,6 @@
 """absl flags for the library modules that are also commands: ``python -m adm_jax.convert``,
-``adm_jax.sampling.io`` and ``adm_jax.evaluation.convert_inception``.
+``adm_jax.sampling.io``, ``adm_jax.evaluation.convert_inception`` and
+``adm_jax.data.prepare``.
 
 Each defines its flags on a ``flags.FlagValues`` of its own, not on absl's global ``FLAGS``:
 these modules are imported by ``adm_jax.main``, the benchmark and the tests, and flags defined
@@ -31,14 +32,16 @@ def parse(
     *,
     usage: str,
     required: Sequence[str] = (),
+    description: str = "",
 ) -> list[str]:
     """Parses ``argv`` (without the program name; None: ``sys.argv[1:]``) into
-    ``flag_values`` and returns the positional arguments; ``--help`` prints ``usage`` and the
-    flags, then exits. A bad flag raises ``flags.Error`` naming it, a missing ``required``
-    one ``app.UsageError``."""
+    ``flag_values`` and returns the positional arguments; ``--help`` prints ``usage``,
+    ``description`` (if any) and the flags, then exits. A bad flag raises ``flags.Error``
+    naming it, a missing ``required`` one ``app.UsageError``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg in HELP for arg in argv):
-        print(f"usage: {usage}\n{flag_values.get_help(include_special_flags=False)}")
+        text = f"{description}\n" if description else ""
+        print(f"usage: {usage}\n{text}{flag_values.get_help(include_special_flags=False)}")
         raise SystemExit(0)
     positional = flag_values(["", *argv])[1:]
     missing = [f"--{name}" for name in required if flag_values[name].value is None]

@@ -194,3 +194,22 @@ def test_class_dropout_adds_the_null_label_row_and_round_trips(tmp_path):
     )
     rebuilt = checkpoints.load_inference_checkpoint(path).module()
     assert rebuilt.null_label == 1000 and rebuilt == module.clone(dtype=rebuilt.dtype)
+
+
+def test_base_config_is_the_reference_defaults_but_learn_sigma():
+    """configs/default.py re-exports the package's base config, whose model flags and diffusion
+    section are script_util's defaults (adm_jax.reference_defaults) except learn_sigma=True."""
+    from adm_jax import reference_defaults as ref
+    from adm_jax.diffusion import diffusion_kwargs_from_flags
+    from adm_jax.recipe import default_config
+    from configs import default
+
+    assert default.get_config is default_config.get_config
+    assert config_lib._default_module() is default_config
+    config = default.get_config()
+    assert dict(config.diffusion) == diffusion_kwargs_from_flags({"learn_sigma": True})
+    reference = {**ref.MODEL_DEFAULTS, **ref.DIFFUSION_DEFAULTS, "learn_sigma": True}
+    assert {k: reference[k] for k in default.UNET_FLAGS} == default.UNET_FLAGS
+    classifier = {k: v for k, v in default.CLASSIFIER_FLAGS.items() if k != "channel_mult"}
+    assert classifier == {k: ref.CLASSIFIER_DEFAULTS[k] for k in classifier}
+    assert set(classifier) == set(ref.CLASSIFIER_DEFAULTS)

@@ -163,20 +163,29 @@ def _literal(node, assignments):
     except ValueError:
         if isinstance(node, ast.Name) and node.id in assignments:
             return _literal(assignments[node.id], {})
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            # ``module.NAME`` of a sibling module (main's ``modes.MODES``): its top-level value.
+            path = REPO / "adm_jax" / f"{node.value.id}.py"
+            if path.is_file():
+                return _literal(ast.Name(node.attr), _assignments(ast.parse(path.read_text())))
         return None, False
 
 
-def read_entry(path: pathlib.Path) -> Entry:
-    """The flags a module defines: absl ``DEFINE_*`` (anywhere in it, also under
-    ``if __name__ == "__main__"``) and argparse ``add_argument("--x", ...)``."""
-    tree = ast.parse(path.read_text())
-    assignments = {
+def _assignments(tree: ast.Module) -> dict[str, ast.expr]:
+    return {
         t.id: node.value
         for node in tree.body
         if isinstance(node, ast.Assign)
         for t in node.targets
         if isinstance(t, ast.Name)
     }
+
+
+def read_entry(path: pathlib.Path) -> Entry:
+    """The flags a module defines: absl ``DEFINE_*`` (anywhere in it, also under
+    ``if __name__ == "__main__"``) and argparse ``add_argument("--x", ...)``."""
+    tree = ast.parse(path.read_text())
+    assignments = _assignments(tree)
     flags, absl = {}, False
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):

@@ -167,16 +167,16 @@ def test_nll_rejects_unknown_fields_and_mismatched_data(tiny_ckpt, tiny_tfds_dir
 
 
 def test_entry_point_nll_mode_reports_config_errors_as_one_line(tiny_ckpt, tiny_tfds_dir, tmp_path):
-    """--mode=nll is a mode of adm_jax.main; a bad field stops it, before compiling, with the
-    one line that main prints."""
+    """--mode=nll is a mode of adm_jax.main (adm_jax.modes); a bad field stops it, before
+    compiling, with the one line that main prints."""
     from absl import app
 
-    from adm_jax import main
+    from adm_jax import modes
 
-    assert "nll" in main.MODES
+    assert "nll" in modes.MODES
     config = _config(tiny_ckpt, tiny_tfds_dir, num_samples=1000)
     with pytest.raises((app.UsageError, ValueError)) as err:
-        main._run_mode(config, str(tmp_path), "nll")
+        modes.run_mode(config, str(tmp_path), "nll")
     assert (
         str(err.value)
         == "nll.num_samples: 1000 exceeds the 32 images of split 'train' (0 = all of them)"

@@ -250,18 +250,18 @@ def test_sweep_grid_of_scales_samplers_and_nfe(ckpts, tmp_path):
 
 
 def test_entry_point_sweep_mode(ckpts, tmp_path):
-    """--mode=sweep is a mode of adm_jax.main: a bad field is one line; without metrics or a
-    reference batch it samples every point and writes the table."""
+    """--mode=sweep is a mode of adm_jax.main (adm_jax.modes): a bad field is one line;
+    without metrics or a reference batch it samples every point and writes the table."""
     from absl import app
 
-    from adm_jax import main
+    from adm_jax import modes
 
-    assert "sweep" in main.MODES
+    assert "sweep" in modes.MODES
     config = _config(ckpts, tmp_path, num_samples=8, steps=STEPS, sweep_scales="")
     with pytest.raises(app.UsageError, match=r"^sample\.sweep_scales: give at least one"):
-        main._run_mode(config, str(tmp_path), "sweep")
+        modes.run_mode(config, str(tmp_path), "sweep")
     config.sample.sweep_scales = "0"
-    main._run_mode(config, str(tmp_path), "sweep")
+    modes.run_mode(config, str(tmp_path), "sweep")
     assert os.path.exists(tmp_path / "scale_0" / "samples_8x8x8x3.npz")
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert table[0] == "| Scale |" and table[2] == "| 0 |"

@@ -6,13 +6,15 @@ does not run a module the package has already imported."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+import types
+from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
+from absl import app
+from absl import flags as absl_flags
 
-from adm_jax import paths
+from adm_jax import cli_flags, paths
 from adm_jax.data.builders import _is_prepared, build_image_folder_dataset
 
 
@@ -34,38 +36,62 @@ def training_overrides(data_dir: str, name: str, classes: list[str] | None) -> l
     return flags
 
 
-def main(argv: list[str] | None = None) -> str:
-    """``python -m adm_jax.data.prepare``: an image folder -> a TFDS dataset; prints its
-    size, its classes and the config overrides that train on it."""
-    parser = argparse.ArgumentParser(
-        prog="python -m adm_jax.data.prepare",
-        description="Turn a folder of images (.jpg/.jpeg/.png/.gif, searched recursively) into "
-        "the TFDS ArrayRecord dataset DATA_DIR/NAME/VERSION that training reads.",
+USAGE = (
+    "python -m adm_jax.data.prepare IMAGE_DIR --data_dir=DATA_DIR --name=NAME "
+    "[--labels=subdir|prefix|none] [--validation_dir=DIR] [--version=1.0.0]"
+)
+DESCRIPTION = (
+    "Turn a folder of images (.jpg/.jpeg/.png/.gif, searched recursively) into the TFDS "
+    "ArrayRecord dataset DATA_DIR/NAME/VERSION that training reads.\n"
+    "IMAGE_DIR: folder of training images (local or gs://)"
+)
+
+
+def _flag_values() -> absl_flags.FlagValues:
+    """The command's flags, on a ``FlagValues`` of their own (see ``adm_jax.cli_flags``)."""
+    fv = absl_flags.FlagValues()
+    absl_flags.DEFINE_string(
+        "data_dir", None, "TFDS data_dir to write to (config.data.data_dir)", flag_values=fv
     )
-    parser.add_argument("image_dir", help="folder of training images (local or gs://)")
-    parser.add_argument(
-        "--data_dir", required=True, help="TFDS data_dir to write to (config.data.data_dir)"
+    absl_flags.DEFINE_string(
+        "name", None, "snake_case dataset name (config.data.name)", flag_values=fv
     )
-    parser.add_argument("--name", required=True, help="snake_case dataset name (config.data.name)")
-    parser.add_argument(
-        "--labels",
-        choices=("subdir", "prefix", "none"),
-        default="subdir",
-        help="class of an image: subdir (first-level subfolder), prefix (file name up to the "
+    absl_flags.DEFINE_enum(
+        "labels",
+        "subdir",
+        ("subdir", "prefix", "none"),
+        "class of an image: subdir (first-level subfolder), prefix (file name up to the "
         "first _), none (unlabeled)",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--validation_dir",
-        default="",
-        help="optional folder of held-out images: split 'validation' (validation loss)",
+    absl_flags.DEFINE_string(
+        "validation_dir",
+        "",
+        "optional folder of held-out images: split 'validation' (validation loss)",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--version",
-        default="1.0.0",
-        help="dataset version; an existing version is reused: pass a new one after changing "
-        "the images",
+    absl_flags.DEFINE_string(
+        "version",
+        "1.0.0",
+        "dataset version; an existing version is reused: pass a new one after changing the images",
+        flag_values=fv,
     )
-    args = parser.parse_args(argv)
+    return fv
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m adm_jax.data.prepare`` as a function (``argv`` without the program name;
+    None: ``sys.argv[1:]``): an image folder -> a TFDS dataset; prints its size, its classes
+    and the config overrides that train on it, and returns the dataset's name. Bad input
+    raises a one-line error naming the flag or folder."""
+    fv = _flag_values()
+    positional = cli_flags.parse(
+        fv, argv, usage=USAGE, required=["data_dir", "name"], description=DESCRIPTION
+    )
+    if len(positional) != 1:
+        what = "missing" if not positional else f"one expected, got {positional}"
+        raise app.UsageError(f"IMAGE_DIR: {what} (usage: {USAGE})")
+    args = types.SimpleNamespace(image_dir=positional[0], **fv.flag_values_dict())
 
     label_from = None if args.labels == "none" else args.labels
     image_dir = args.image_dir
@@ -93,8 +119,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli_flags.run(main)

@@ -228,6 +228,57 @@ def karras_noise(key, steps: int, shape, dtype=jnp.float32):
     )
 
 
+def _check_noise(plan: dict, sampler: str, steps: int, x_T, noise, key):
+    """(noise, key) as the scan receives them: noise of shape (steps, *x_T.shape) or a key
+    when the plan draws noise (None, None when it draws none)."""
+    if noise is not None and key is not None:
+        raise ValueError("noise, key: pass at most one of them")
+    if noise is not None:
+        noise = jnp.asarray(noise, jnp.float32)
+        expected = (steps, *x_T.shape)
+        if noise.shape != expected:
+            raise ValueError(
+                f"noise: expected shape (steps, *x_T.shape) = {expected}, got {noise.shape}"
+            )
+    elif key is None and plan["uses_noise"]:
+        raise ValueError(
+            f"noise, key: sampler {sampler!r} with these options draws noise; pass noise of "
+            f"shape {(steps, *x_T.shape)} or a PRNG key"
+        )
+    if not plan["uses_noise"]:
+        noise = key = None
+    return noise, key
+
+
+def _scan_inputs(plan: dict, sampler: str) -> dict:
+    """The plan's per-step arrays that the scan runs over (traced: no recompilation for new
+    values)."""
+    float_names = ("denoiser_sigmas", "model_times", "c_in")
+    float_names += ("churn", "dt") if sampler == "heun" else ("a", "b", "c", "e", "n", "b_first")
+    xs = {name: jnp.asarray(np.asarray(plan[name], np.float32)) for name in float_names}
+    # eps' = eps - classifier_scale * sigma c_in g, i.e. D' = D + classifier_scale sigma^2 c_in g
+    xs["guide_coef"] = jnp.asarray(np.asarray(plan["denoiser_sigmas"] * plan["c_in"], np.float32))
+    xs["guided"] = jnp.asarray(plan["guided"])
+    xs["step"] = jnp.asarray(plan["step"])
+    if sampler == "heun":
+        xs["second"] = jnp.asarray(plan["second"])
+    return xs
+
+
+def _sdedit_start(diffusion: Diffusion, plan: dict, x_T, x_init, strength) -> dict:
+    """SDEdit's start: x_init, the traced strength, and the tables that turn it into the first
+    sigma kept on the grid."""
+    x_init = jnp.asarray(x_init, jnp.float32)
+    if x_init.shape != x_T.shape:
+        raise ValueError(f"x_init: expected shape {x_T.shape}, got {x_init.shape}")
+    return dict(
+        x_init=x_init,
+        strength=jnp.asarray(strength, jnp.float32),
+        log_sigma_table=jnp.asarray(np.log(sigma_table(diffusion)).astype(np.float32)),
+        grid=jnp.asarray(plan["sigmas"].astype(np.float32)),
+    )
+
+
 def karras_sample(
     diffusion: Diffusion,
     model_fn,
@@ -303,42 +354,9 @@ def karras_sample(
     x_T = jnp.asarray(x_T, jnp.float32)
     if x_T.ndim < 2:
         raise ValueError(f"x_T: expected a batch of NHWC images, got shape {x_T.shape}")
-    if noise is not None and key is not None:
-        raise ValueError("noise, key: pass at most one of them")
-    if noise is not None:
-        noise = jnp.asarray(noise, jnp.float32)
-        expected = (steps, *x_T.shape)
-        if noise.shape != expected:
-            raise ValueError(
-                f"noise: expected shape (steps, *x_T.shape) = {expected}, got {noise.shape}"
-            )
-    elif key is None and plan["uses_noise"]:
-        raise ValueError(
-            f"noise, key: sampler {sampler!r} with these options draws noise; pass noise of "
-            f"shape {(steps, *x_T.shape)} or a PRNG key"
-        )
-    if not plan["uses_noise"]:
-        noise = key = None
-    float_names = ("denoiser_sigmas", "model_times", "c_in")
-    float_names += ("churn", "dt") if sampler == "heun" else ("a", "b", "c", "e", "n", "b_first")
-    xs = {name: jnp.asarray(np.asarray(plan[name], np.float32)) for name in float_names}
-    # eps' = eps - classifier_scale * sigma c_in g, i.e. D' = D + classifier_scale sigma^2 c_in g
-    xs["guide_coef"] = jnp.asarray(np.asarray(plan["denoiser_sigmas"] * plan["c_in"], np.float32))
-    xs["guided"] = jnp.asarray(plan["guided"])
-    xs["step"] = jnp.asarray(plan["step"])
-    if sampler == "heun":
-        xs["second"] = jnp.asarray(plan["second"])
-    start = None
-    if x_init is not None:
-        x_init = jnp.asarray(x_init, jnp.float32)
-        if x_init.shape != x_T.shape:
-            raise ValueError(f"x_init: expected shape {x_T.shape}, got {x_init.shape}")
-        start = dict(
-            x_init=x_init,
-            strength=jnp.asarray(strength, jnp.float32),
-            log_sigma_table=jnp.asarray(np.log(sigma_table(diffusion)).astype(np.float32)),
-            grid=jnp.asarray(plan["sigmas"].astype(np.float32)),
-        )
+    noise, key = _check_noise(plan, sampler, steps, x_T, noise, key)
+    xs = _scan_inputs(plan, sampler)
+    start = None if x_init is None else _sdedit_start(diffusion, plan, x_T, x_init, strength)
     return _karras_sample(
         model_fn,
         x_T,

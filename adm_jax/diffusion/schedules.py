@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from adm_jax.reference_defaults import DIFFUSION_DEFAULTS, SCRIPT_FLAGS
+
 MEAN_TYPES = ("epsilon", "start_x", "previous_x")
 VAR_TYPES = ("learned", "learned_range", "fixed_small", "fixed_large")
 LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
@@ -262,16 +264,8 @@ def create_diffusion(
     )
 
 
-_FLAG_DEFAULTS = dict(
-    diffusion_steps=1000,
-    noise_schedule="linear",
-    learn_sigma=False,
-    sigma_small=False,
-    use_kl=False,
-    predict_xstart=False,
-    rescale_learned_sigmas=False,
-    timestep_respacing="",
-)
+# diffusion_defaults() and create_gaussian_diffusion's sigma_small (adm_jax.reference_defaults).
+_FLAG_DEFAULTS = {**DIFFUSION_DEFAULTS, "sigma_small": SCRIPT_FLAGS["sigma_small"]}
 
 
 def _get(flags: Any, name: str):

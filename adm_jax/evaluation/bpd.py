@@ -151,18 +151,9 @@ def _model(config: Any, workdir: str, settings: NllSettings, mesh):
     return ckpt, path, ckpt.module(), diffusion, kwargs
 
 
-def nll(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-    """``--mode=nll``: bits/dim of the model over ``config.nll.num_samples`` images of a split.
-
-    Returns (and process 0 writes to ``<workdir>/nll.json``) the means over the images of
-    ``total_bpd`` (= ``prior_bpd`` + ``vb_bpd``), ``prior_bpd`` and ``vb_bpd`` (the summed vb
-    terms), the per-timestep means ``vb``, ``mse``, ``xstart_mse`` (index j is step T - 1 - j,
-    whose network timestep is ``timesteps[j]``), ``num_images`` and the run's settings.
-    Errors in the config are one-line ``ValueError``s naming the field.
-    """
-    settings = read_nll(config)
-    mesh = mesh_lib.batch_mesh(settings.batch_size, field="nll.batch_size")
-    ckpt, path, module, diffusion, diffusion_kwargs = _model(config, workdir, settings, mesh)
+def _images(config: Any, settings: NllSettings, ckpt, path: str) -> tuple[str, bool, int]:
+    """(split, class_cond, number of images): the data section and split, checked against
+    the model and ``nll.num_samples`` (one-line ValueErrors naming the field)."""
     split = settings.split or config.data.get("eval_split") or config.data.split
     try:
         data_lib.validate_data_config(config.data)
@@ -187,7 +178,55 @@ def nll(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]:
             f"nll.num_samples: {settings.num_samples} exceeds the {available} images of split "
             f"{split!r} (0 = all of them)"
         )
-    requested = settings.num_samples or available
+    return split, class_cond, settings.num_samples or available
+
+
+def _accumulate(program, params, batches, num_batches: int, *, bar, is_main: bool) -> _Totals:
+    """Runs ``program`` on every batch and sums its terms: batch b runs on the device while
+    the host reads batch b - 1's sums; progress on ``bar`` and in the log (process 0)."""
+    totals, log_every = _Totals(), max(1, num_batches // 10)
+    done = 0
+
+    def collect(pending):
+        nonlocal done
+        totals.add(pending)  # waits for the device
+        done += 1
+        bpd = float(totals.mean("total_bpd")) if totals.count else float("nan")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{bpd:.4f} bits/dim")
+        if is_main and (done % log_every == 0 or done == num_batches):
+            logging.info(
+                "nll: %d/%d batches, %d images: %.4f bits/dim", done, num_batches,
+                totals.count, bpd,
+            )  # fmt: skip
+
+    pending = None
+    for b, batch in enumerate(batches):  # batch b runs while the host reads batch b - 1's sums
+        out = program(params, batch["image"], batch["label"], batch["mask"], b)
+        if pending is not None:
+            collect(pending)
+        pending = out
+    if pending is not None:
+        collect(pending)
+    if bar is not None:
+        bar.close()
+    return totals
+
+
+def nll(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+    """``--mode=nll``: bits/dim of the model over ``config.nll.num_samples`` images of a split.
+
+    Returns (and process 0 writes to ``<workdir>/nll.json``) the means over the images of
+    ``total_bpd`` (= ``prior_bpd`` + ``vb_bpd``), ``prior_bpd`` and ``vb_bpd`` (the summed vb
+    terms), the per-timestep means ``vb``, ``mse``, ``xstart_mse`` (index j is step T - 1 - j,
+    whose network timestep is ``timesteps[j]``), ``num_images`` and the run's settings.
+    Errors in the config are one-line ``ValueError``s naming the field.
+    """
+    settings = read_nll(config)
+    mesh = mesh_lib.batch_mesh(settings.batch_size, field="nll.batch_size")
+    ckpt, path, module, diffusion, diffusion_kwargs = _model(config, workdir, settings, mesh)
+    split, class_cond, requested = _images(config, settings, ckpt, path)
     pc = jax.process_count()
     local_batch = settings.batch_size // pc
     num_batches = math.ceil((requested // pc) / local_batch)
@@ -219,33 +258,8 @@ def nll(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]:
         diffusion.num_timesteps, settings.timestep_respacing or "all steps",
         settings.clip_denoised,
     )  # fmt: skip
-    totals, start, log_every = _Totals(), time.time(), max(1, num_batches // 10)
-    done = 0
-
-    def collect(pending):
-        nonlocal done
-        totals.add(pending)  # waits for the device
-        done += 1
-        bpd = float(totals.mean("total_bpd")) if totals.count else float("nan")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{bpd:.4f} bits/dim")
-        if is_main and (done % log_every == 0 or done == num_batches):
-            logging.info(
-                "nll: %d/%d batches, %d images: %.4f bits/dim", done, num_batches,
-                totals.count, bpd,
-            )  # fmt: skip
-
-    pending = None
-    for b, batch in enumerate(batches):  # batch b runs while the host reads batch b - 1's sums
-        out = program(ckpt.params, batch["image"], batch["label"], batch["mask"], b)
-        if pending is not None:
-            collect(pending)
-        pending = out
-    if pending is not None:
-        collect(pending)
-    if bar is not None:
-        bar.close()
+    start = time.time()
+    totals = _accumulate(program, ckpt.params, batches, num_batches, bar=bar, is_main=is_main)
     if not totals.count:
         raise ValueError(f"nll.split: no decodable images in split {split!r}")
 

@@ -8,9 +8,6 @@ checked against each other (batch vs device count, image sizes, learn_sigma, ...
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +25,7 @@ from adm_jax.models import (
     remat_policy_name,
     with_shape,
 )
+from adm_jax.recipe import default_config
 from adm_jax.recipe.reader import ConfigError
 
 MODEL_KINDS = ("unet", "superres", "classifier")
@@ -36,16 +34,12 @@ NOISE_SCHEDULES = ("linear", "cosine")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # config.model fields that are not README flags (configs/default.py DIFFUSION_MODEL_EXTRAS).
 MODEL_EXTRAS = ("class_dropout_prob", "in_channels", "num_classes")
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "default.py"
 
 
-@functools.lru_cache(maxsize=1)
 def _default_module():
-    """configs/default.py of this checkout (configs/ is not part of the installed package)."""
-    spec = importlib.util.spec_from_file_location("adm_jax_configs_default", _DEFAULT_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The base config, adm_jax/recipe/default_config.py (configs/default.py re-exports it):
+    part of the package, so an installed adm_jax validates configs without a checkout."""
+    return default_config
 
 
 def _model_schema(kind: str) -> dict[str, Any]:

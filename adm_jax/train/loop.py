@@ -193,48 +193,16 @@ def _train(
         train_iter = _data_iterator(
             config, mesh, split=config.data.split, seed=tc.seed, for_classifier=classifier
         )
-    # A fresh run reads its first batch now, so that broken data (undecodable images, labels
-    # outside the model) stops it before anything is compiled; a resumed one after the restore.
-    first_batch = next(train_iter) if latest is None else None
-    if latest is not None:
-        with jax.set_mesh(mesh):
-            state, resumed = ckpt.restore_latest_intact(abstract, data_iter=train_iter)
-        logging.info("Resumed from %s/%d", ckpt.directory, resumed)
-    else:
-        sync_processes("init")
-        state, _ = state_lib.create_train_state(module, config, tx, mesh)
-        if tc.get("init_from"):
-            with jax.set_mesh(mesh):
-                state, _ = init_from.apply_init_from(config, state, shardings)
-    logging.info("%s: %d parameters", config.model.kind, count_params(state.params))
+    state, first_batch = _initial_state(
+        config, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter
+    )
     if eval_iter_fn is None and tc.eval_every and config.data.eval_split:
+        eval_iter_fn = _eval_iterator_fn(config, mesh, classifier)
 
-        def eval_iter_fn():
-            from adm_jax import data as data_lib
-
-            return data_lib.create_eval_iterator(
-                config.data,
-                global_batch_size=tc.batch_size,
-                sharding=sharding.batch_sharding(mesh),
-                split=config.data.eval_split,
-                num_examples=tc.eval_batches * tc.batch_size,
-                num_classes=config_lib.num_classes(config),
-                for_classifier=classifier,
-            )
-
-    rep = sharding.replicated(mesh)
     train_step = steps.jit_train_step(
         module, diffusion, tx, config, shardings, mesh, classifier=classifier
     )
-    if classifier:
-        eval_step = steps.make_classifier_eval_step(module, diffusion, noised=tc.noised)
-    else:
-        eval_step = steps.make_diffusion_eval_step(module, diffusion, steps.low_res_size(config))
-    eval_step = _CompileOnceThenSync(jax.jit(eval_step, out_shardings=rep), "eval_step")
-    sample_grid = None
-    if not classifier and tc.sample_every:
-        sample_grid = _SampleGrid(config, module, mesh)
-
+    eval_step, sample_grid = _eval_programs(config, module, diffusion, mesh, classifier)
     step = int(jax.device_get(state.step))
     writer = metrics_lib.create_writer(
         workdir, tensorboard=tc.get("tensorboard", True), resume_step=step
@@ -261,86 +229,211 @@ def _train(
             workdir=os.fspath(workdir),
             profile_steps=tc.profile_steps,
         )
+    stds = config_lib.posthoc_ema_stds(config)
+    periodic = _PeriodicWork(
+        tc=tc,
+        classifier=classifier,
+        writer=writer,
+        workdir=workdir,
+        eval_step=eval_step,
+        eval_iter_fn=eval_iter_fn,
+        sample_grid=sample_grid,
+        snapshots=posthoc_ema.SnapshotWriter(workdir, stds) if stds else None,
+        first_power_ema=len(config_lib.ema_rates(config)),
+    )
+    end = tc.num_steps if stop_after is None else min(tc.num_steps, step + stop_after)
+    loop = _TrainLoop(config, mesh, compiled, train_iter, ckpt, writer, hooks, periodic, flops)
+    return loop.run(state, step, end, first_batch)
 
-    def save(at_step, *, force=False):
-        started = ckpt.save(
+
+def _initial_state(config, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter):
+    """(state, first batch): the latest intact checkpoint's state (first batch None: read after
+    the restore), or a fresh one (from train.init_from if set). A fresh run reads its first
+    batch before anything is built, so that broken data (undecodable images, labels outside
+    the model) stops it before anything is compiled."""
+    first_batch = next(train_iter) if latest is None else None
+    if latest is not None:
+        with jax.set_mesh(mesh):
+            state, resumed = ckpt.restore_latest_intact(abstract, data_iter=train_iter)
+        logging.info("Resumed from %s/%d", ckpt.directory, resumed)
+    else:
+        sync_processes("init")
+        state, _ = state_lib.create_train_state(module, config, tx, mesh)
+        if config.train.get("init_from"):
+            with jax.set_mesh(mesh):
+                state, _ = init_from.apply_init_from(config, state, shardings)
+    logging.info("%s: %d parameters", config.model.kind, count_params(state.params))
+    return state, first_batch
+
+
+def _eval_iterator_fn(config, mesh, classifier: bool) -> Callable[[], Iterator]:
+    """A fresh iterator over the first train.eval_batches batches of data.eval_split."""
+    tc = config.train
+
+    def eval_iter_fn():
+        from adm_jax import data as data_lib
+
+        return data_lib.create_eval_iterator(
+            config.data,
+            global_batch_size=tc.batch_size,
+            sharding=sharding.batch_sharding(mesh),
+            split=config.data.eval_split,
+            num_examples=tc.eval_batches * tc.batch_size,
+            num_classes=config_lib.num_classes(config),
+            for_classifier=classifier,
+        )
+
+    return eval_iter_fn
+
+
+def _eval_programs(config, module, diffusion, mesh, classifier: bool):
+    """(eval_step, sample_grid): the validation-loss program, and the sample grid of diffusion
+    models with train.sample_every (else None)."""
+    rep = sharding.replicated(mesh)
+    if classifier:
+        eval_step = steps.make_classifier_eval_step(module, diffusion, noised=config.train.noised)
+    else:
+        eval_step = steps.make_diffusion_eval_step(module, diffusion, steps.low_res_size(config))
+    eval_step = _CompileOnceThenSync(jax.jit(eval_step, out_shardings=rep), "eval_step")
+    sample_grid = None
+    if not classifier and config.train.sample_every:
+        sample_grid = _SampleGrid(config, module, mesh)
+    return eval_step, sample_grid
+
+
+@dataclasses.dataclass
+class _PeriodicWork:
+    """The every-N-steps work besides logging and checkpoints: validation loss, sample grids
+    and post-hoc EMA snapshots."""
+
+    tc: Any
+    classifier: bool
+    writer: Any
+    workdir: Any
+    eval_step: Any
+    eval_iter_fn: Callable[[], Iterator] | None
+    sample_grid: Any
+    snapshots: Any  # posthoc_ema.SnapshotWriter or None
+    first_power_ema: int  # index of the first power-function EMA in state.ema_params
+
+    def __call__(self, step: int, state, last_batch, last: dict) -> None:
+        """Runs what is due at ``step``; validation terms join ``last``."""
+        tc = self.tc
+        if tc.eval_every and self.eval_iter_fn is not None and step % tc.eval_every == 0:
+            ev = _evaluate(self.eval_step, state, self.eval_iter_fn, tc, self.classifier, step)
+            self.writer.write_scalars(step, ev)
+            last.update(ev)
+        if not self.classifier and tc.sample_every and step % tc.sample_every == 0:
+            _write_samples(self.sample_grid, state, self.writer, self.workdir, step, last_batch)
+        if self.snapshots is not None and step % tc.posthoc_ema_every == 0:
+            self.snapshots.save(step, state.ema_params[self.first_power_ema :])
+
+    def close(self) -> None:
+        if self.snapshots is not None:
+            self.snapshots.close()
+
+
+@dataclasses.dataclass
+class _TrainLoop:
+    """The steps from a state to ``end``: logging, periodic work, checkpoints, and a stop on
+    a preemption signal (checkpoint saved) or too many non-finite steps in a row."""
+
+    config: Any
+    mesh: Any
+    compiled: Any  # the compiled train step
+    train_iter: Iterator
+    ckpt: checkpointing.Checkpointer
+    writer: Any
+    hooks: list
+    periodic: _PeriodicWork
+    flops: float  # of the train step, per device
+
+    @property
+    def tc(self):
+        return self.config.train
+
+    def save(self, state, at_step: int, *, force: bool = False) -> None:
+        started = self.ckpt.save(
             at_step,
             state,
-            data_iter=train_iter,
-            config=config_lib.config_to_dict(config),
+            data_iter=self.train_iter,
+            config=config_lib.config_to_dict(self.config),
             force=force,
         )
         if started:
             logging.info("Saving checkpoint at step %d", at_step)
-        writer.flush()  # the metrics up to a checkpoint outlive a preemption (bucket workdirs)
+        # The metrics up to a checkpoint outlive a preemption (bucket workdirs).
+        self.writer.flush()
 
-    stds = config_lib.posthoc_ema_stds(config)
-    snapshots = posthoc_ema.SnapshotWriter(workdir, stds) if stds else None
-    first_power_ema = len(config_lib.ema_rates(config))
+    def log(self, acc, step: int, steps_since_log: int, t_log: float) -> dict:
+        """Writes the mean train metrics and throughput since the last log; stops the run
+        after train.max_consecutive_nonfinite non-finite steps in a row."""
+        tc = self.tc
+        scalars = acc.reduce(prefix="train/")
+        elapsed = time.perf_counter() - t_log
+        perf = metrics_lib.throughput(
+            steps=steps_since_log, seconds=elapsed, batch_size=tc.batch_size,
+            flops_per_device=self.flops,
+        )  # fmt: skip
+        scalars.update({f"perf/{k}": v for k, v in perf.items()})
+        self.writer.write_scalars(step, scalars)
+        return scalars
 
-    acc = metrics_lib.MetricAccumulator()
-    last = {}
-    preempted = False
-    t_log, steps_since_log = time.perf_counter(), 0
-    end = tc.num_steps if stop_after is None else min(tc.num_steps, step + stop_after)
-    batch = first_batch
-    with _StopSignals() as flag, jax.set_mesh(mesh):
-        while step < end:
-            if batch is None:
-                batch = next(train_iter)
-            state, step_metrics = compiled(state, batch)
-            last_batch, batch = batch, None
-            ckpt.check_for_errors()  # a failed async save stops the run now, not at the next save
-            step += 1
-            steps_since_log += 1
-            acc.add(step_metrics)
-            for hook in hooks:
-                hook(step)
-            is_last = step == end
-            if tc.log_every and (step % tc.log_every == 0 or is_last):
-                scalars = acc.reduce(prefix="train/")
-                elapsed = time.perf_counter() - t_log
-                perf = metrics_lib.throughput(
-                    steps=steps_since_log, seconds=elapsed, batch_size=tc.batch_size,
-                    flops_per_device=flops,
-                )  # fmt: skip
-                scalars.update({f"perf/{k}": v for k, v in perf.items()})
-                writer.write_scalars(step, scalars)
-                last = scalars
-                t_log, steps_since_log = time.perf_counter(), 0
-                streak = scalars.get("train/max_nonfinite_streak", 0)
-                if tc.max_consecutive_nonfinite and streak >= tc.max_consecutive_nonfinite:
-                    ckpt.close()
-                    writer.flush()
-                    raise NonFiniteError(
-                        f"train.max_consecutive_nonfinite: {int(streak)} non-finite steps in a "
-                        f"row by step {step}; stopping (last good checkpoint: "
-                        f"{ckpt.latest_step()}). Lower train.lr or set train.grad_clip."
-                    )
-            t_side = time.perf_counter()  # periodic work below is excluded from img/s
-            if tc.eval_every and eval_iter_fn is not None and step % tc.eval_every == 0:
-                ev = _evaluate(eval_step, state, eval_iter_fn, tc, classifier, step)
-                writer.write_scalars(step, ev)
-                last.update(ev)
-            if not classifier and tc.sample_every and step % tc.sample_every == 0:
-                _write_samples(sample_grid, state, writer, workdir, step, last_batch)
-            if snapshots is not None and step % tc.posthoc_ema_every == 0:
-                snapshots.save(step, state.ema_params[first_power_ema:])
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not is_last:
-                save(step)
-            t_log += time.perf_counter() - t_side
-            if flag.set or ckpt.reached_preemption(step):
-                preempted = True
-                break
-        if step not in ckpt.all_steps():  # already saved: a periodic save at the same step
-            save(step, force=True)
-        ckpt.close()
-        if snapshots is not None:
-            snapshots.close()
-    writer.flush()
-    if preempted:
-        logging.warning("Stopped at step %d after a preemption signal (checkpoint saved).", step)
-    return RunResult(state=state, step=step, metrics=last, preempted=preempted)
+    def stop_if_nonfinite(self, scalars: dict, step: int) -> None:
+        tc, ckpt = self.tc, self.ckpt
+        streak = scalars.get("train/max_nonfinite_streak", 0)
+        if tc.max_consecutive_nonfinite and streak >= tc.max_consecutive_nonfinite:
+            ckpt.close()
+            self.writer.flush()
+            raise NonFiniteError(
+                f"train.max_consecutive_nonfinite: {int(streak)} non-finite steps in a "
+                f"row by step {step}; stopping (last good checkpoint: "
+                f"{ckpt.latest_step()}). Lower train.lr or set train.grad_clip."
+            )
+
+    def run(self, state, step: int, end: int, first_batch) -> RunResult:
+        tc, ckpt = self.tc, self.ckpt
+        acc = metrics_lib.MetricAccumulator()
+        last = {}
+        preempted = False
+        t_log, steps_since_log = time.perf_counter(), 0
+        batch = first_batch
+        with _StopSignals() as flag, jax.set_mesh(self.mesh):
+            while step < end:
+                if batch is None:
+                    batch = next(self.train_iter)
+                state, step_metrics = self.compiled(state, batch)
+                last_batch, batch = batch, None
+                # A failed async save stops the run now, not at the next save.
+                ckpt.check_for_errors()
+                step += 1
+                steps_since_log += 1
+                acc.add(step_metrics)
+                for hook in self.hooks:
+                    hook(step)
+                is_last = step == end
+                if tc.log_every and (step % tc.log_every == 0 or is_last):
+                    last = self.log(acc, step, steps_since_log, t_log)
+                    t_log, steps_since_log = time.perf_counter(), 0
+                    self.stop_if_nonfinite(last, step)
+                t_side = time.perf_counter()  # periodic work below is excluded from img/s
+                self.periodic(step, state, last_batch, last)
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not is_last:
+                    self.save(state, step)
+                t_log += time.perf_counter() - t_side
+                if flag.set or ckpt.reached_preemption(step):
+                    preempted = True
+                    break
+            if step not in ckpt.all_steps():  # already saved: a periodic save at the same step
+                self.save(state, step, force=True)
+            ckpt.close()
+            self.periodic.close()
+        self.writer.flush()
+        if preempted:
+            logging.warning(
+                "Stopped at step %d after a preemption signal (checkpoint saved).", step
+            )
+        return RunResult(state=state, step=step, metrics=last, preempted=preempted)
 
 
 def _evaluate(eval_step, state, eval_iter_fn, tc, classifier: bool, step: int) -> dict:
