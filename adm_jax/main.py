@@ -268,7 +268,7 @@ def _run_mode(config, workdir: str, mode: str) -> None:
         run(config, workdir)
         return
     if mode in ("checkpoints", "verify"):  # read-only checkpoint tools
-        from adm_jax.train import checkpoint_tools
+        from adm_jax.train import checkpoint_modes as checkpoint_tools
 
         if mode == "checkpoints":
             checkpoint_tools.main_checkpoints(workdir)
