@@ -3,7 +3,7 @@
 train (``adm_jax.train.train_and_evaluate``), train_classifier (``train.train_classifier``),
 sample (``adm_jax.sampling.sample``), edit (``adm_jax.sampling.edit.edit``), evaluate, nll,
 sweep (``adm_jax.evaluation.evaluate`` / ``nll`` / ``guidance_sweep``), export
-(``train.export``), checkpoints and verify (``adm_jax.train.checkpoint_tools``), demo
+(``train.export``), checkpoints and verify (``adm_jax.checkpoints.tools``), demo
 (``adm_jax.demo.run``; chosen by ``config.mode = "demo"``, so no --mode is needed there, and
 another is refused). A config or checkpoint the mode cannot use is an ``app.UsageError``.
 """
@@ -30,7 +30,7 @@ MODES = (
     "demo",
     "nll",
     "sweep",
-    "checkpoints",  # list a workdir's checkpoints (adm_jax.train.checkpoint_tools)
+    "checkpoints",  # list a workdir's checkpoints (adm_jax.checkpoints.tools)
     "verify",  # check one checkpoint against --config
 )
 
@@ -65,7 +65,7 @@ def run_mode(config, workdir: str, mode: str, step: int | None = None) -> None:
         run(config, workdir)
         return
     if mode in ("checkpoints", "verify"):  # read-only checkpoint tools
-        from adm_jax.train import checkpoint_tools
+        from adm_jax.train import checkpoint_modes as checkpoint_tools
 
         if mode == "checkpoints":
             checkpoint_tools.main_checkpoints(workdir)

@@ -254,14 +254,15 @@ def restore_state(workdir, flags):
     """The final TrainState of ``workdir``, on this process's devices."""
     import jax
 
-    from adm_jax.train import checkpoint_tools, checkpointing
+    from adm_jax.checkpoints import training as checkpointing
+    from adm_jax.train import state as state_lib
     from configs import tiny
 
     config = tiny.get_config()
     config.update_from_flattened_dict(flags)
     ckpt = checkpointing.Checkpointer(str(workdir), max_to_keep=None, read_only=True)
     try:
-        state, _ = ckpt.restore(checkpoint_tools._abstract_state(config))
+        state, _ = ckpt.restore(state_lib.replicated_abstract_state(config))
     finally:
         ckpt.close()
     return jax.device_get(state)
@@ -315,7 +316,7 @@ def soak(
         twice = sorted({s for s in steps if steps.count(s) > 1})
         raise SoakFailure(f"metrics.jsonl: missing steps {missing}, repeated steps {twice}")
     # No half-written checkpoint left behind.
-    from adm_jax.train import checkpoint_tools
+    from adm_jax.checkpoints import tools as checkpoint_tools
 
     entries = checkpoint_tools.list_checkpoints(soaked)
     leftovers = [e.name for e in entries if not e.complete]

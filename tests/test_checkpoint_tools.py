@@ -1,4 +1,4 @@
-"""``--mode=checkpoints`` and ``--mode=verify`` (adm_jax.train.checkpoint_tools): on a local
+"""``--mode=checkpoints`` and ``--mode=verify`` (adm_jax.checkpoints.tools): on a local
 workdir and in a bucket (the GCS emulator), a good checkpoint passes and each kind of damage is
 one line naming the checkpoint and what is wrong."""
 
@@ -14,8 +14,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from adm_jax import main as main_lib  # noqa: E402
+from adm_jax.checkpoints import tools as checkpoint_tools  # noqa: E402
+from adm_jax.checkpoints import training as checkpointing  # noqa: E402
 from adm_jax.recipe import config as config_lib  # noqa: E402
-from adm_jax.train import checkpoint_tools, checkpointing, sharding  # noqa: E402
+from adm_jax.train import sharding  # noqa: E402
 from adm_jax.train import state as state_lib  # noqa: E402
 from configs import tiny  # noqa: E402
 

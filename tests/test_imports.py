@@ -64,8 +64,9 @@ def _imported_modules(path: pathlib.Path) -> set[str]:
 
 
 def test_imports_flow_one_way():
-    """models/diffusion/data -> train -> sampling -> evaluation -> entry points: no module
-    imports one of a higher layer, not even inside a function (the way cycles get hidden)."""
+    """models/diffusion/data -> recipe -> checkpoints -> train -> sampling -> evaluation ->
+    entry points: no module imports one of a higher layer, not even inside a function (the
+    way cycles get hidden)."""
     root = pathlib.Path(__file__).resolve().parents[1] / "adm_jax"
     upward = []
     for path in sorted(root.rglob("*.py")):

@@ -14,9 +14,9 @@ from flax import traverse_util
 from PIL import Image
 
 from adm_jax import checkpoints, convert, train
+from adm_jax.checkpoints import init_from
 from adm_jax.models import abstract_params, example_inputs, module_from_kwargs
 from adm_jax.recipe import config as config_lib
-from adm_jax.train import init_from
 from configs import default
 
 GOLDEN = "unet_classcond_legacyattn"

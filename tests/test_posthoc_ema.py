@@ -18,7 +18,8 @@ from adm_jax import (
     posthoc_ema,  # noqa: E402
     train,  # noqa: E402
 )
-from adm_jax.train import checkpointing, sharding  # noqa: E402
+from adm_jax.checkpoints import training as checkpointing  # noqa: E402
+from adm_jax.train import sharding  # noqa: E402
 from adm_jax.train import state as state_lib  # noqa: E402
 from configs import tiny  # noqa: E402
 

@@ -262,7 +262,8 @@ def test_a_save_that_fails_half_way_keeps_the_newest_complete_step(proxy, short_
     restart resumes from 4 and saves 6 again."""
     import jax.numpy as jnp
 
-    from adm_jax.train import checkpoint_tools, checkpointing
+    from adm_jax.checkpoints import tools as checkpoint_tools
+    from adm_jax.checkpoints import training as checkpointing
 
     workdir = "gs://bkt/faults/half_way"
     state = lambda v: {"w": jnp.full((8, 8), float(v))}  # noqa: E731
@@ -296,7 +297,7 @@ def test_a_resume_while_the_store_fails_sets_nothing_aside(proxy, short_backoff)
     outage would have thrown away the newest work)."""
     import jax.numpy as jnp
 
-    from adm_jax.train import checkpointing
+    from adm_jax.checkpoints import training as checkpointing
 
     workdir = "gs://bkt/faults/outage"
     state = lambda v: {"w": jnp.full((8, 8), float(v))}  # noqa: E731

@@ -15,8 +15,9 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from adm_jax.checkpoints import training as checkpointing  # noqa: E402
 from adm_jax.recipe import config as config_lib  # noqa: E402
-from adm_jax.train import checkpointing, sharding  # noqa: E402
+from adm_jax.train import sharding  # noqa: E402
 from adm_jax.train import state as state_lib  # noqa: E402
 from configs import tiny  # noqa: E402
 
@@ -50,7 +51,7 @@ _KILL_MID_SAVE = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {repo!r})
     import jax, jax.numpy as jnp
-    from adm_jax.train import checkpointing
+    from adm_jax.checkpoints import training as checkpointing
     ckpt = checkpointing.Checkpointer({workdir!r}, max_to_keep=3)
     small = {{"w": jnp.full((4,), 1.0)}}
     ckpt.save(1, small, config={{"step": 1}})

@@ -13,7 +13,8 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adm_jax import train  # noqa: E402
-from adm_jax.train import checkpointing, loop, sharding, steps  # noqa: E402
+from adm_jax.checkpoints import training as checkpointing  # noqa: E402
+from adm_jax.train import loop, sharding, steps  # noqa: E402
 from adm_jax.train import state as state_lib  # noqa: E402
 from configs import default, tiny  # noqa: E402
 

@@ -34,8 +34,8 @@ from adm_jax import data as data_lib
 from adm_jax import diffusion as dm
 from adm_jax import mesh as mesh_lib
 from adm_jax import paths
+from adm_jax.checkpoints import check_matches_config, load_checkpoint
 from adm_jax.recipe.evaluate import NllSettings, read_nll
-from adm_jax.sampling import sampler as sampler_lib
 
 OUTPUT_FILE = "nll.json"
 TERMS = ("vb", "mse", "xstart_mse")  # per-timestep terms, as the reference's *_terms.npz
@@ -126,7 +126,7 @@ def _model(config: Any, workdir: str, settings: NllSettings, mesh):
     path = settings.checkpoint or sample.get("checkpoint", "") or workdir
     field = "nll.checkpoint"
     try:
-        ckpt = sampler_lib.load_checkpoint(path, NamedSharding(mesh, P()))
+        ckpt = load_checkpoint(path, NamedSharding(mesh, P()))
     except FileNotFoundError as err:
         raise ValueError(f"{field}: {err}") from None
     if ckpt.kind != "unet":
@@ -134,7 +134,7 @@ def _model(config: Any, workdir: str, settings: NllSettings, mesh):
             f"{field}: {path} holds a {ckpt.kind!r} model; --mode=nll evaluates a diffusion "
             "model of kind 'unet'"
         )
-    sampler_lib.check_matches_config(ckpt, config, path)
+    check_matches_config(ckpt, config, path)
     mk = ckpt.model_kwargs
     size, channels = int(mk["image_size"]), int(mk.get("in_channels", 3))
     if (config.data.image_size, config.data.channels) != (size, channels):

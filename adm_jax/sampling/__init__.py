@@ -7,6 +7,7 @@ evaluates, is ``adm_jax.evaluation.guidance_sweep``).
 
 import warnings
 
+from adm_jax.checkpoints import check_matches_config, load_checkpoint
 from adm_jax.diffusion.methods import SAMPLERS, SamplerSpec, sample_images
 from adm_jax.images import to_uint8
 from adm_jax.recipe import SampleSettings, parse_class_labels, read_sample, sampler_spec
@@ -22,8 +23,6 @@ from adm_jax.sampling.sampler import (
     SamplingJob,
     assemble,
     build_job,
-    check_matches_config,
-    load_checkpoint,
     make_mesh,
     run_job,
     sample,

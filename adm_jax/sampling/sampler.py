@@ -42,9 +42,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from adm_jax import checkpoints, paths, recipe
 from adm_jax import mesh as mesh_lib
-from adm_jax.batch_sampler import BatchSampler, replicate
+from adm_jax import paths, recipe
+from adm_jax.batch_sampler import BatchSampler
+from adm_jax.checkpoints import check_matches_config, load_checkpoint
+from adm_jax.checkpoints.compat import normalize as _normalize
 from adm_jax.diffusion import create_diffusion
 from adm_jax.diffusion.editing import EditSpec
 from adm_jax.recipe import config_get
@@ -54,87 +56,10 @@ from adm_jax.sampling import io
 ARGS_FILE = "args.json"
 SHARD_PATTERN = "batch_{:06d}.npz"
 _SHARD_RE = re.compile(r"batch_(\d{6})\.npz$")
-# Reference kwargs that do not change what a checkpoint computes at inference.
-_IGNORED_MODEL_KWARGS = frozenset({"dropout", "use_fp16", "use_checkpoint", "dims"})
-# create_diffusion kwargs that change sampling (use_kl / rescaling only change training).
-_SAMPLING_DIFFUSION_KWARGS = (
-    "steps",
-    "noise_schedule",
-    "learn_sigma",
-    "sigma_small",
-    "predict_xstart",
-)
 
 
 # The inference mesh: all devices, or the largest subset a single-process batch divides.
 make_mesh = mesh_lib.batch_mesh
-
-
-# --------------------------------------------------------------------------------------------
-# Loading models and checking them against the config.
-
-
-def load_checkpoint(path: str, sharding: NamedSharding | None = None):
-    """An ``InferenceCheckpoint`` from an exported/converted checkpoint or a training workdir."""
-    if not path or not paths.path(path).exists():
-        raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
-    if checkpoints.is_inference_checkpoint(path):
-        ckpt = checkpoints.load_inference_checkpoint(path, sharding=sharding)
-    else:
-        try:
-            from adm_jax.train import restore_inference
-        except ImportError as e:
-            raise FileNotFoundError(
-                f"checkpoint: {path} is not an inference checkpoint and adm_jax.train "
-                "(which restores training workdirs) is unavailable"
-            ) from e
-        ckpt = restore_inference(path, sharding=sharding)
-    if sharding is not None:
-        ckpt.params = replicate(ckpt.params, sharding)
-    return ckpt
-
-
-def _normalize(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_normalize(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _normalize(v) for k, v in value.items()}
-    return value
-
-
-def _differences(got: dict, want: dict, keys) -> list[str]:
-    return [
-        f"{k}={_normalize(got[k])!r} (checkpoint) vs {_normalize(want[k])!r} (config)"
-        for k in keys
-        if k in got and k in want and _normalize(got[k]) != _normalize(want[k])
-    ]
-
-
-def check_matches_config(ckpt: Any, config: Any, path: str) -> None:
-    """Raises if the checkpoint's architecture or diffusion differs from ``config``.
-
-    Sampling a checkpoint with the wrong config "works" and yields noise; this makes it an
-    error. Skipped for config sections that are absent or empty.
-    """
-    diffs = []
-    model_cfg = config_get(config, "model")
-    if model_cfg:
-        kind = config_get(model_cfg, "kind", ckpt.kind)
-        if kind != ckpt.kind:
-            diffs.append(f"kind={ckpt.kind!r} (checkpoint) vs {kind!r} (config)")
-        else:
-            # A missing null_class_embedding is False (the reference's kwargs lack it).
-            got = {"null_class_embedding": False, **ckpt.model_kwargs}
-            want = {"null_class_embedding": False, **recipe.model_kwargs(config)}
-            keys = sorted(set(got) - _IGNORED_MODEL_KWARGS)
-            diffs += _differences(got, want, keys)
-    diffusion_cfg = config_get(config, "diffusion")
-    if diffusion_cfg and ckpt.diffusion_kwargs:
-        diffs += _differences(
-            ckpt.diffusion_kwargs, recipe.to_dict(diffusion_cfg), _SAMPLING_DIFFUSION_KWARGS
-        )
-    if diffs:
-        raise ValueError(f"checkpoint {path} does not match the config: {'; '.join(diffs)}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,10 +31,12 @@ from adm_jax import images as images_lib
 from adm_jax import paths, posthoc_ema
 from adm_jax import workdir as workdir_lib
 from adm_jax.batch_sampler import BatchSampler
+from adm_jax.checkpoints import init_from
+from adm_jax.checkpoints import training as checkpointing
 from adm_jax.models import count_params
 from adm_jax.recipe import config as config_lib
-from adm_jax.train import checkpointing, init_from, sharding, steps
 from adm_jax.train import metrics as metrics_lib
+from adm_jax.train import sharding, steps
 from adm_jax.train import state as state_lib
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adm_jax.checkpoints import replicated_sharding
 from adm_jax.diffusion import loss_second_moment_init
 from adm_jax.models import example_inputs
 from adm_jax.recipe import config as config_lib
@@ -127,3 +128,14 @@ def abstract_train_state(module, config, tx, mesh):
         ),
         shardings,
     )
+
+
+def replicated_abstract_state(config):
+    """ShapeDtypeStructs of the TrainState ``config`` trains, replicated on every device (a
+    check needs every value, not the training mesh): ``--mode=verify``'s restore target."""
+    module = config_lib.build_model(config)
+    init = make_init_fn(module, config, make_optimizer(config.train))
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    sharding = replicated_sharding()
+    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
+    return jax.tree.map(place, abstract)

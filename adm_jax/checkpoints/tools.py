@@ -1,4 +1,5 @@
-"""``--mode=checkpoints`` (list a workdir's training checkpoints) and ``--mode=verify`` (check one).
+"""Listing a workdir's training checkpoints and checking one: what ``--mode=checkpoints`` and
+``--mode=verify`` print (``adm_jax.train.checkpoint_modes`` runs them).
 
 Both only read: no Orbax manager that creates folders or cleans up temporary ones is built, so
 they are safe to run while a training run writes to the same workdir (local or ``gs://``).
@@ -7,9 +8,10 @@ they are safe to run while a training run writes to the same workdir (local or `
   complete (finalized: renamed from its temporary name locally, ``commit_success.txt`` in a
   bucket), its size and the time of its newest file. Temporary, unfinalized and ``.damaged``
   entries are listed as incomplete: they are never restored.
-* verify: the step restores onto the abstract state ``--config`` builds (so shapes and dtypes
-  match the config's model and optimizer), every floating leaf is finite, and the config
-  stored with the checkpoint has the same ``model`` and ``diffusion`` settings.
+* verify: the config stored with the checkpoint has the same ``model`` and ``diffusion``
+  settings (``compat.config_differences``), the step restores onto the abstract state
+  ``--config`` builds (so shapes and dtypes match the config's model and optimizer), and every
+  floating leaf is finite.
 
 Each failure is one ValueError/FileNotFoundError line naming the checkpoint and what is wrong.
 """
@@ -18,16 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from adm_jax import paths
-from adm_jax.train import checkpointing
-
-COMPARED_SECTIONS = ("model", "diffusion")
+from adm_jax.checkpoints import training
+from adm_jax.checkpoints.compat import config_differences
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ def _stat_tree(folder) -> tuple[int, float | None]:
 
 def list_checkpoints(workdir: paths.PathLike) -> list[CheckpointEntry]:
     """The entries of ``WORKDIR/checkpoints``, by step (FileNotFoundError if there is none)."""
-    directory = checkpointing.checkpoint_dir(workdir)
+    directory = training.checkpoint_dir(workdir)
     paths.refresh(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoints: no checkpoint directory {directory}")
@@ -73,7 +75,7 @@ def list_checkpoints(workdir: paths.PathLike) -> list[CheckpointEntry]:
 
 
 def format_listing(workdir: paths.PathLike, entries: list[CheckpointEntry]) -> str:
-    lines = [f"{checkpointing.checkpoint_dir(workdir)}:", "step  state       size  modified (UTC)"]
+    lines = [f"{training.checkpoint_dir(workdir)}:", "step  state       size  modified (UTC)"]
     for e in entries:
         when = (
             datetime.datetime.fromtimestamp(e.modified, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -97,49 +99,6 @@ def _human(n: int) -> str:
     return f"{n}"
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def config_differences(stored: dict, config) -> list[str]:
-    """``"model.num_channels: 64 in the checkpoint, 32 in --config"`` for each model/diffusion
-    field that differs (json round-trip on both sides: tuples vs lists do not count)."""
-    from adm_jax.recipe import config as config_lib
-
-    current = json.loads(json.dumps(config_lib.config_to_dict(config)))
-    out = []
-    for section in COMPARED_SECTIONS:
-        theirs = _flatten(stored.get(section, {}), section)
-        ours = _flatten(current.get(section, {}), section)
-        for key in sorted(set(theirs) | set(ours)):
-            if theirs.get(key, "<absent>") != ours.get(key, "<absent>"):
-                out.append(
-                    f"{key}: {theirs.get(key, '<absent>')!r} in the checkpoint, "
-                    f"{ours.get(key, '<absent>')!r} in --config"
-                )
-    return out
-
-
-def _abstract_state(config):
-    """ShapeDtypeStructs of the TrainState ``config`` trains, replicated on every device (a
-    check needs every value, not the training mesh)."""
-    from adm_jax.checkpoints import replicated_sharding
-    from adm_jax.recipe import config as config_lib
-    from adm_jax.train import state as state_lib
-
-    module = config_lib.build_model(config)
-    init = state_lib.make_init_fn(module, config, state_lib.make_optimizer(config.train))
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    sharding = replicated_sharding()
-    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
-    return jax.tree.map(place, abstract)
-
-
 def nonfinite_leaves(tree) -> list[str]:
     """Key paths of the floating leaves holding NaN or Inf."""
     bad = []
@@ -150,10 +109,20 @@ def nonfinite_leaves(tree) -> list[str]:
     return bad
 
 
-def verify(config, workdir: paths.PathLike, step: int | None = None) -> str:
+def verify(
+    config,
+    workdir: paths.PathLike,
+    step: int | None = None,
+    *,
+    abstract_state: Callable[[Any], Any],
+) -> str:
     """Checks checkpoint ``step`` (default: the newest complete one); returns a one-line
-    summary, raises ValueError / FileNotFoundError (one line) on the first problem."""
-    directory = checkpointing.checkpoint_dir(workdir)
+    summary, raises ValueError / FileNotFoundError (one line) on the first problem.
+
+    ``abstract_state(config)``: the ShapeDtypeStructs (with shardings) of the TrainState
+    ``config`` trains, the target of the restore (the train layer builds it:
+    ``adm_jax.train.state.replicated_abstract_state``)."""
+    directory = training.checkpoint_dir(workdir)
     entries = {e.step: e for e in list_checkpoints(workdir) if e.complete}
     if step is None:
         if not entries:
@@ -163,7 +132,7 @@ def verify(config, workdir: paths.PathLike, step: int | None = None) -> str:
     if step not in entries:
         found = ", ".join(map(str, sorted(entries))) or "none"
         raise FileNotFoundError(f"{where}: no such complete checkpoint (complete: {found})")
-    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=None, async_save=False, read_only=True)
+    ckpt = training.Checkpointer(workdir, max_to_keep=None, async_save=False, read_only=True)
     try:
         try:
             stored = ckpt.restore_config(step)
@@ -174,7 +143,7 @@ def verify(config, workdir: paths.PathLike, step: int | None = None) -> str:
             more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
             raise ValueError(f"{where}: does not match --config: {differences[0]}{more}")
         try:
-            state, _ = ckpt.restore(_abstract_state(config), step)
+            state, _ = ckpt.restore(abstract_state(config), step)
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"{where}: cannot be restored ({_reason(err)})") from err
     finally:
@@ -196,19 +165,8 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {line[:300]}"
 
 
-def main_checkpoints(workdir: str) -> None:
-    """``--mode=checkpoints``: prints the listing."""
-    print(format_listing(workdir, list_checkpoints(workdir)), flush=True)
-
-
-def main_verify(config, workdir: str, step: int | None) -> None:
-    """``--mode=verify``: prints the summary line (or raises the one-line error)."""
-    print(verify(config, workdir, step), flush=True)
-
-
 __all__ = [
     "CheckpointEntry",
-    "config_differences",
     "format_listing",
     "list_checkpoints",
     "nonfinite_leaves",

@@ -6,10 +6,10 @@ with a fresh optimizer and every EMA equal to the loaded parameters, as the refe
 ``--resume_checkpoint`` does when it is given a released model.
 
 Compatibility is checked before anything is replaced: the first architecture argument that
-differs, then the first parameter whose name or shape differs, is reported in one line. A new
-class count is the one allowed difference: the label embedding (diffusion models) or the
-classifier head's output layer is re-initialised, and a model that only gains the
-classifier-free null label keeps every trained row.
+differs (``compat.architecture_difference``), then the first parameter whose name or shape
+differs, is reported in one line. A new class count is the one allowed difference: the label
+embedding (diffusion models) or the classifier head's output layer is re-initialised, and a
+model that only gains the classifier-free null label keeps every trained row.
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ import jax.numpy as jnp
 from absl import logging
 from flax import traverse_util
 
+from adm_jax.checkpoints.compat import architecture_difference
+from adm_jax.checkpoints.restore import restore_inference
 from adm_jax.models import count_params
 from adm_jax.recipe import config as config_lib
-from adm_jax.train.export import restore_inference
-
-# Constructor arguments that do not change the parameters (or are checked leaf by leaf).
-_NOT_ARCHITECTURE = frozenset(
-    {"use_fp16", "use_checkpoint", "dropout", "num_classes", "null_class_embedding"}
-)
 
 
 class InitFromError(ValueError):
@@ -47,18 +43,6 @@ class LoadedParams:
 
 def _classes(kind: str, kwargs) -> int | None:
     return kwargs.get("out_channels") if kind == "classifier" else kwargs.get("num_classes")
-
-
-def _first_architecture_difference(source_kwargs, target_kwargs, kind) -> str | None:
-    for name in sorted(set(source_kwargs) | set(target_kwargs)):
-        if name in _NOT_ARCHITECTURE or (kind == "classifier" and name == "out_channels"):
-            continue
-        a, b = source_kwargs.get(name), target_kwargs.get(name)
-        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-            a, b = list(a or []), list(b or [])
-        if a != b:
-            return f"{name}: the source has {a!r}, this config's model {b!r}"
-    return None
 
 
 def merge_params(fresh: Any, loaded: Any, *, source_classes, target_classes) -> tuple:
@@ -120,7 +104,7 @@ def load_init_params(config, fresh_params) -> LoadedParams:
             f"a {kind!r}"
         )
     target_kwargs = config_lib.model_kwargs(config)
-    difference = _first_architecture_difference(restored.model_kwargs, target_kwargs, kind)
+    difference = architecture_difference(restored.model_kwargs, target_kwargs, kind)
     if difference:
         raise InitFromError(f"train.init_from: {source}: {difference}")
     source_classes = _classes(kind, restored.model_kwargs)
