@@ -535,6 +535,113 @@ def sampler_name(name: str) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _judge_stage(stage, dc, seed: int, judge_dir: str, train_digits, test_digits):
+    """Stage 4: the independent digit classifier, trained on the clean training digits (or
+    reused from ``judge_dir``); returns (module, params, meta)."""
+    (train_images, train_labels), (test_images, test_labels) = train_digits, test_digits
+    judge_config = {
+        k: dc[k]
+        for k in (
+            "judge_steps",
+            "judge_batch_size",
+            "judge_lr",
+            "judge_width",
+            "judge_features",
+            "num_classes",
+        )
+    }
+    judge_config["seed"] = seed
+    judge_json = paths.path(judge_dir) / "judge.json"
+    if judge_json.exists():
+        _check_reusable(judge_json, json.loads(judge_json.read_text()).get("config"), judge_config)
+        stage.skip("reusing " + judge_dir)
+    else:
+        with stage:
+            module, params = train_judge(
+                train_images,
+                train_labels,
+                steps=int(dc.judge_steps),
+                batch_size=int(dc.judge_batch_size),
+                lr=float(dc.judge_lr),
+                width=int(dc.judge_width),
+                features=int(dc.judge_features),
+                num_classes=int(dc.num_classes),
+                seed=seed,
+            )
+            acc = target_accuracy(classify_digits(module, params, test_images)["pred"], test_labels)
+            _say(f"    judge accuracy on the {len(test_images)} held-out digits: {acc:.3f}")
+            meta = dict(
+                width=module.width,
+                features=module.features,
+                num_classes=module.num_classes,
+                test_accuracy=acc,
+                config=judge_config,
+            )
+            save_judge(judge_dir, params, meta)
+    return load_judge(judge_dir)
+
+
+def _sample_rows(config, sample_cfg, groups, dirs, metrics_fn, test_digits) -> list[dict]:
+    """Stage 5: guided sampling for every row group (resumable shards) and the inpainting row,
+    with the metrics of each."""
+    rows = []
+    for group in groups:
+        _say(f"    {group['model']} model, {group['guidance']} guidance, "
+             f"scales {group['scales']}")  # fmt: skip
+        for r in evaluation.guidance_sweep(
+            _group_config(sample_cfg, group, dirs["samples"]),
+            dirs["diffusion"],
+            metrics_fn=metrics_fn,
+        ):
+            r.update(group=group["name"], model=group["model"], guidance=group["guidance"])
+            if group.get("x0_correction"):
+                r["x0_correction"] = group["x0_correction"]
+            rows.append(r)
+    dc = config.demo
+    if str(dc.inpaint_mask).strip():
+        _say(f"    inpainting: {dc.inpaint_mask} of each held-out digit kept, another digit")
+        test_images, test_labels = test_digits
+        rows.append(inpaint_row(config, sample_cfg, dirs, test_images, test_labels, metrics_fn))
+    return rows
+
+
+def _write_results(workdir, config, sample_cfg, dirs, rows, judge, real_features, digits):
+    """Stage 6: metrics.json, metrics.md, real_digits.png and loss.png in ``workdir``; returns
+    the table. ``judge``: (module, params, meta); ``digits``: the (train, test) digits."""
+    dc = config.demo
+    judge_module, judge_params, judge_meta = judge
+    (train_images, train_labels), (test_images, test_labels) = digits
+    prefix = str(workdir).rstrip("/") + "/"
+    for r in rows:  # relative to the workdir
+        grid = str(paths.path(r.pop("samples")).parent / "grid.png")
+        r["grid"] = grid[len(prefix) :] if grid.startswith(prefix) else grid
+    real_row = real_reference_row(
+        judge_module,
+        judge_params,
+        real_features,
+        train_images,
+        train_labels,
+        num=int(sample_cfg.sample.num_samples),
+        nhood_size=int(dc.nhood_size),
+    )
+    reference = {
+        "real_digits_row": real_row,
+        "num_reference_digits": len(test_images),
+        "judge_test_accuracy": judge_meta["test_accuracy"],
+        "num_samples_per_scale": int(sample_cfg.sample.num_samples),
+    }
+    table = format_table(rows, real_row)
+    out = paths.path(workdir)
+    _write_json(out / "metrics.json", {"rows": rows, **reference, "note": NOT_INCEPTION})
+    paths.write_text_atomic(
+        out / "metrics.md", table + "\n\n" + REAL_ROW_NOTE + "\n\n" + NOT_INCEPTION + "\n"
+    )
+    real_grid = _digit_grid(test_images, test_labels, int(dc.num_classes))
+    _save_png(out / "real_digits.png", real_grid)
+    _plot_losses(dirs, out / "loss.png")
+    return table
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Runs (or completes) the whole demo in ``workdir``; returns the metric rows per scale."""
     from adm_jax import data as data_lib
@@ -574,102 +681,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     # 4. The independent judge on clean digits; the held-out digits' features.
     dc = config.demo
     stage = stages(4, f"train the independent digit classifier ({dc.judge_steps} steps)")
-    test_images, test_labels = _load_images(diff_cfg.data, "test")
+    test_digits = _load_images(diff_cfg.data, "test")
     # The judge trains on these; stage 6 scores a draw of them as the "real digits" row.
-    train_images, train_labels = _load_images(diff_cfg.data, "train")
-    judge_config = {
-        k: dc[k]
-        for k in (
-            "judge_steps",
-            "judge_batch_size",
-            "judge_lr",
-            "judge_width",
-            "judge_features",
-            "num_classes",
-        )
-    }
-    judge_config["seed"] = int(diff_cfg.train.seed)
-    judge_json = paths.path(dirs["judge"]) / "judge.json"
-    if judge_json.exists():
-        _check_reusable(judge_json, json.loads(judge_json.read_text()).get("config"), judge_config)
-        stage.skip("reusing " + dirs["judge"])
-    else:
-        with stage:
-            module, params = train_judge(
-                train_images,
-                train_labels,
-                steps=int(dc.judge_steps),
-                batch_size=int(dc.judge_batch_size),
-                lr=float(dc.judge_lr),
-                width=int(dc.judge_width),
-                features=int(dc.judge_features),
-                num_classes=int(dc.num_classes),
-                seed=int(diff_cfg.train.seed),
-            )
-            acc = target_accuracy(classify_digits(module, params, test_images)["pred"], test_labels)
-            _say(f"    judge accuracy on the {len(test_images)} held-out digits: {acc:.3f}")
-            meta = dict(
-                width=module.width,
-                features=module.features,
-                num_classes=module.num_classes,
-                test_accuracy=acc,
-                config=judge_config,
-            )
-            save_judge(dirs["judge"], params, meta)
-    judge_module, judge_params, judge_meta = load_judge(dirs["judge"])
-    real = classify_digits(judge_module, judge_params, test_images)
+    train_digits = _load_images(diff_cfg.data, "train")
+    seed = int(diff_cfg.train.seed)
+    judge = _judge_stage(stage, dc, seed, dirs["judge"], train_digits, test_digits)
+    judge_module, judge_params, judge_meta = judge
+    real = classify_digits(judge_module, judge_params, test_digits[0])
 
     # 5-6. Guided sampling for every row group (resumable shards) and the metrics per row.
     sample_cfg = _sample_config(config, workdir, dirs)
     groups = row_groups(config)
     metrics_fn = _metrics_fn(config, judge_module, judge_params, real["features"])
-    rows = []
     with stages(5, f"sampling + metrics: {', '.join(g['name'] for g in groups)}"):
-        for group in groups:
-            _say(f"    {group['model']} model, {group['guidance']} guidance, "
-                 f"scales {group['scales']}")  # fmt: skip
-            for r in evaluation.guidance_sweep(
-                _group_config(sample_cfg, group, dirs["samples"]),
-                dirs["diffusion"],
-                metrics_fn=metrics_fn,
-            ):
-                r.update(group=group["name"], model=group["model"], guidance=group["guidance"])
-                if group.get("x0_correction"):
-                    r["x0_correction"] = group["x0_correction"]
-                rows.append(r)
-        if str(dc.inpaint_mask).strip():
-            _say(f"    inpainting: {dc.inpaint_mask} of each held-out digit kept, another digit")
-            rows.append(inpaint_row(config, sample_cfg, dirs, test_images, test_labels, metrics_fn))
-
+        rows = _sample_rows(config, sample_cfg, groups, dirs, metrics_fn, test_digits)
     with stages(6, "write the table and plots"):
-        prefix = str(workdir).rstrip("/") + "/"
-        for r in rows:  # relative to the workdir
-            grid = str(paths.path(r.pop("samples")).parent / "grid.png")
-            r["grid"] = grid[len(prefix) :] if grid.startswith(prefix) else grid
-        real_row = real_reference_row(
-            judge_module,
-            judge_params,
-            real["features"],
-            train_images,
-            train_labels,
-            num=int(sample_cfg.sample.num_samples),
-            nhood_size=int(dc.nhood_size),
+        digits = (train_digits, test_digits)
+        table = _write_results(
+            workdir, config, sample_cfg, dirs, rows, judge, real["features"], digits
         )
-        reference = {
-            "real_digits_row": real_row,
-            "num_reference_digits": len(test_images),
-            "judge_test_accuracy": judge_meta["test_accuracy"],
-            "num_samples_per_scale": int(sample_cfg.sample.num_samples),
-        }
-        table = format_table(rows, real_row)
-        out = paths.path(workdir)
-        _write_json(out / "metrics.json", {"rows": rows, **reference, "note": NOT_INCEPTION})
-        paths.write_text_atomic(
-            out / "metrics.md", table + "\n\n" + REAL_ROW_NOTE + "\n\n" + NOT_INCEPTION + "\n"
-        )
-        real_grid = _digit_grid(test_images, test_labels, int(dc.num_classes))
-        _save_png(out / "real_digits.png", real_grid)
-        _plot_losses(dirs, out / "loss.png")
     if with_sampler_table:
         with stages(7, "sampler table: every sampler x NFE"):
             _say(sampler_table(config, sample_cfg, dirs, metrics_fn, workdir))
@@ -677,7 +707,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
     _say("\n" + table + "\n")
     _say(
-        f"Judge accuracy on the {len(test_images)} held-out real digits: "
+        f"Judge accuracy on the {len(test_digits[0])} held-out real digits: "
         f"{judge_meta['test_accuracy']:.3f}. {NOT_INCEPTION}"
     )
     _say(
