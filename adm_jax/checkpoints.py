@@ -82,6 +82,7 @@ def save_inference_checkpoint(
 
             multihost_utils.sync_global_devices("adm_jax.save_inference_checkpoint.clean")
     path.mkdir(parents=True, exist_ok=True)
+    paths.bound_tensorstore_retries()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_path, params)
         ckptr.wait_until_finished()
@@ -120,6 +121,7 @@ def load_inference_checkpoint(
         )
     description = json.loads(json_path.read_text())
     params_path = path / PARAMS_DIR
+    paths.bound_tensorstore_retries()
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata(params_path)
         tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
