@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def proxy(gcs_bucket):
         server.wait(timeout=10)
 
 
-def _main(cwd, mode, workdir, *args, check=True, timeout=300):
+def _main(cwd, mode, workdir, *args, check=True, timeout=600):
     cmd = [sys.executable, "-m", "adm_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}",
            f"--mode={mode}", f"--workdir={workdir}", *args]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
@@ -74,7 +75,7 @@ def _main(cwd, mode, workdir, *args, check=True, timeout=300):
 
 
 @contextlib.contextmanager
-def _started(cwd, mode, workdir, *args, timeout=300):
+def _started(cwd, mode, workdir, *args, timeout=600):
     """The entry point running in the background while inside; waited for on exit."""
     cmd = [sys.executable, "-m", "adm_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}",
            f"--mode={mode}", f"--workdir={workdir}", *args]  # fmt: skip
@@ -477,7 +478,9 @@ def _png_folder(root, images: np.ndarray, labels) -> None:
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG")
-        epath.Path(root, str(label), f"{i}.png").write_bytes(buf.getvalue())
+        path = epath.Path(root, str(label), f"{i}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buf.getvalue())
 
 
 @pytest.mark.slow
@@ -598,3 +601,56 @@ def test_image_folder_in_a_bucket_with_faults_equals_a_local_one(proxy, tiny_tfd
     with pytest.raises(ValueError, match="^data.data_dir gs://bkt/faults/tfds: ArrayRecord") as e:
         batches(remote_dir)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_persistent_fault_in_array_io_stops_training_with_one_line(
+    proxy, runs, tiny_tfds_dir, short_backoff, capsys, caplog
+):
+    """TensorStore's own requests (the checkpoint's arrays) fail for good while step 6 is
+    saved: the run stops within TensorStore's bounded retries with one line naming the step,
+    the object and the operation (exit code 3, no traceback); ``--mode=checkpoints`` then
+    lists 6 as INCOMPLETE, and the next run resumes from 4 and saves 6 again."""
+    from adm_jax import main as main_lib
+    from adm_jax import paths
+
+    _, source, _ = runs
+    workdir = "gs://bkt/faults/array_outage"
+    for rel in paths.walk_files(source):  # the runs' bucket workdir at step 4, copied
+        epath.Path(workdir, rel).write_bytes(epath.Path(source, rel).read_bytes())
+    config = f"--config={REPO / 'configs' / 'tiny.py'}"
+    train = ["adm_jax", "--mode=train", config, f"--workdir={workdir}",
+             f"--config.data.data_dir={tiny_tfds_dir}", *TRAIN_ARGS,
+             "--config.train.num_steps=6"]  # fmt: skip
+    # TensorStore uploads arrays with uploadType=media (gcsfs never does): only its requests.
+    fragment = "uploadType=media&name=faults%2Farray_outage%2Fcheckpoints%2F6%2F"
+    with _persistently_failing(proxy, fragment):
+        code = main_lib.run(train)
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    print(line)
+    assert code == main_lib.EXIT_FAILED, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert line.startswith(
+        f"adm_jax: checkpoint: saving step 6 to {workdir}/checkpoints failed ("
+    ), line
+    # TensorStore's message: the object (an array file, or a key inside the OCDBT database
+    # of step 6) and how often it tried.
+    named = rf"Error writing (\S+ in OCDBT database at )?{workdir}/checkpoints/6/state/\S+: "
+    assert re.search(named + "All 6 retry attempts failed: injected by fault_proxy", line), line
+    assert line.endswith("; the run stopped, last good checkpoint: 4"), line
+    failed = [(r[0], r[1]) for r in fault_proxy.requests(proxy) if fragment in r[0]]
+    assert failed and all(agent.startswith("tensorstore/") for _, agent in failed), failed
+
+    assert main_lib.run(["adm_jax", "--mode=checkpoints", config, f"--workdir={workdir}"]) == 0
+    listing = capsys.readouterr().out
+    print(listing)
+    rows = lambda text: re.findall(r"^ *(\d+)  (complete|INCOMPLETE) ", text, re.M)  # noqa: E731
+    assert rows(listing) == [("4", "complete"), ("6", "INCOMPLETE")], listing
+
+    caplog.set_level("INFO", logger="absl")
+    assert main_lib.run(train) == 0, capsys.readouterr().err[-3000:]
+    assert f"Resumed from {workdir}/checkpoints/4" in caplog.text
+    assert main_lib.run(["adm_jax", "--mode=checkpoints", config, f"--workdir={workdir}"]) == 0
+    listing = capsys.readouterr().out
+    assert rows(listing) == [("6", "complete")], listing
