@@ -14,7 +14,9 @@ after it trains again, and then, chosen by the seeded generator:
 * ``kill_in_export``: no training in that cycle: ``--mode=export`` of the workdir's newest
   step, SIGKILLed a seeded moment (0-0.3 s) after it starts writing ``export/step_<N>``, then
   run again; the rerun must succeed and hold exactly what an export nobody killed holds
-  (params bitwise, model.json equal). Drawn only once a complete step exists.
+  (params bitwise, model.json equal, nothing else in the folder). A kill that came after the
+  export was complete: the rerun must refuse to write over it (exit code 2), and the export
+  is compared as it stands. Drawn only once a complete step exists.
 
 Then the job runs to the end, and the harness checks against an uninterrupted 4-process run:
 final params, EMA params and optimizer state bitwise equal (same process count, so the same
