@@ -664,3 +664,28 @@ def test_a_persistent_fault_in_array_io_stops_training_with_one_line(
     assert main_lib.run(["adm_jax", "--mode=checkpoints", config, f"--workdir={workdir}"]) == 0
     listing = capsys.readouterr().out
     assert rows(listing) == [("6", "complete")], listing
+
+
+def test_a_samples_file_that_cannot_be_written_fails_in_one_line(proxy, short_backoff):
+    """A shard or final ``.npz`` of sampling (and a reference batch, written the same way)
+    that the bucket keeps refusing: one line naming the operation and the object, nothing
+    left at its name."""
+    from adm_jax import paths
+    from adm_jax.evaluation import reference_batch
+    from adm_jax.sampling import io
+
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    folder = "gs://bkt/faults/unwritable"
+    for target, write in [
+        (f"{folder}/samples_2x4x4x3.npz", lambda t: io.save_samples_npz(t, images)),
+        (f"{folder}/VIRTUAL_ref.npz",
+         lambda t: reference_batch.write_reference_batch(t, np.zeros(3), np.eye(3))),
+    ]:  # fmt: skip
+        with _persistently_failing(proxy, "unwritable"):
+            with pytest.raises(paths.StoreError) as failed:
+                write(target)
+        line = str(failed.value)
+        print(line)
+        assert line.startswith(f"write {target}: the store kept failing (HttpError: "), line
+        assert line.endswith("; gave up after 3 attempts") and "\n" not in line, line
+        assert not epath.Path(target).exists()
