@@ -24,12 +24,15 @@ Run it as a process (the tests do, so the proxy keeps serving while they kill tr
 ``python tests/fault_proxy.py --upstream http://127.0.0.1:PORT [--rate 0.05 --seed 0]`` prints
 ``PROXY http://127.0.0.1:PORT`` when ready. ``POST /__fault_proxy__/config`` (JSON with any of
 rate, seed, kinds, fail_matching, only_matching) changes the settings; ``GET
-/__fault_proxy__/stats`` returns the counts of requests and of each fault injected.
+/__fault_proxy__/stats`` returns the counts of requests and of each fault injected, ``GET
+/__fault_proxy__/requests`` the last 10,000 requests as ``[request line, User-Agent, fault or
+null]`` (``requests(url)``).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import http.client
 import http.server
@@ -56,6 +59,7 @@ class FaultState:
         self.configure(rate=rate, seed=seed, kinds=list(kinds), fail_matching="", only_matching="")
         self.stats = {"requests": 0, **{k: 0 for k in KINDS}, "persistent": 0, "replayed": 0}
         self.completed_uploads: dict[str, tuple] = {}  # upload_id -> the dropped answer
+        self.recent = collections.deque(maxlen=10000)  # [request line, user agent, fault]
 
     def configure(self, **settings) -> None:
         with self.lock:
@@ -74,7 +78,13 @@ class FaultState:
                 else:
                     raise ValueError(f"fault_proxy: unknown setting {key!r}")
 
-    def decide(self, request_line: str) -> str | None:
+    def decide(self, request_line: str, agent: str = "") -> str | None:
+        fault = self._decide(request_line)
+        with self.lock:
+            self.recent.append([request_line, agent, fault])
+        return fault
+
+    def _decide(self, request_line: str) -> str | None:
         """The fault for this request (None: forward it untouched).
 
         Drawn from a hash of (seed, request line without its upload session id, how often
@@ -135,6 +145,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def _control(self, body: bytes) -> None:
+        if self.path.startswith(CONTROL + "requests"):
+            with self.state.lock:
+                recent = json.dumps(list(self.state.recent)).encode()
+            self._reply(200, recent, [("Content-Type", "application/json")])
+            return
         if self.command == "POST" and self.path.startswith(CONTROL + "config"):
             try:
                 self.state.configure(**json.loads(body or b"{}"))
@@ -175,7 +190,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if replay:
             self._reply(*replay)
             return
-        fault = self.state.decide(f"{self.command} {self.path}")
+        agent = self.headers.get("User-Agent", "")
+        fault = self.state.decide(f"{self.command} {self.path}", agent)
         if fault in ("503", "429"):
             reason = b'{"error": {"code": %s, "message": "injected by fault_proxy"}}' % (
                 fault.encode()
@@ -235,6 +251,13 @@ def control(url: str, **settings) -> dict:
     else:
         request = urllib.request.Request(f"{url}{CONTROL}stats")
     with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def requests(url: str) -> list[list]:
+    """The proxy's recent requests: ``[request line, User-Agent, fault or None]``, oldest
+    first."""
+    with urllib.request.urlopen(f"{url}{CONTROL}requests", timeout=10) as resp:
         return json.loads(resp.read())
 
 

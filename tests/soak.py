@@ -10,7 +10,13 @@ after it trains again, and then, chosen by the seeded generator:
 * ``sigterm_all``: SIGTERM to every process at staggered times (a maintenance notice reaching
   the hosts one after another): they stop together at one step and save;
 * ``kill_in_save``: SIGKILL of every process while a checkpoint is being written (an Orbax
-  temporary directory exists).
+  temporary directory exists);
+* ``kill_in_export``: no training in that cycle: ``--mode=export`` of the workdir's newest
+  step, SIGKILLed a seeded moment (0-0.3 s) after it starts writing ``export/step_<N>``, then
+  run again; the rerun must succeed and hold exactly what an export nobody killed holds
+  (params bitwise, model.json equal, nothing else in the folder). A kill that came after the
+  export was complete: the rerun must refuse to write over it (exit code 2), and the export
+  is compared as it stands. Drawn only once a complete step exists.
 
 Then the job runs to the end, and the harness checks against an uninterrupted 4-process run:
 final params, EMA params and optimizer state bitwise equal (same process count, so the same
@@ -41,7 +47,9 @@ NUM_PROCESSES = 4
 TOTAL_DEVICES = 8
 LAUNCH_DEADLINE = 420  # seconds one launch may take (startup, compile, its steps)
 EXIT_BOUND = 90  # seconds within which every process must exit after a kill
-KINDS = ("sigkill_one", "sigterm_all", "kill_in_save")
+KINDS = ("sigkill_one", "sigterm_all", "kill_in_save", "kill_in_export")
+TRAIN_KINDS = KINDS[:3]
+EXPORT_DEADLINE = 300  # seconds one export may take
 # configs/tiny.py with one resolution level, as tests/test_multiprocess.py: compiling the step
 # in every process dominates on a small machine.
 SMALL_MODEL = {"model.channel_mult": "1", "model.attention_resolutions": "16"}
@@ -250,6 +258,101 @@ def run_cycle(
     return record
 
 
+def export_argv(workdir: pathlib.Path, flags: dict) -> list[str]:
+    return [
+        sys.executable, "-m", "adm_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+        "--mode=export", *(f"--config.{k}={v}" for k, v in flags.items()),
+    ]  # fmt: skip
+
+
+def _export_phase(out: pathlib.Path) -> str:
+    """How far an export into ``out`` got: nothing / orbax_tmp (arrays being written) /
+    params_only (arrays complete, model.json not yet written) / complete."""
+    if (out / "model.json").exists():
+        return "complete"
+    if (out / "params").exists():
+        return "params_only"
+    if out.is_dir() and any(out.iterdir()):
+        return "orbax_tmp"
+    return "nothing"
+
+
+def _tree_bytes(folder: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def export_cycle(index: int, rng: random.Random, workdir, flags, logdir) -> dict:
+    """``kill_in_export``: an export of the newest step SIGKILLed while it writes, rerun, and
+    compared with an export nobody killed (made in this process, into another folder)."""
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from adm_jax import checkpoints, train
+    from configs import tiny
+
+    step = max(complete_steps(workdir))
+    out = workdir / "export" / f"step_{step:08d}"
+    shutil.rmtree(workdir / "export", ignore_errors=True)  # an earlier cycle's export
+    argv = export_argv(workdir, flags)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    record = {"cycle": index, "kind": "kill_in_export", "from_step": step, "caught": False}
+    log = logdir / f"cycle{index:02d}.export.log"
+    started = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + EXPORT_DEADLINE
+        while proc.poll() is None and not out.is_dir() and time.time() < deadline:
+            time.sleep(0.002)
+        while proc.poll() is None and _export_phase(out) == "nothing" and time.time() < deadline:
+            time.sleep(0.002)
+        if time.time() >= deadline:
+            raise SoakFailure(f"export: did not start writing within {EXPORT_DEADLINE} s")
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        record["killed_at"] = time.time() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    record["codes"] = [proc.returncode]
+    # What the kill left; "complete": it came after the last write (then a rerun refuses to
+    # overwrite a complete export, and that export is what is compared).
+    record["phase_at_kill"] = _export_phase(out)
+    record["caught"] = record["phase_at_kill"] != "complete"
+    t0 = time.time()
+    with open(logdir / f"cycle{index:02d}.export_rerun.log", "w") as f:
+        rerun = subprocess.run(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                               timeout=EXPORT_DEADLINE)  # fmt: skip
+    record["rerun_seconds"] = time.time() - t0
+    if rerun.returncode != (0 if record["caught"] else 2):
+        tail = (logdir / f"cycle{index:02d}.export_rerun.log").read_text()[-2000:]
+        raise SoakFailure(
+            f"cycle {index}: export rerun after a kill left "
+            f"{record['phase_at_kill']}: exit code {rerun.returncode}\n{tail}"
+        )
+    config = tiny.get_config()
+    config.update_from_flattened_dict(flags)
+    unkilled = train.export(config, str(workdir), str(logdir.parent / "exports" / f"{index:02d}"))
+    a = checkpoints.load_inference_checkpoint(out)
+    b = checkpoints.load_inference_checkpoint(unkilled)
+    meta = lambda c: (c.kind, c.model_kwargs, c.diffusion_kwargs, c.extra)  # noqa: E731
+    if meta(a) != meta(b):
+        raise SoakFailure(f"cycle {index}: {out}/model.json differs: {meta(a)} != {meta(b)}")
+    leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a.params)), jax.tree.leaves(
+        jax.device_get(b.params))  # fmt: skip
+    if len(leaves_a) != len(leaves_b) or not all(
+        np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b, strict=True)
+    ):
+        raise SoakFailure(f"cycle {index}: {out} params differ from an export nobody killed")
+    if sorted(p.name for p in out.iterdir()) != ["model.json", "params"]:
+        raise SoakFailure(f"cycle {index}: {out} holds {sorted(p.name for p in out.iterdir())}")
+    record.update(end_step=step, saves=[], resumed=step, export_bytes=_tree_bytes(out))
+    return record
+
+
 def restore_state(workdir, flags):
     """The final TrainState of ``workdir``, on this process's devices."""
     import jax
@@ -295,15 +398,26 @@ def soak(
     soaked = root / "soaked"
     records = []
     for index in range(cycles):
-        if complete_steps(soaked) and max(complete_steps(soaked)) >= num_steps:
-            break
         kind = kinds[index % len(kinds)] if kinds else rng.choice(KINDS)
-        records.append(run_cycle(index, kind, rng, soaked, flags, logdir, step_seconds))
+        if kind == "kill_in_export" and not complete_steps(soaked):
+            kind = rng.choice(TRAIN_KINDS)  # nothing to export yet
+        finished = complete_steps(soaked) and max(complete_steps(soaked)) >= num_steps
+        if finished and kind != "kill_in_export":
+            break
+        if kind == "kill_in_export":
+            records.append(export_cycle(index, rng, soaked, flags, logdir))
+        else:
+            records.append(run_cycle(index, kind, rng, soaked, flags, logdir, step_seconds))
         r = records[-1]
-        print(f"cycle {index:2d} {kind:<12} from step {r['from_step']:3d}: killed at "
+        detail = ""
+        if kind == "kill_in_save":
+            detail = f", inside a save: {r['caught']}"
+        elif kind == "kill_in_export":
+            detail = (f", export left {r['phase_at_kill']}, rerun {r['rerun_seconds']:.1f} s, "
+                      "equal to an unkilled export")  # fmt: skip
+        print(f"cycle {index:2d} {kind:<14} from step {r['from_step']:3d}: killed at "
               f"{r.get('killed_at', float('nan')):5.1f} s, step {r.get('steps_done', '-')}, "
-              f"exit codes {r['codes']}, newest checkpoint {r['end_step']}"
-              + ("" if kind != "kill_in_save" else f", inside a save: {r['caught']}"),
+              f"exit codes {r['codes']}, newest checkpoint {r['end_step']}{detail}",
               flush=True)  # fmt: skip
     final = Job("final", train_argv(soaked, flags), logdir)
     if final.wait(LAUNCH_DEADLINE + 10 * num_steps) != [0] * NUM_PROCESSES:
@@ -340,17 +454,26 @@ def soak(
         raise SoakFailure(f"train/loss differs from the uninterrupted run at steps {bad[:10]}")
 
     kills = [r for r in records if "killed_at" in r]
+    train_records = [r for r in records if r["kind"] != "kill_in_export"]
     lost_steps = []
-    for r, nxt in zip(kills, [*records[1:], None], strict=False):
+    for r, nxt in zip(train_records, [*train_records[1:], None], strict=False):
+        if "killed_at" not in r:
+            continue
         restart = resumed_from(final) if nxt is None else nxt["from_step"]
         lost_steps.append(max(r["steps_done"] - restart, 0))
+    exports = [r for r in kills if r["kind"] == "kill_in_export"]
     checkpoint_bytes = max((e.size_bytes for e in entries), default=0)
     soak_saves = sum(len(r["saves"]) for r in records) + len(saves_logged(final))
     figures = {
         "cycles": len(records),
         "kills": len(kills),
         "kinds": {k: sum(r["kind"] == k for r in kills) for k in KINDS},
-        "kills_inside_a_save": sum(r["caught"] for r in kills),
+        "kills_inside_a_save": sum(r["caught"] for r in kills if r["kind"] == "kill_in_save"),
+        "exports_killed_while_writing": sum(r["caught"] for r in exports),
+        "export_phase_at_kill": [r["phase_at_kill"] for r in exports],
+        "export_rerun_seconds": [round(r["rerun_seconds"], 1) for r in exports],
+        "export_bytes": max((r["export_bytes"] for r in exports), default=0),
+        "export_bytes_rewritten": sum(r["export_bytes"] for r in exports if r["caught"]),
         "num_steps": num_steps,
         "seconds_per_step": round(step_seconds, 3),
         "steps_lost_per_kill": lost_steps,

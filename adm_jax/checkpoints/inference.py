@@ -72,8 +72,17 @@ def save_inference_checkpoint(
     path = paths.resolved(path)
     params_path = path / PARAMS_DIR
     if params_path.exists():
-        raise ValueError(f"out: {params_path} already exists; choose an empty directory")
+        if (path / MODEL_JSON).exists():
+            raise ValueError(f"out: {params_path} already exists; choose an empty directory")
+        # No model.json: a save that was killed before it finished; written again.
+        if jax.process_index() == 0:
+            params_path.rmtree()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("adm_jax.save_inference_checkpoint.clean")
     path.mkdir(parents=True, exist_ok=True)
+    paths.bound_tensorstore_retries()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_path, params)
         ckptr.wait_until_finished()
@@ -112,6 +121,7 @@ def load_inference_checkpoint(
         )
     description = json.loads(json_path.read_text())
     params_path = path / PARAMS_DIR
+    paths.bound_tensorstore_retries()
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata(params_path)
         tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata

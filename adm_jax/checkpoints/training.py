@@ -129,6 +129,7 @@ class Checkpointer:
     ):
         """``read_only``: for tools that inspect a workdir a run may be writing to; it creates
         nothing and leaves the running save's temporary directory alone."""
+        paths.bound_tensorstore_retries()  # a failing bucket stops a save, not hangs it
         self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

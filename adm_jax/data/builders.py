@@ -39,6 +39,18 @@ def _list_image_files(image_dir: str) -> list[str]:
     return sorted(found)
 
 
+def check_local_data_dir(data_dir, field: str = "data.data_dir") -> None:
+    """ArrayRecord files are opened with local file I/O only (array_record's reader and writer
+    have no bucket support: a gs:// path hangs its reader threads or fails its writer after
+    every image was read): a data_dir in a bucket is refused at once, in one line."""
+    if data_dir and paths.is_remote(data_dir):
+        raise ValueError(
+            f"{field} {data_dir}: ArrayRecord files can only be read and written on a local "
+            "(or mounted, e.g. gcsfuse) file system; copy the data_dir there and point "
+            f"{field} at it (image folders may stay in the bucket)"
+        )
+
+
 def _class_name(rel_path: str, label_from: str | None) -> str | None:
     if label_from == "subdir":
         parts = rel_path.split("/")
@@ -124,6 +136,7 @@ def build_image_folder_dataset(
       ``name``, for convenience.
     """
     _check_name(name)
+    check_local_data_dir(data_dir, "data_dir")
     if label_from not in LABEL_FROM:
         raise ValueError(f"label_from must be one of {LABEL_FROM}, got {label_from!r}")
     if _is_prepared(data_dir, name, version):
@@ -145,7 +158,7 @@ def build_image_folder_dataset(
 
     def examples(folder, files):
         for rel in files:
-            ex = {"image": (folder / rel).read_bytes(), "file_name": rel.encode()}
+            ex = {"image": paths.read_bytes(folder / rel), "file_name": rel.encode()}
             if class_names is not None:
                 ex["label"] = label_of[_class_name(rel, label_from)]
             yield rel, ex
@@ -184,6 +197,7 @@ def prepare_demo_dataset(data_dir: str, *, name: str = DEMO_DATASET_NAME) -> str
       the dataset name (``"mnist_demo"``).
     """
     _check_name(name)
+    check_local_data_dir(data_dir, "data_dir")
 
     def examples(indices, images, labels):
         for i in indices:

@@ -164,6 +164,7 @@ def open_data_source(name: str, data_dir: str | None, split: str):
     """
     import tensorflow_datasets as tfds
 
+    builders.check_local_data_dir(data_dir)
     if data_dir and not paths.path(data_dir).is_dir():
         raise DatasetNotPreparedError(
             f"data.data_dir {data_dir}: no such directory; expected a TFDS data_dir holding "

@@ -165,16 +165,20 @@ def write_npz(path, arrays: dict, images: ImageSpool | None = None):
     """
     path = paths.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        paths.open_atomic(path) as raw,
-        zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
-    ):
-        if images is not None:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                images.write_npy(f)
-        for key, value in arrays.items():
-            with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+
+    def write():  # repeatable: the spool is read from its start each time
+        with (
+            paths.open_atomic(path) as raw,
+            zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+        ):
+            if images is not None:
+                with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                    images.write_npy(f)
+            for key, value in arrays.items():
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+
+    paths.with_retries("write", path, write)
 
 
 def write_reference_batch(path, mu, sigma, mu_s=None, sigma_s=None, *, images=None, extra=None):

@@ -142,8 +142,12 @@ def save_samples_npz(path: str, images: np.ndarray, labels: np.ndarray | None = 
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels: expected shape {images.shape[:1]}, got {labels.shape}")
         arrays[LABELS_KEY] = labels
-    with paths.open_atomic(path) as f:  # a file object keeps np.savez from appending ".npz"
-        np.savez(f, **arrays)
+
+    def write():
+        with paths.open_atomic(path) as f:  # a file object keeps np.savez from appending ".npz"
+            np.savez(f, **arrays)
+
+    paths.with_retries("write", path, write)
     return path
 
 
