@@ -649,7 +649,7 @@ def test_a_persistent_fault_in_array_io_stops_training_with_one_line(
     rows = lambda text: re.findall(r"^ *(\d+)  (complete|INCOMPLETE) ", text, re.M)  # noqa: E731
     assert rows(listing) == [("4", "complete"), ("6", "INCOMPLETE")], listing
 
-    from adm_jax.train import checkpointing
+    from adm_jax.checkpoints import training as checkpointing
 
     resumed_from, restore = [], checkpointing.Checkpointer.restore_latest_intact
 
