@@ -35,13 +35,14 @@ from adm_jax.checkpoints import init_from
 from adm_jax.checkpoints import training as checkpointing
 from adm_jax.models import count_params
 from adm_jax.recipe import config as config_lib
+from adm_jax.recipe.train import TrainSettings, read_train
 from adm_jax.train import metrics as metrics_lib
 from adm_jax.train import sharding, steps
 from adm_jax.train import state as state_lib
 
 
 class NonFiniteError(RuntimeError):
-    """Raised when config.train.max_consecutive_nonfinite steps in a row were non-finite."""
+    """Raised when train.max_consecutive_nonfinite steps in a row were non-finite."""
 
 
 @dataclasses.dataclass
@@ -119,15 +120,15 @@ class _CompileOnceThenSync:
         return self._compiled(*args)
 
 
-def _data_iterator(config, mesh, *, split: str, seed: int, for_classifier: bool):
+def _data_iterator(config, settings: TrainSettings, mesh, *, for_classifier: bool):
     from adm_jax import data as data_lib
 
     return data_lib.create_train_iterator(
         config.data,
-        global_batch_size=config.train.batch_size,
+        global_batch_size=settings.batch_size,
         sharding=sharding.batch_sharding(mesh),
-        seed=seed,
-        split=split,
+        seed=settings.seed,
+        split=config.data.split,
         for_classifier=for_classifier,
         num_classes=config_lib.num_classes(config),
     )
@@ -154,30 +155,42 @@ def _run(
     stop_after: int | None = None,
 ) -> RunResult:
     """``train_iter`` / ``eval_iter_fn`` replace the TFDS input (tests, benchmarks);
-    ``stop_after`` ends this call after that many steps (the run stays resumable)."""
-    tc = config.train
+    ``stop_after`` ends this call after that many steps (the run stays resumable).
+
+    The train section is read here, once (``read_train``); what runs below receives its
+    ``TrainSettings``."""
+    settings = read_train(config)
     mode = "train_classifier" if classifier else "train"
-    mesh = mesh or sharding.create_mesh(fsdp=tc.fsdp)
+    mesh = mesh or sharding.create_mesh(fsdp=settings.fsdp)
     config_lib.validate_config(config, num_devices=mesh.size, mode=mode)
     workdir = workdir_lib.prepare(workdir)
     with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
         return _train(
-            config, workdir, mesh, classifier=classifier, train_iter=train_iter,
+            config, settings, workdir, mesh, classifier=classifier, train_iter=train_iter,
             eval_iter_fn=eval_iter_fn, stop_after=stop_after,
         )  # fmt: skip
 
 
 def _train(
-    config, workdir, mesh, *, classifier: bool, train_iter, eval_iter_fn, stop_after
+    config,
+    tc: TrainSettings,
+    workdir,
+    mesh,
+    *,
+    classifier: bool,
+    train_iter,
+    eval_iter_fn,
+    stop_after,
 ) -> RunResult:
-    """The body of ``_run``, with the workdir checked and locked."""
-    tc = config.train
+    """The body of ``_run``, with the workdir checked and locked. ``config`` gives the model,
+    diffusion and data sections (and is stored next to each checkpoint); ``tc`` the train
+    section."""
     logging.info("workdir %s; mesh %s; %d devices", workdir, dict(mesh.shape), mesh.size)
 
     module = config_lib.build_model(config)
     diffusion = config_lib.build_diffusion(config)
     tx = state_lib.make_optimizer(tc)
-    abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh)
+    abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh, tc)
     ckpt = checkpointing.Checkpointer(
         workdir, max_to_keep=tc.max_to_keep, async_save=tc.async_checkpointing
     )
@@ -192,23 +205,19 @@ def _train(
         ckpt.close()
         return RunResult(state=None, step=latest, metrics={}, finished_before=True)
     if train_iter is None:
-        train_iter = _data_iterator(
-            config, mesh, split=config.data.split, seed=tc.seed, for_classifier=classifier
-        )
+        train_iter = _data_iterator(config, tc, mesh, for_classifier=classifier)
     state, first_batch = _initial_state(
-        config, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter
+        config, tc, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter
     )
     if eval_iter_fn is None and tc.eval_every and config.data.eval_split:
-        eval_iter_fn = _eval_iterator_fn(config, mesh, classifier)
+        eval_iter_fn = _eval_iterator_fn(config, tc, mesh, classifier)
 
     train_step = steps.jit_train_step(
-        module, diffusion, tx, config, shardings, mesh, classifier=classifier
+        module, diffusion, tx, config, shardings, mesh, classifier=classifier, settings=tc
     )
-    eval_step, sample_grid = _eval_programs(config, module, diffusion, mesh, classifier)
+    eval_step, sample_grid = _eval_programs(config, tc, module, diffusion, mesh, classifier)
     step = int(jax.device_get(state.step))
-    writer = metrics_lib.create_writer(
-        workdir, tensorboard=tc.get("tensorboard", True), resume_step=step
-    )
+    writer = metrics_lib.create_writer(workdir, tensorboard=tc.tensorboard, resume_step=step)
     if first_batch is None:
         first_batch = next(train_iter)
     with jax.set_mesh(mesh):
@@ -231,7 +240,7 @@ def _train(
             workdir=os.fspath(workdir),
             profile_steps=tc.profile_steps,
         )
-    stds = config_lib.posthoc_ema_stds(config)
+    stds = tc.posthoc_ema_stds
     periodic = _PeriodicWork(
         tc=tc,
         classifier=classifier,
@@ -241,14 +250,14 @@ def _train(
         eval_iter_fn=eval_iter_fn,
         sample_grid=sample_grid,
         snapshots=posthoc_ema.SnapshotWriter(workdir, stds) if stds else None,
-        first_power_ema=len(config_lib.ema_rates(config)),
+        first_power_ema=len(tc.ema_rate),
     )
     end = tc.num_steps if stop_after is None else min(tc.num_steps, step + stop_after)
-    loop = _TrainLoop(config, mesh, compiled, train_iter, ckpt, writer, hooks, periodic, flops)
+    loop = _TrainLoop(config, tc, mesh, compiled, train_iter, ckpt, writer, hooks, periodic, flops)
     return loop.run(state, step, end, first_batch)
 
 
-def _initial_state(config, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter):
+def _initial_state(config, tc, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter):
     """(state, first batch): the latest intact checkpoint's state (first batch None: read after
     the restore), or a fresh one (from train.init_from if set). A fresh run reads its first
     batch before anything is built, so that broken data (undecodable images, labels outside
@@ -260,17 +269,16 @@ def _initial_state(config, module, tx, mesh, abstract, shardings, ckpt, latest, 
         logging.info("Resumed from %s/%d", ckpt.directory, resumed)
     else:
         sync_processes("init")
-        state, _ = state_lib.create_train_state(module, config, tx, mesh)
-        if config.train.get("init_from"):
+        state, _ = state_lib.create_train_state(module, config, tx, mesh, tc)
+        if tc.init_from:
             with jax.set_mesh(mesh):
                 state, _ = init_from.apply_init_from(config, state, shardings)
     logging.info("%s: %d parameters", config.model.kind, count_params(state.params))
     return state, first_batch
 
 
-def _eval_iterator_fn(config, mesh, classifier: bool) -> Callable[[], Iterator]:
+def _eval_iterator_fn(config, tc: TrainSettings, mesh, classifier: bool) -> Callable[[], Iterator]:
     """A fresh iterator over the first train.eval_batches batches of data.eval_split."""
-    tc = config.train
 
     def eval_iter_fn():
         from adm_jax import data as data_lib
@@ -288,18 +296,18 @@ def _eval_iterator_fn(config, mesh, classifier: bool) -> Callable[[], Iterator]:
     return eval_iter_fn
 
 
-def _eval_programs(config, module, diffusion, mesh, classifier: bool):
+def _eval_programs(config, tc: TrainSettings, module, diffusion, mesh, classifier: bool):
     """(eval_step, sample_grid): the validation-loss program, and the sample grid of diffusion
     models with train.sample_every (else None)."""
     rep = sharding.replicated(mesh)
     if classifier:
-        eval_step = steps.make_classifier_eval_step(module, diffusion, noised=config.train.noised)
+        eval_step = steps.make_classifier_eval_step(module, diffusion, noised=tc.noised)
     else:
         eval_step = steps.make_diffusion_eval_step(module, diffusion, steps.low_res_size(config))
     eval_step = _CompileOnceThenSync(jax.jit(eval_step, out_shardings=rep), "eval_step")
     sample_grid = None
-    if not classifier and config.train.sample_every:
-        sample_grid = _SampleGrid(config, module, mesh)
+    if not classifier and tc.sample_every:
+        sample_grid = _SampleGrid(config, module, mesh, tc)
     return eval_step, sample_grid
 
 
@@ -308,7 +316,7 @@ class _PeriodicWork:
     """The every-N-steps work besides logging and checkpoints: validation loss, sample grids
     and post-hoc EMA snapshots."""
 
-    tc: Any
+    tc: TrainSettings
     classifier: bool
     writer: Any
     workdir: Any
@@ -322,7 +330,9 @@ class _PeriodicWork:
         """Runs what is due at ``step``; validation terms join ``last``."""
         tc = self.tc
         if tc.eval_every and self.eval_iter_fn is not None and step % tc.eval_every == 0:
-            ev = _evaluate(self.eval_step, state, self.eval_iter_fn, tc, self.classifier, step)
+            ev = _evaluate(
+                self.eval_step, state, self.eval_iter_fn, tc.eval_batches, self.classifier, step
+            )
             self.writer.write_scalars(step, ev)
             last.update(ev)
         if not self.classifier and tc.sample_every and step % tc.sample_every == 0:
@@ -340,7 +350,8 @@ class _TrainLoop:
     """The steps from a state to ``end``: logging, periodic work, checkpoints, and a stop on
     a preemption signal (checkpoint saved) or too many non-finite steps in a row."""
 
-    config: Any
+    config: Any  # stored next to each checkpoint
+    tc: TrainSettings
     mesh: Any
     compiled: Any  # the compiled train step
     train_iter: Iterator
@@ -349,10 +360,6 @@ class _TrainLoop:
     hooks: list
     periodic: _PeriodicWork
     flops: float  # of the train step, per device
-
-    @property
-    def tc(self):
-        return self.config.train
 
     def save(self, state, at_step: int, *, force: bool = False) -> None:
         started = self.ckpt.save(
@@ -438,13 +445,15 @@ class _TrainLoop:
         return RunResult(state=state, step=step, metrics=last, preempted=preempted)
 
 
-def _evaluate(eval_step, state, eval_iter_fn, tc, classifier: bool, step: int) -> dict:
+def _evaluate(
+    eval_step, state, eval_iter_fn, eval_batches: int, classifier: bool, step: int
+) -> dict:
     """Mean validation terms over ``eval_batches`` batches (EMA params for the diffusion
     model, the ones we sample with; raw params for the classifier, which keeps no EMA)."""
     params = state.ema_params[0] if (state.ema_params and not classifier) else state.params
     it = eval_iter_fn()
     results = []
-    for i in range(tc.eval_batches):
+    for i in range(eval_batches):
         try:
             batch = next(it)
         except StopIteration:
@@ -470,10 +479,10 @@ class _SampleGrid:
     random labels; super-resolution models upsample the last training batch (with its labels).
     """
 
-    def __init__(self, config, module, mesh):
-        tc = config.train
-        self.num_images = int(tc.num_sample_images)
-        self.seed = int(tc.seed) + 17
+    def __init__(self, config, module, mesh, settings: TrainSettings | None = None):
+        tc = read_train(config) if settings is None else settings
+        self.num_images = tc.num_sample_images
+        self.seed = tc.seed + 17
         self.num_classes = getattr(module, "num_classes", None)
         self.small_size = steps.low_res_size(config)
         self.mesh = mesh
