@@ -23,7 +23,7 @@ from adm_jax.benchmark.topology import TpuSlice, parse_tpu_slice, topology_devic
 from adm_jax.benchmark.train_step import lower_train_step, train_setup
 from adm_jax.models import abstract_params
 from adm_jax.recipe import config as config_lib
-from adm_jax.recipe.train import read_train
+from adm_jax.recipe.train import read_train, train_fields
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SIZE = r"([\d.]+)([KMGT]?)B?"
@@ -230,7 +230,7 @@ def aot_sample(
     mesh, from abstract parameters."""
     if config.model.kind != "unet":
         return {"skipped": f"the sampling fit needs a unet, got {config.model.kind}"}
-    dtype = dtype or read_train(config).dtype
+    dtype = dtype or train_fields(config)["dtype"]
     spec = recipe.sampler_spec(config.sample)
     diffusion = config_lib.build_diffusion(config, timestep_respacing=spec.respacing)
     mesh = topology_mesh(tpu_slice, fsdp=1)
@@ -320,7 +320,7 @@ def aot_report(
     XLA's estimated step time with the MFU it implies; then the guided sampling program at
     config.sample.batch_size. Nothing is allocated: parameters are ``jax.eval_shape``'d."""
     parsed = [parse_tpu_slice(s) for s in slices]
-    config_fsdp = read_train(config).fsdp
+    config_fsdp = int(train_fields(config)["fsdp"])  # as given: train_setup checks it
     results = []
     for tpu_slice in parsed:
         gen = tpu_slice.generation

@@ -3,7 +3,9 @@
 ``validate_config`` runs before anything is built or compiled, so a typo or an impossible
 value costs a one-line error naming the field instead of a TPU-hour: every name must exist in
 ``configs/default.py`` (model fields: the README flags of the model kind), and values are
-checked against each other (batch vs device count, image sizes, learn_sigma, ...).
+checked against each other (batch vs device count, image sizes, learn_sigma, ...). The train
+section's checks and accessors live in ``adm_jax.recipe.train`` (``read_train``); the
+accessors are importable from here too.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def _run(
 
 def _train(
     config,
-    tc: TrainSettings,
+    settings: TrainSettings,
     workdir,
     mesh,
     *,
@@ -183,41 +183,41 @@ def _train(
     stop_after,
 ) -> RunResult:
     """The body of ``_run``, with the workdir checked and locked. ``config`` gives the model,
-    diffusion and data sections (and is stored next to each checkpoint); ``tc`` the train
+    diffusion and data sections (and is stored next to each checkpoint); ``settings`` the train
     section."""
     logging.info("workdir %s; mesh %s; %d devices", workdir, dict(mesh.shape), mesh.size)
 
     module = config_lib.build_model(config)
     diffusion = config_lib.build_diffusion(config)
-    tx = state_lib.make_optimizer(tc)
-    abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh, tc)
+    tx = state_lib.make_optimizer(settings)
+    abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh, settings)
     ckpt = checkpointing.Checkpointer(
-        workdir, max_to_keep=tc.max_to_keep, async_save=tc.async_checkpointing
+        workdir, max_to_keep=settings.max_to_keep, async_save=settings.async_checkpointing
     )
     latest = ckpt.latest_step()
-    if latest is not None and latest >= tc.num_steps:
+    if latest is not None and latest >= settings.num_steps:
         # Rerunning a finished run (or a pod relaunched after its last save): nothing to
         # compile or train.
         logging.info(
             "%s: already finished (checkpoint at step %d, train.num_steps=%d); nothing to do.",
-            ckpt.directory, latest, tc.num_steps,
+            ckpt.directory, latest, settings.num_steps,
         )  # fmt: skip
         ckpt.close()
         return RunResult(state=None, step=latest, metrics={}, finished_before=True)
     if train_iter is None:
-        train_iter = _data_iterator(config, tc, mesh, for_classifier=classifier)
+        train_iter = _data_iterator(config, settings, mesh, for_classifier=classifier)
     state, first_batch = _initial_state(
-        config, tc, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter
+        config, settings, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter
     )
-    if eval_iter_fn is None and tc.eval_every and config.data.eval_split:
-        eval_iter_fn = _eval_iterator_fn(config, tc, mesh, classifier)
+    if eval_iter_fn is None and settings.eval_every and config.data.eval_split:
+        eval_iter_fn = _eval_iterator_fn(config, settings, mesh, classifier)
 
     train_step = steps.jit_train_step(
-        module, diffusion, tx, config, shardings, mesh, classifier=classifier, settings=tc
+        module, diffusion, tx, config, shardings, mesh, classifier=classifier, settings=settings
     )
-    eval_step, sample_grid = _eval_programs(config, tc, module, diffusion, mesh, classifier)
+    eval_step, sample_grid = _eval_programs(config, settings, module, diffusion, mesh, classifier)
     step = int(jax.device_get(state.step))
-    writer = metrics_lib.create_writer(workdir, tensorboard=tc.tensorboard, resume_step=step)
+    writer = metrics_lib.create_writer(workdir, tensorboard=settings.tensorboard, resume_step=step)
     if first_batch is None:
         first_batch = next(train_iter)
     with jax.set_mesh(mesh):
@@ -234,15 +234,15 @@ def _train(
     hooks = []
     if jax.process_index() == 0:
         hooks = metrics_lib.progress_hooks(
-            num_train_steps=tc.num_steps,
-            every_steps=tc.log_every,
+            num_train_steps=settings.num_steps,
+            every_steps=settings.log_every,
             writer=writer,
             workdir=os.fspath(workdir),
-            profile_steps=tc.profile_steps,
+            profile_steps=settings.profile_steps,
         )
-    stds = tc.posthoc_ema_stds
+    stds = settings.posthoc_ema_stds
     periodic = _PeriodicWork(
-        tc=tc,
+        settings=settings,
         classifier=classifier,
         writer=writer,
         workdir=workdir,
@@ -250,14 +250,18 @@ def _train(
         eval_iter_fn=eval_iter_fn,
         sample_grid=sample_grid,
         snapshots=posthoc_ema.SnapshotWriter(workdir, stds) if stds else None,
-        first_power_ema=len(tc.ema_rate),
+        first_power_ema=len(settings.ema_rate),
     )
-    end = tc.num_steps if stop_after is None else min(tc.num_steps, step + stop_after)
-    loop = _TrainLoop(config, tc, mesh, compiled, train_iter, ckpt, writer, hooks, periodic, flops)
+    end = settings.num_steps if stop_after is None else min(settings.num_steps, step + stop_after)
+    loop = _TrainLoop(
+        config, settings, mesh, compiled, train_iter, ckpt, writer, hooks, periodic, flops
+    )
     return loop.run(state, step, end, first_batch)
 
 
-def _initial_state(config, tc, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter):
+def _initial_state(
+    config, settings, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter
+):
     """(state, first batch): the latest intact checkpoint's state (first batch None: read after
     the restore), or a fresh one (from train.init_from if set). A fresh run reads its first
     batch before anything is built, so that broken data (undecodable images, labels outside
@@ -269,15 +273,17 @@ def _initial_state(config, tc, module, tx, mesh, abstract, shardings, ckpt, late
         logging.info("Resumed from %s/%d", ckpt.directory, resumed)
     else:
         sync_processes("init")
-        state, _ = state_lib.create_train_state(module, config, tx, mesh, tc)
-        if tc.init_from:
+        state, _ = state_lib.create_train_state(module, config, tx, mesh, settings)
+        if settings.init_from:
             with jax.set_mesh(mesh):
                 state, _ = init_from.apply_init_from(config, state, shardings)
     logging.info("%s: %d parameters", config.model.kind, count_params(state.params))
     return state, first_batch
 
 
-def _eval_iterator_fn(config, tc: TrainSettings, mesh, classifier: bool) -> Callable[[], Iterator]:
+def _eval_iterator_fn(
+    config, settings: TrainSettings, mesh, classifier: bool
+) -> Callable[[], Iterator]:
     """A fresh iterator over the first train.eval_batches batches of data.eval_split."""
 
     def eval_iter_fn():
@@ -285,10 +291,10 @@ def _eval_iterator_fn(config, tc: TrainSettings, mesh, classifier: bool) -> Call
 
         return data_lib.create_eval_iterator(
             config.data,
-            global_batch_size=tc.batch_size,
+            global_batch_size=settings.batch_size,
             sharding=sharding.batch_sharding(mesh),
             split=config.data.eval_split,
-            num_examples=tc.eval_batches * tc.batch_size,
+            num_examples=settings.eval_batches * settings.batch_size,
             num_classes=config_lib.num_classes(config),
             for_classifier=classifier,
         )
@@ -296,19 +302,24 @@ def _eval_iterator_fn(config, tc: TrainSettings, mesh, classifier: bool) -> Call
     return eval_iter_fn
 
 
-def _eval_programs(config, tc: TrainSettings, module, diffusion, mesh, classifier: bool):
+def _eval_programs(config, settings: TrainSettings, module, diffusion, mesh, classifier: bool):
     """(eval_step, sample_grid): the validation-loss program, and the sample grid of diffusion
     models with train.sample_every (else None)."""
     rep = sharding.replicated(mesh)
     if classifier:
-        eval_step = steps.make_classifier_eval_step(module, diffusion, noised=tc.noised)
+        eval_step = steps.make_classifier_eval_step(module, diffusion, noised=settings.noised)
     else:
         eval_step = steps.make_diffusion_eval_step(module, diffusion, steps.low_res_size(config))
     eval_step = _CompileOnceThenSync(jax.jit(eval_step, out_shardings=rep), "eval_step")
     sample_grid = None
-    if not classifier and tc.sample_every:
-        sample_grid = _SampleGrid(config, module, mesh, tc)
+    if not classifier and settings.sample_every:
+        sample_grid = _SampleGrid(config, module, mesh, settings)
     return eval_step, sample_grid
+
+
+def _due(step: int, every: int) -> bool:
+    """Periodic work of period ``every`` (0: never) is due at ``step``."""
+    return bool(every) and step % every == 0
 
 
 @dataclasses.dataclass
@@ -316,7 +327,7 @@ class _PeriodicWork:
     """The every-N-steps work besides logging and checkpoints: validation loss, sample grids
     and post-hoc EMA snapshots."""
 
-    tc: TrainSettings
+    settings: TrainSettings
     classifier: bool
     writer: Any
     workdir: Any
@@ -328,16 +339,15 @@ class _PeriodicWork:
 
     def __call__(self, step: int, state, last_batch, last: dict) -> None:
         """Runs what is due at ``step``; validation terms join ``last``."""
-        tc = self.tc
-        if tc.eval_every and self.eval_iter_fn is not None and step % tc.eval_every == 0:
-            ev = _evaluate(
-                self.eval_step, state, self.eval_iter_fn, tc.eval_batches, self.classifier, step
-            )
+        settings = self.settings
+        if self.eval_iter_fn is not None and _due(step, settings.eval_every):
+            batches = settings.eval_batches
+            ev = _evaluate(self.eval_step, state, self.eval_iter_fn, batches, self.classifier, step)
             self.writer.write_scalars(step, ev)
             last.update(ev)
-        if not self.classifier and tc.sample_every and step % tc.sample_every == 0:
+        if not self.classifier and _due(step, settings.sample_every):
             _write_samples(self.sample_grid, state, self.writer, self.workdir, step, last_batch)
-        if self.snapshots is not None and step % tc.posthoc_ema_every == 0:
+        if self.snapshots is not None and step % settings.posthoc_ema_every == 0:
             self.snapshots.save(step, state.ema_params[self.first_power_ema :])
 
     def close(self) -> None:
@@ -351,7 +361,7 @@ class _TrainLoop:
     a preemption signal (checkpoint saved) or too many non-finite steps in a row."""
 
     config: Any  # stored next to each checkpoint
-    tc: TrainSettings
+    settings: TrainSettings
     mesh: Any
     compiled: Any  # the compiled train step
     train_iter: Iterator
@@ -377,11 +387,11 @@ class _TrainLoop:
     def log(self, acc, step: int, steps_since_log: int, t_log: float) -> dict:
         """Writes the mean train metrics and throughput since the last log; stops the run
         after train.max_consecutive_nonfinite non-finite steps in a row."""
-        tc = self.tc
+        settings = self.settings
         scalars = acc.reduce(prefix="train/")
         elapsed = time.perf_counter() - t_log
         perf = metrics_lib.throughput(
-            steps=steps_since_log, seconds=elapsed, batch_size=tc.batch_size,
+            steps=steps_since_log, seconds=elapsed, batch_size=settings.batch_size,
             flops_per_device=self.flops,
         )  # fmt: skip
         scalars.update({f"perf/{k}": v for k, v in perf.items()})
@@ -389,9 +399,9 @@ class _TrainLoop:
         return scalars
 
     def stop_if_nonfinite(self, scalars: dict, step: int) -> None:
-        tc, ckpt = self.tc, self.ckpt
+        settings, ckpt = self.settings, self.ckpt
         streak = scalars.get("train/max_nonfinite_streak", 0)
-        if tc.max_consecutive_nonfinite and streak >= tc.max_consecutive_nonfinite:
+        if settings.max_consecutive_nonfinite and streak >= settings.max_consecutive_nonfinite:
             ckpt.close()
             self.writer.flush()
             raise NonFiniteError(
@@ -401,7 +411,7 @@ class _TrainLoop:
             )
 
     def run(self, state, step: int, end: int, first_batch) -> RunResult:
-        tc, ckpt = self.tc, self.ckpt
+        settings, ckpt = self.settings, self.ckpt
         acc = metrics_lib.MetricAccumulator()
         last = {}
         preempted = False
@@ -421,13 +431,13 @@ class _TrainLoop:
                 for hook in self.hooks:
                     hook(step)
                 is_last = step == end
-                if tc.log_every and (step % tc.log_every == 0 or is_last):
+                if settings.log_every and (step % settings.log_every == 0 or is_last):
                     last = self.log(acc, step, steps_since_log, t_log)
                     t_log, steps_since_log = time.perf_counter(), 0
                     self.stop_if_nonfinite(last, step)
                 t_side = time.perf_counter()  # periodic work below is excluded from img/s
                 self.periodic(step, state, last_batch, last)
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not is_last:
+                if _due(step, settings.checkpoint_every) and not is_last:
                     self.save(state, step)
                 t_log += time.perf_counter() - t_side
                 if flag.set or ckpt.reached_preemption(step):
@@ -480,9 +490,9 @@ class _SampleGrid:
     """
 
     def __init__(self, config, module, mesh, settings: TrainSettings | None = None):
-        tc = read_train(config) if settings is None else settings
-        self.num_images = tc.num_sample_images
-        self.seed = tc.seed + 17
+        settings = read_train(config) if settings is None else settings
+        self.num_images = settings.num_sample_images
+        self.seed = settings.seed + 17
         self.num_classes = getattr(module, "num_classes", None)
         self.small_size = steps.low_res_size(config)
         self.mesh = mesh
@@ -490,7 +500,7 @@ class _SampleGrid:
         channels = config_lib.in_channels(config)
         size = config_lib.model_image_size(config)
         self.sampler = BatchSampler.for_networks(
-            config_lib.build_diffusion(config, timestep_respacing=tc.sample_respacing),
+            config_lib.build_diffusion(config, timestep_respacing=settings.sample_respacing),
             module,
             model_options=dict(train=False),
             image_shape=(size, size, channels),
