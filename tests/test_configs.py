@@ -213,3 +213,51 @@ def test_base_config_is_the_reference_defaults_but_learn_sigma():
     classifier = {k: v for k, v in default.CLASSIFIER_FLAGS.items() if k != "channel_mult"}
     assert classifier == {k: ref.CLASSIFIER_DEFAULTS[k] for k in classifier}
     assert set(classifier) == set(ref.CLASSIFIER_DEFAULTS)
+
+
+def test_read_train_has_every_field_parsed_once():
+    """TrainSettings holds every field of the base config's train section under its config
+    name, the lists parsed; read_train checks what validate_config checks."""
+    import dataclasses
+
+    from adm_jax.recipe import TrainSettings, read_train
+    from configs import default, tiny
+
+    base = default.get_config()
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    assert names == set(base.train)
+    assert read_train(base) == TrainSettings()  # the dataclass defaults are the base config's
+    config = tiny.get_config()
+    config.train.ema_rate = "0.9999, 0.99"
+    config.train.posthoc_ema_stds = "0.05,0.1"
+    config.train.posthoc_ema_every = 10
+    config.train.remat = "dots_saveable"  # underscores read as hyphens
+    settings = read_train(config)
+    assert settings.ema_rate == (0.9999, 0.99) and settings.posthoc_ema_stds == (0.05, 0.1)
+    assert settings.num_emas == 4 and settings.remat == "dots-saveable"
+    assert settings.microbatch == config.train.batch_size // config.train.grad_accum_steps
+    config.train.grad_accum_steps = 3
+    config.train.batch_size = 4
+    with pytest.raises(train.ConfigError, match="^train.batch_size: 4 not divisible by grad"):
+        read_train(config)
+    config.train.batch_size = 6
+    with pytest.raises(train.ConfigError, match="not divisible by the 4 devices"):
+        read_train(config, num_devices=4)
+
+
+def test_read_train_of_a_stored_config_without_newer_fields():
+    """A config stored next to an old checkpoint lacks newer train fields: they read as the
+    base config's defaults (the values they had when the run was trained)."""
+    from adm_jax.recipe import read_train
+    from configs import tiny
+
+    stored = tiny.get_config().to_dict()
+    for name in ("posthoc_ema_stds", "posthoc_ema_every", "export_ema_std", "remat",
+                 "attention_impl", "tensorboard", "init_from"):  # fmt: skip
+        del stored["train"][name]
+    assert read_train({**stored, "train": {**stored["train"], "remat": True}}).remat == "full"
+    settings = read_train(stored)
+    assert settings.posthoc_ema_stds == () and settings.posthoc_ema_every == 0
+    assert settings.export_ema_std is None and settings.remat == "none"
+    assert settings.attention_impl == "auto" and settings.tensorboard and not settings.init_from
+    assert config_lib.ema_rates(stored) == settings.ema_rate

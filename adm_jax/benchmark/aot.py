@@ -23,6 +23,7 @@ from adm_jax.benchmark.topology import TpuSlice, parse_tpu_slice, topology_devic
 from adm_jax.benchmark.train_step import lower_train_step, train_setup
 from adm_jax.models import abstract_params
 from adm_jax.recipe import config as config_lib
+from adm_jax.recipe.train import read_train, train_fields
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SIZE = r"([\d.]+)([KMGT]?)B?"
@@ -114,7 +115,7 @@ def _checked_estimate(seconds, flops, tpu_slice: TpuSlice) -> dict:
 
 
 def _config_batch_per_chip(config, num_chips: int, what: str) -> int:
-    micro = int(config.train.batch_size) // int(config.train.grad_accum_steps)
+    micro = read_train(config).microbatch
     if micro % num_chips:
         raise ValueError(
             f"train.batch_size: {what} batch {micro} is not a multiple of the {num_chips} chips; "
@@ -130,7 +131,7 @@ def aot_train(config, tpu_slice: TpuSlice, mesh, batch_per_chip: int) -> dict:
     setup = train_setup(config, mesh, batch_per_chip)
     lowered, lower_s = lower_train_step(setup)
     compiled, oom, compile_s = _compile_or_oom(lowered, mesh)
-    accum = int(setup.config.train.grad_accum_steps)
+    accum = setup.train.grad_accum_steps
     # XLA's cost analysis counts a loop body once: with microbatches (a lax.scan), the FLOPs
     # and the estimate cover one microbatch and the update.
     images = batch_per_chip
@@ -139,8 +140,8 @@ def aot_train(config, tpu_slice: TpuSlice, mesh, batch_per_chip: int) -> dict:
         "global_batch": setup.global_batch * accum,
         "grad_accum_steps": accum,
         "mesh": dict(mesh.shape),
-        "dtype": setup.config.train.dtype,
-        "remat": setup.config.train.remat,
+        "dtype": setup.train.dtype,
+        "remat": setup.train.remat,
         "lower_s": lower_s,
         "compile_s": compile_s,
     }
@@ -229,7 +230,7 @@ def aot_sample(
     mesh, from abstract parameters."""
     if config.model.kind != "unet":
         return {"skipped": f"the sampling fit needs a unet, got {config.model.kind}"}
-    dtype = dtype or config.train.dtype
+    dtype = dtype or train_fields(config)["dtype"]
     spec = recipe.sampler_spec(config.sample)
     diffusion = config_lib.build_diffusion(config, timestep_respacing=spec.respacing)
     mesh = topology_mesh(tpu_slice, fsdp=1)
@@ -319,11 +320,12 @@ def aot_report(
     XLA's estimated step time with the MFU it implies; then the guided sampling program at
     config.sample.batch_size. Nothing is allocated: parameters are ``jax.eval_shape``'d."""
     parsed = [parse_tpu_slice(s) for s in slices]
+    config_fsdp = int(train_fields(config)["fsdp"])  # as given: train_setup checks it
     results = []
     for tpu_slice in parsed:
         gen = tpu_slice.generation
         devices = topology_devices(tpu_slice)
-        fsdp = math.gcd(int(config.train.fsdp), tpu_slice.num_chips)
+        fsdp = math.gcd(config_fsdp, tpu_slice.num_chips)
         mesh = topology_mesh(tpu_slice, fsdp)
         entry = {
             "slice": tpu_slice.name,
@@ -332,12 +334,11 @@ def aot_report(
             "device_kind": devices[0].device_kind,
             "hbm_bytes_per_chip": gen.hbm_bytes,
             "peak_bf16_flops_per_chip": gen.peak_bf16_flops,
-            "config_fsdp": int(config.train.fsdp),
+            "config_fsdp": config_fsdp,
         }
-        if fsdp != int(config.train.fsdp):
+        if fsdp != config_fsdp:
             entry["fsdp_note"] = (
-                f"train.fsdp {int(config.train.fsdp)} does not divide {tpu_slice.num_chips} "
-                f"chips: fsdp {fsdp}"
+                f"train.fsdp {config_fsdp} does not divide {tpu_slice.num_chips} chips: fsdp {fsdp}"
             )
         b = batch_per_chip or _config_batch_per_chip(config, tpu_slice.num_chips, "the config's")
         log(f"{tpu_slice.name} ({tpu_slice.topology}): train step, batch {b}/chip, mesh "

@@ -16,13 +16,14 @@ from adm_jax.benchmark.timing import train_benchmark
 from adm_jax.benchmark.topology import parse_tpu_slice
 from adm_jax.benchmark.train_step import flops_report
 from adm_jax.recipe import config as config_lib
+from adm_jax.recipe.train import train_fields
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """Sizes of one benchmark run; ``cpu`` fits a 2-core CPU in a few minutes."""
 
-    batch_per_device: int | None = None  # None: config.train.batch_size / devices
+    batch_per_device: int | None = None  # None: train.batch_size / devices
     steps: int = 20
     warmup: int = 2
     sample_batch_per_device: int = 8
@@ -97,14 +98,15 @@ def run(
     )
     mesh = make_mesh(config, num_devices)
     n = mesh.size
+    train = train_fields(config)  # as given: train_setup reads and checks it at its batch
     out = {
         "environment": environment(),
         "preset": preset or "default",
         "model": {
             "kind": config.model.kind,
             "image_size": config_lib.model_image_size(config),
-            "train_dtype": config.train.dtype,
-            "remat": config.train.remat,
+            "train_dtype": train["dtype"],
+            "remat": train["remat"],
         },
     }
     if "aot" in what:
@@ -125,7 +127,7 @@ def run(
             config, mesh, device_memory_bytes=device_memory_bytes, limit=p.max_batch_limit
         )
     if batch_per_device is None:
-        batch_per_device = p.batch_per_device or max(1, int(config.train.batch_size) // n)
+        batch_per_device = p.batch_per_device or max(1, int(train["batch_size"]) // n)
         found = out.get("maxbatch", {}).get("max_batch_per_device")
         if isinstance(found, int) and found > 0 and found < batch_per_device:
             # The config's batch does not fit one device: time the largest batch that does.

@@ -24,6 +24,7 @@ from adm_jax.benchmark.train_step import zeros_like_tree
 from adm_jax.diffusion import karras, methods
 from adm_jax.models import abstract_params, example_inputs
 from adm_jax.recipe import config as config_lib
+from adm_jax.recipe.train import train_fields
 
 
 def _params(module, init: str, mesh):
@@ -171,7 +172,7 @@ def sample_benchmark(
     ``classifier_config``) and with classifier-free guidance (class-conditional models),
     through ``BatchSampler``: the program ``--mode=sample`` compiles. Guidance overhead =
     guided / unguided time per evaluation."""
-    dtype = dtype or config.train.dtype
+    dtype = dtype or train_fields(config)["dtype"]
     unknown = sorted(set(guidance) - set(GUIDANCE_KINDS))
     if unknown:
         raise ValueError(f"sample_guidance: unknown {unknown}; expected {GUIDANCE_KINDS}")

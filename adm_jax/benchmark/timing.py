@@ -28,6 +28,7 @@ from adm_jax.benchmark.train_step import (
     train_setup,
 )
 from adm_jax.models import example_inputs
+from adm_jax.recipe.train import train_fields
 
 
 def timed_calls(
@@ -76,12 +77,12 @@ def train_benchmark(
         else None
     )
     result = {
-        "config_batch_size": int(config.train.batch_size),
+        "config_batch_size": int(train_fields(config)["batch_size"]),
         "batch_per_device": batch_per_device,
         "global_batch": setup.global_batch,
-        "grad_accum_steps": int(setup.config.train.grad_accum_steps),
-        "dtype": setup.config.train.dtype,
-        "remat": setup.config.train.remat,
+        "grad_accum_steps": setup.train.grad_accum_steps,
+        "dtype": setup.train.dtype,
+        "remat": setup.train.remat,
         "mesh": dict(mesh.shape),
         "init": init,
         "steps_timed": num_steps,

@@ -15,6 +15,7 @@ from adm_jax.benchmark.config_files import fit_fsdp, with_batch
 from adm_jax.benchmark.devices import memory_analysis
 from adm_jax.benchmark.flops import forward_flops_per_image, published_entry, xla_flops
 from adm_jax.recipe import config as config_lib
+from adm_jax.recipe.train import TrainSettings, read_train
 from adm_jax.train import sharding, steps
 from adm_jax.train import state as state_lib
 
@@ -23,7 +24,8 @@ from adm_jax.train import state as state_lib
 class TrainSetup:
     """Everything a compiled train step needs, built from a config (nothing allocated)."""
 
-    config: Any
+    config: Any  # the config at the benchmark's batch and mesh
+    train: TrainSettings  # its train section
     mesh: Any
     module: Any
     diffusion: Any
@@ -36,7 +38,8 @@ class TrainSetup:
 
     @property
     def global_batch(self) -> int:
-        return int(self.config.train.batch_size) // int(self.config.train.grad_accum_steps)
+        """The global batch of one microbatch."""
+        return self.train.microbatch
 
 
 def train_setup(config, mesh, batch_per_device: int) -> TrainSetup:
@@ -46,22 +49,24 @@ def train_setup(config, mesh, batch_per_device: int) -> TrainSetup:
     config = with_batch(fit_fsdp(config, mesh), batch_per_device * mesh.size)
     mode = "train_classifier" if classifier else "train"
     config_lib.validate_config(config, num_devices=mesh.size, mode=mode)
+    settings = read_train(config, num_devices=mesh.size)
     module = config_lib.build_model(config)
     diffusion = config_lib.build_diffusion(config)
-    tx = state_lib.make_optimizer(config.train)
-    abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh)
+    tx = state_lib.make_optimizer(settings)
+    abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh, settings)
     batch_sh = sharding.batch_sharding(mesh)
     jitted = steps.jit_train_step(
-        module, diffusion, tx, config, shardings, mesh, classifier=classifier
+        module, diffusion, tx, config, shardings, mesh, classifier=classifier, settings=settings
     )
     return TrainSetup(
-        config, mesh, module, diffusion, tx, abstract, shardings, batch_sh, jitted, classifier
-    )
+        config, settings, mesh, module, diffusion, tx, abstract, shardings, batch_sh, jitted,
+        classifier,
+    )  # fmt: skip
 
 
 def abstract_batch(setup: TrainSetup) -> dict:
     size = config_lib.model_image_size(setup.config)
-    n, c = setup.config.train.batch_size, int(setup.config.data.channels)
+    n, c = setup.train.batch_size, int(setup.config.data.channels)
     sh = setup.batch_sharding
     return {
         "image": jax.ShapeDtypeStruct((n, size, size, c), jnp.float32, sharding=sh),
@@ -97,7 +102,9 @@ def initial_state(setup: TrainSetup, init: str = "real"):
     ``module.init``, which dominates small CPU runs)."""
     if init == "zeros":
         return zeros_like_tree(setup.abstract_state, setup.state_shardings)
-    state, _ = state_lib.create_train_state(setup.module, setup.config, setup.tx, setup.mesh)
+    state, _ = state_lib.create_train_state(
+        setup.module, setup.config, setup.tx, setup.mesh, setup.train
+    )
     return state
 
 
@@ -160,7 +167,7 @@ def flops_report(config, mesh, *, batch_per_device: int = 1, compile: bool = Tru
     per_device_batch = setup.global_batch // mesh.size
     out = {
         "batch_per_device": per_device_batch,
-        "dtype": setup.config.train.dtype,
+        "dtype": setup.train.dtype,
         "mesh": dict(mesh.shape),
         "lower_s": lower_s,
         "compile_s": compile_s,

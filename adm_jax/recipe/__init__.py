@@ -4,8 +4,10 @@ The layer below checkpoints, train, sampling, evaluation and the benchmark. A se
 and checked in one place, and what the rest of the code receives is its typed settings:
 
 - ``reader``: ``config_get`` / ``config_text`` (the one accessor) and ``ConfigError``;
-- ``config``: the model, diffusion, data and train sections (the field schema,
+- ``config``: the model, diffusion and data sections (the field schema,
   ``validate_config``, the network and diffusion they describe);
+- ``train``: ``read_train`` -> ``TrainSettings`` (optimizer, EMAs, batch, kernels, periodic
+  work); its checks are the train part of ``validate_config``;
 - ``sample``: ``read_sample`` -> ``SampleSettings`` (sampler, guidance, labels, counts);
 - ``sweep``: ``read_sweep`` -> ``SweepSettings`` (the guidance sweep's scales and grid);
 - ``edit``: ``read_edit`` -> ``EditSettings``;
@@ -35,6 +37,7 @@ from adm_jax.recipe.sample import (
     sampler_spec,
 )
 from adm_jax.recipe.sweep import SweepSettings, read_sweep
+from adm_jax.recipe.train import TrainSettings, read_train
 
 __all__ = [
     "ConfigError",
@@ -43,6 +46,7 @@ __all__ = [
     "NllSettings",
     "SampleSettings",
     "SweepSettings",
+    "TrainSettings",
     "build_diffusion",
     "cfg_scale_of",
     "check_scale",
@@ -59,6 +63,7 @@ __all__ = [
     "read_nll",
     "read_sample",
     "read_sweep",
+    "read_train",
     "sampler_spec",
     "to_dict",
     "validate_config",

@@ -3,7 +3,9 @@
 ``validate_config`` runs before anything is built or compiled, so a typo or an impossible
 value costs a one-line error naming the field instead of a TPU-hour: every name must exist in
 ``configs/default.py`` (model fields: the README flags of the model kind), and values are
-checked against each other (batch vs device count, image sizes, learn_sigma, ...).
+checked against each other (batch vs device count, image sizes, learn_sigma, ...). The train
+section's checks and accessors live in ``adm_jax.recipe.train`` (``read_train``); the
+accessors are importable from here too.
 """
 
 from __future__ import annotations
@@ -11,27 +13,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 
-from adm_jax import paths, posthoc_ema
 from adm_jax.data import validate_data_config
 from adm_jax.diffusion import create_diffusion
-from adm_jax.models import (
-    ATTENTION_IMPLS,
-    REMAT_POLICIES,
-    module_from_kwargs,
-    reference_kwargs_from_flags,
-    remat_policy_name,
-    with_shape,
-)
+from adm_jax.models import module_from_kwargs, reference_kwargs_from_flags, with_shape
 from adm_jax.recipe import default_config
 from adm_jax.recipe.reader import ConfigError
+from adm_jax.recipe.train import (  # noqa: F401  (re-exported: the accessors' old home)
+    DTYPES,
+    SCHEDULE_SAMPLERS,
+    attention_impl,
+    check_init_from,
+    check_train,
+    ema_rates,
+    module_options,
+    num_emas,
+    posthoc_ema_stds,
+    remat_policy,
+    train_fields,
+)
 
 MODEL_KINDS = ("unet", "superres", "classifier")
-SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 NOISE_SCHEDULES = ("linear", "cosine")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # config.model fields that are not README flags (configs/default.py DIFFUSION_MODEL_EXTRAS).
 MODEL_EXTRAS = ("class_dropout_prob", "in_channels", "num_classes")
 
@@ -49,23 +53,6 @@ def _model_schema(kind: str) -> dict[str, Any]:
     if kind == "superres":
         return dict(d.superres_model())
     return dict(d.classifier_model())
-
-
-def ema_rates(config) -> tuple[float, ...]:
-    """config.train.ema_rate ("0.9999" or "0.9999,0.99" or "") as floats."""
-    text = str(config.train.ema_rate).strip()
-    return tuple(float(r) for r in text.split(",") if r.strip()) if text else ()
-
-
-def posthoc_ema_stds(config) -> tuple[float, ...]:
-    """config.train.posthoc_ema_stds ("0.05,0.10" or "") as floats: the power-function EMAs
-    kept after the constant-rate ones in ``TrainState.ema_params``."""
-    text = str(config.train.get("posthoc_ema_stds", "") or "").strip()
-    return tuple(float(s) for s in text.split(",") if s.strip()) if text else ()
-
-
-def num_emas(config) -> int:
-    return len(ema_rates(config)) + len(posthoc_ema_stds(config))
 
 
 def model_flags(config) -> dict[str, Any]:
@@ -128,25 +115,9 @@ def _reference_model_kwargs(config) -> dict[str, Any]:
     return reference_kwargs_from_flags(kind, flags)
 
 
-def remat_policy(config) -> str:
-    """config.train.remat as a policy name; the booleans of configs stored before the policies
-    existed mean "full" (True) and "none" (False)."""
-    return remat_policy_name(config.train.get("remat", "none"))
-
-
-def attention_impl(config) -> str:
-    """config.train.attention_impl ("auto" for configs stored before the field existed)."""
-    return str(config.train.get("attention_impl", "auto"))
-
-
 def build_model(config, **overrides):
     """The linen module for config.model with the training compute dtype and remat."""
-    options = dict(
-        dtype=DTYPES[config.train.dtype],
-        remat=remat_policy(config),
-        attention_impl=attention_impl(config),
-    )
-    options.update(overrides)
+    options = {**module_options(config), **overrides}
     return module_from_kwargs(config.model.kind, model_kwargs(config), **options)
 
 
@@ -171,10 +142,8 @@ def validate_config(config, *, num_devices: int | None = None, mode: str | None 
     """
     _check_names(config, _default_module().get_config())
     _check_model_data_diffusion(config, mode)
-    _check_optimizer(config)
-    _check_emas(config)
-    _check_kernels(config)
-    _check_batch(config, num_devices)
+    check_init_from(config)  # the train section's checks: adm_jax.recipe.train
+    check_train(config, num_devices)
     _check_builds(config)
 
 
@@ -185,7 +154,7 @@ def _fail(field: str, problem: str):
 
 def _check_model_data_diffusion(config, mode: str | None) -> None:
     """The model fits the mode, the diffusion and the data."""
-    m, d, data, t = config.model, config.diffusion, config.data, config.train
+    m, d, data = config.model, config.diffusion, config.data
     if mode == "train" and m.kind == "classifier":
         _fail("model.kind", "a classifier config needs --mode=train_classifier")
     if mode == "train_classifier" and m.kind != "classifier":
@@ -232,117 +201,19 @@ def _check_model_data_diffusion(config, mode: str | None) -> None:
             f"{data.channels} but model.in_channels is {in_channels(config)} (set both: 1 for "
             "grey images, 3 for RGB)",
         )
-    init_from = str(t.get("init_from", "") or "")
-    if init_from and not paths.is_remote(init_from) and not paths.path(init_from).exists():
-        _fail("train.init_from", f"{init_from}: no such checkpoint or workdir")
-
-
-def _check_optimizer(config) -> None:
-    """Optimizer and loop sizes."""
-    t = config.train
-    positive = ("num_steps", "batch_size", "grad_accum_steps", "lr", "max_to_keep")
-    for name in positive:
-        if not t[name] > 0:
-            _fail(f"train.{name}", f"must be > 0, got {t[name]}")
-    non_negative = (
-        "weight_decay", "warmup_steps", "lr_anneal_steps", "grad_clip", "log_every",
-        "checkpoint_every", "eval_every", "eval_batches", "sample_every", "profile_steps",
-        "max_consecutive_nonfinite", "num_sample_images", "eps",
-    )  # fmt: skip
-    for name in non_negative:
-        if t[name] < 0:
-            _fail(f"train.{name}", f"must be >= 0, got {t[name]}")
-    for name in ("b1", "b2"):
-        if not 0 <= t[name] < 1:
-            _fail(f"train.{name}", f"must be in [0, 1), got {t[name]}")
-
-
-def _check_emas(config) -> None:
-    """train.ema_rate and the post-hoc EMA fields."""
-    t = config.train
-    try:
-        rates = ema_rates(config)
-    except ValueError:
-        _fail("train.ema_rate", f"expected comma-separated floats, got {t.ema_rate!r}")
-    if any(not 0 < r < 1 for r in rates):
-        _fail("train.ema_rate", f"every rate must be in (0, 1), got {t.ema_rate!r}")
-    try:
-        stds = posthoc_ema_stds(config)
-    except ValueError:
-        _fail(
-            "train.posthoc_ema_stds", f"expected comma-separated floats, got {t.posthoc_ema_stds!r}"
-        )
-    for std in stds:
-        try:
-            posthoc_ema.std_to_exp(std)
-        except ValueError as err:
-            _fail("train.posthoc_ema_stds", str(err))
-    every = t.get("posthoc_ema_every", 0)
-    if not isinstance(every, int) or every < 0:
-        _fail("train.posthoc_ema_every", f"expected an integer >= 0, got {every!r}")
-    if stds and not every:
-        _fail("train.posthoc_ema_every", "must be > 0 when train.posthoc_ema_stds is set")
-    if t.get("export_ema_std") is not None:
-        try:
-            posthoc_ema.std_to_exp(float(t.export_ema_std))
-        except (TypeError, ValueError) as err:
-            _fail("train.export_ema_std", str(err))
-
-
-def _check_kernels(config) -> None:
-    """Schedule sampler, compute dtype, attention kernel, remat policy."""
-    t = config.train
-    if t.schedule_sampler not in SCHEDULE_SAMPLERS:
-        _fail("train.schedule_sampler", f"unknown {t.schedule_sampler!r}; {SCHEDULE_SAMPLERS}")
-    if t.dtype == "float16":
-        # float16 needs dynamic loss scaling (the reference's lg_loss_scale) or small gradients
-        # underflow to zero silently; bfloat16 has float32's range, runs at the same speed on
-        # every accelerator adm_jax targets (TPU v4+, A100/H100) and needs none.
-        _fail("train.dtype", "float16 training is not supported (no loss scaling); use bfloat16")
-    if t.dtype not in DTYPES:
-        _fail("train.dtype", f"unknown {t.dtype!r}; {tuple(DTYPES)}")
-    if attention_impl(config) not in ATTENTION_IMPLS:
-        _fail(
-            "train.attention_impl",
-            f"unknown {t.attention_impl!r}; expected one of {ATTENTION_IMPLS}",
-        )
-    if remat_policy(config) not in REMAT_POLICIES:
-        _fail("train.remat", f"unknown policy {t.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
-
-
-def _check_batch(config, num_devices: int | None) -> None:
-    """The batch against the accumulation steps, the mesh and the devices."""
-    t = config.train
-    if t.lr_anneal_steps and t.warmup_steps >= t.lr_anneal_steps:
-        _fail("train.warmup_steps", f"{t.warmup_steps} >= lr_anneal_steps {t.lr_anneal_steps}")
-    if t.batch_size % t.grad_accum_steps:
-        _fail("train.batch_size", f"{t.batch_size} not divisible by grad_accum_steps")
-    if t.fsdp < 1:
-        _fail("train.fsdp", f"must be >= 1, got {t.fsdp}")
-    if num_devices is not None:
-        if num_devices % t.fsdp:
-            _fail("train.fsdp", f"{t.fsdp} does not divide the device count {num_devices}")
-        micro = t.batch_size // t.grad_accum_steps
-        if micro % num_devices:
-            _fail(
-                "train.batch_size",
-                f"{t.batch_size} (/ grad_accum_steps {t.grad_accum_steps}) is not divisible by "
-                f"the {num_devices} devices",
-            )
 
 
 def _check_builds(config) -> None:
     """Builds the network description (and the sample-grid diffusion) now: unknown README
     flag values fail here, not in jit."""
-    m, t = config.model, config.train
-    # Build the network description now: unknown README flag values fail here, not in jit.
+    t = train_fields(config)
     try:
         model_kwargs(config)
     except (ValueError, TypeError, AssertionError) as err:
         _fail("model", str(err))
-    if m.kind != "classifier" and t.sample_every:
+    if config.model.kind != "classifier" and t["sample_every"]:
         try:
-            build_diffusion(config, timestep_respacing=t.sample_respacing)
+            build_diffusion(config, timestep_respacing=t["sample_respacing"])
         except (ValueError, AssertionError) as err:
             _fail("train.sample_respacing", str(err))
 

@@ -35,13 +35,14 @@ from adm_jax.checkpoints import init_from
 from adm_jax.checkpoints import training as checkpointing
 from adm_jax.models import count_params
 from adm_jax.recipe import config as config_lib
+from adm_jax.recipe.train import TrainSettings, read_train
 from adm_jax.train import metrics as metrics_lib
 from adm_jax.train import sharding, steps
 from adm_jax.train import state as state_lib
 
 
 class NonFiniteError(RuntimeError):
-    """Raised when config.train.max_consecutive_nonfinite steps in a row were non-finite."""
+    """Raised when train.max_consecutive_nonfinite steps in a row were non-finite."""
 
 
 @dataclasses.dataclass
@@ -119,15 +120,15 @@ class _CompileOnceThenSync:
         return self._compiled(*args)
 
 
-def _data_iterator(config, mesh, *, split: str, seed: int, for_classifier: bool):
+def _data_iterator(config, settings: TrainSettings, mesh, *, for_classifier: bool):
     from adm_jax import data as data_lib
 
     return data_lib.create_train_iterator(
         config.data,
-        global_batch_size=config.train.batch_size,
+        global_batch_size=settings.batch_size,
         sharding=sharding.batch_sharding(mesh),
-        seed=seed,
-        split=split,
+        seed=settings.seed,
+        split=config.data.split,
         for_classifier=for_classifier,
         num_classes=config_lib.num_classes(config),
     )
@@ -154,61 +155,69 @@ def _run(
     stop_after: int | None = None,
 ) -> RunResult:
     """``train_iter`` / ``eval_iter_fn`` replace the TFDS input (tests, benchmarks);
-    ``stop_after`` ends this call after that many steps (the run stays resumable)."""
-    tc = config.train
+    ``stop_after`` ends this call after that many steps (the run stays resumable).
+
+    The train section is read here, once (``read_train``); what runs below receives its
+    ``TrainSettings``."""
+    settings = read_train(config)
     mode = "train_classifier" if classifier else "train"
-    mesh = mesh or sharding.create_mesh(fsdp=tc.fsdp)
+    mesh = mesh or sharding.create_mesh(fsdp=settings.fsdp)
     config_lib.validate_config(config, num_devices=mesh.size, mode=mode)
     workdir = workdir_lib.prepare(workdir)
     with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
         return _train(
-            config, workdir, mesh, classifier=classifier, train_iter=train_iter,
+            config, settings, workdir, mesh, classifier=classifier, train_iter=train_iter,
             eval_iter_fn=eval_iter_fn, stop_after=stop_after,
         )  # fmt: skip
 
 
 def _train(
-    config, workdir, mesh, *, classifier: bool, train_iter, eval_iter_fn, stop_after
+    config,
+    settings: TrainSettings,
+    workdir,
+    mesh,
+    *,
+    classifier: bool,
+    train_iter,
+    eval_iter_fn,
+    stop_after,
 ) -> RunResult:
-    """The body of ``_run``, with the workdir checked and locked."""
-    tc = config.train
+    """The body of ``_run``, with the workdir checked and locked. ``config`` gives the model,
+    diffusion and data sections (and is stored next to each checkpoint); ``settings`` the train
+    section."""
     logging.info("workdir %s; mesh %s; %d devices", workdir, dict(mesh.shape), mesh.size)
 
     module = config_lib.build_model(config)
     diffusion = config_lib.build_diffusion(config)
-    tx = state_lib.make_optimizer(tc)
-    abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh)
+    tx = state_lib.make_optimizer(settings)
+    abstract, shardings = state_lib.abstract_train_state(module, config, tx, mesh, settings)
     ckpt = checkpointing.Checkpointer(
-        workdir, max_to_keep=tc.max_to_keep, async_save=tc.async_checkpointing
+        workdir, max_to_keep=settings.max_to_keep, async_save=settings.async_checkpointing
     )
     latest = ckpt.latest_step()
-    if latest is not None and latest >= tc.num_steps:
+    if latest is not None and latest >= settings.num_steps:
         # Rerunning a finished run (or a pod relaunched after its last save): nothing to
         # compile or train.
         logging.info(
             "%s: already finished (checkpoint at step %d, train.num_steps=%d); nothing to do.",
-            ckpt.directory, latest, tc.num_steps,
+            ckpt.directory, latest, settings.num_steps,
         )  # fmt: skip
         ckpt.close()
         return RunResult(state=None, step=latest, metrics={}, finished_before=True)
     if train_iter is None:
-        train_iter = _data_iterator(
-            config, mesh, split=config.data.split, seed=tc.seed, for_classifier=classifier
-        )
+        train_iter = _data_iterator(config, settings, mesh, for_classifier=classifier)
     state, first_batch = _initial_state(
-        config, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter
+        config, settings, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter
     )
-    if eval_iter_fn is None and tc.eval_every and config.data.eval_split:
-        eval_iter_fn = _eval_iterator_fn(config, mesh, classifier)
+    if eval_iter_fn is None and settings.eval_every and config.data.eval_split:
+        eval_iter_fn = _eval_iterator_fn(config, settings, mesh, classifier)
 
     train_step = steps.jit_train_step(
-        module, diffusion, tx, config, shardings, mesh, classifier=classifier
+        module, diffusion, tx, config, shardings, mesh, classifier=classifier, settings=settings
     )
-    eval_step, sample_grid = _eval_programs(config, module, diffusion, mesh, classifier)
+    eval_step, sample_grid = _eval_programs(config, settings, module, diffusion, mesh, classifier)
     step = int(jax.device_get(state.step))
-    writer = metrics_lib.create_writer(
-        workdir, tensorboard=tc.get("tensorboard", True), resume_step=step
-    )
+    writer = metrics_lib.create_writer(workdir, tensorboard=settings.tensorboard, resume_step=step)
     if first_batch is None:
         first_batch = next(train_iter)
     with jax.set_mesh(mesh):
@@ -225,15 +234,15 @@ def _train(
     hooks = []
     if jax.process_index() == 0:
         hooks = metrics_lib.progress_hooks(
-            num_train_steps=tc.num_steps,
-            every_steps=tc.log_every,
+            num_train_steps=settings.num_steps,
+            every_steps=settings.log_every,
             writer=writer,
             workdir=os.fspath(workdir),
-            profile_steps=tc.profile_steps,
+            profile_steps=settings.profile_steps,
         )
-    stds = config_lib.posthoc_ema_stds(config)
+    stds = settings.posthoc_ema_stds
     periodic = _PeriodicWork(
-        tc=tc,
+        settings=settings,
         classifier=classifier,
         writer=writer,
         workdir=workdir,
@@ -241,14 +250,18 @@ def _train(
         eval_iter_fn=eval_iter_fn,
         sample_grid=sample_grid,
         snapshots=posthoc_ema.SnapshotWriter(workdir, stds) if stds else None,
-        first_power_ema=len(config_lib.ema_rates(config)),
+        first_power_ema=len(settings.ema_rate),
     )
-    end = tc.num_steps if stop_after is None else min(tc.num_steps, step + stop_after)
-    loop = _TrainLoop(config, mesh, compiled, train_iter, ckpt, writer, hooks, periodic, flops)
+    end = settings.num_steps if stop_after is None else min(settings.num_steps, step + stop_after)
+    loop = _TrainLoop(
+        config, settings, mesh, compiled, train_iter, ckpt, writer, hooks, periodic, flops
+    )
     return loop.run(state, step, end, first_batch)
 
 
-def _initial_state(config, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter):
+def _initial_state(
+    config, settings, module, tx, mesh, abstract, shardings, ckpt, latest, train_iter
+):
     """(state, first batch): the latest intact checkpoint's state (first batch None: read after
     the restore), or a fresh one (from train.init_from if set). A fresh run reads its first
     batch before anything is built, so that broken data (undecodable images, labels outside
@@ -260,27 +273,28 @@ def _initial_state(config, module, tx, mesh, abstract, shardings, ckpt, latest, 
         logging.info("Resumed from %s/%d", ckpt.directory, resumed)
     else:
         sync_processes("init")
-        state, _ = state_lib.create_train_state(module, config, tx, mesh)
-        if config.train.get("init_from"):
+        state, _ = state_lib.create_train_state(module, config, tx, mesh, settings)
+        if settings.init_from:
             with jax.set_mesh(mesh):
                 state, _ = init_from.apply_init_from(config, state, shardings)
     logging.info("%s: %d parameters", config.model.kind, count_params(state.params))
     return state, first_batch
 
 
-def _eval_iterator_fn(config, mesh, classifier: bool) -> Callable[[], Iterator]:
+def _eval_iterator_fn(
+    config, settings: TrainSettings, mesh, classifier: bool
+) -> Callable[[], Iterator]:
     """A fresh iterator over the first train.eval_batches batches of data.eval_split."""
-    tc = config.train
 
     def eval_iter_fn():
         from adm_jax import data as data_lib
 
         return data_lib.create_eval_iterator(
             config.data,
-            global_batch_size=tc.batch_size,
+            global_batch_size=settings.batch_size,
             sharding=sharding.batch_sharding(mesh),
             split=config.data.eval_split,
-            num_examples=tc.eval_batches * tc.batch_size,
+            num_examples=settings.eval_batches * settings.batch_size,
             num_classes=config_lib.num_classes(config),
             for_classifier=classifier,
         )
@@ -288,19 +302,24 @@ def _eval_iterator_fn(config, mesh, classifier: bool) -> Callable[[], Iterator]:
     return eval_iter_fn
 
 
-def _eval_programs(config, module, diffusion, mesh, classifier: bool):
+def _eval_programs(config, settings: TrainSettings, module, diffusion, mesh, classifier: bool):
     """(eval_step, sample_grid): the validation-loss program, and the sample grid of diffusion
     models with train.sample_every (else None)."""
     rep = sharding.replicated(mesh)
     if classifier:
-        eval_step = steps.make_classifier_eval_step(module, diffusion, noised=config.train.noised)
+        eval_step = steps.make_classifier_eval_step(module, diffusion, noised=settings.noised)
     else:
         eval_step = steps.make_diffusion_eval_step(module, diffusion, steps.low_res_size(config))
     eval_step = _CompileOnceThenSync(jax.jit(eval_step, out_shardings=rep), "eval_step")
     sample_grid = None
-    if not classifier and config.train.sample_every:
-        sample_grid = _SampleGrid(config, module, mesh)
+    if not classifier and settings.sample_every:
+        sample_grid = _SampleGrid(config, module, mesh, settings)
     return eval_step, sample_grid
+
+
+def _due(step: int, every: int) -> bool:
+    """Periodic work of period ``every`` (0: never) is due at ``step``."""
+    return bool(every) and step % every == 0
 
 
 @dataclasses.dataclass
@@ -308,7 +327,7 @@ class _PeriodicWork:
     """The every-N-steps work besides logging and checkpoints: validation loss, sample grids
     and post-hoc EMA snapshots."""
 
-    tc: Any
+    settings: TrainSettings
     classifier: bool
     writer: Any
     workdir: Any
@@ -320,14 +339,15 @@ class _PeriodicWork:
 
     def __call__(self, step: int, state, last_batch, last: dict) -> None:
         """Runs what is due at ``step``; validation terms join ``last``."""
-        tc = self.tc
-        if tc.eval_every and self.eval_iter_fn is not None and step % tc.eval_every == 0:
-            ev = _evaluate(self.eval_step, state, self.eval_iter_fn, tc, self.classifier, step)
+        settings = self.settings
+        if self.eval_iter_fn is not None and _due(step, settings.eval_every):
+            batches = settings.eval_batches
+            ev = _evaluate(self.eval_step, state, self.eval_iter_fn, batches, self.classifier, step)
             self.writer.write_scalars(step, ev)
             last.update(ev)
-        if not self.classifier and tc.sample_every and step % tc.sample_every == 0:
+        if not self.classifier and _due(step, settings.sample_every):
             _write_samples(self.sample_grid, state, self.writer, self.workdir, step, last_batch)
-        if self.snapshots is not None and step % tc.posthoc_ema_every == 0:
+        if self.snapshots is not None and step % settings.posthoc_ema_every == 0:
             self.snapshots.save(step, state.ema_params[self.first_power_ema :])
 
     def close(self) -> None:
@@ -340,7 +360,8 @@ class _TrainLoop:
     """The steps from a state to ``end``: logging, periodic work, checkpoints, and a stop on
     a preemption signal (checkpoint saved) or too many non-finite steps in a row."""
 
-    config: Any
+    config: Any  # stored next to each checkpoint
+    settings: TrainSettings
     mesh: Any
     compiled: Any  # the compiled train step
     train_iter: Iterator
@@ -349,10 +370,6 @@ class _TrainLoop:
     hooks: list
     periodic: _PeriodicWork
     flops: float  # of the train step, per device
-
-    @property
-    def tc(self):
-        return self.config.train
 
     def save(self, state, at_step: int, *, force: bool = False) -> None:
         started = self.ckpt.save(
@@ -370,11 +387,11 @@ class _TrainLoop:
     def log(self, acc, step: int, steps_since_log: int, t_log: float) -> dict:
         """Writes the mean train metrics and throughput since the last log; stops the run
         after train.max_consecutive_nonfinite non-finite steps in a row."""
-        tc = self.tc
+        settings = self.settings
         scalars = acc.reduce(prefix="train/")
         elapsed = time.perf_counter() - t_log
         perf = metrics_lib.throughput(
-            steps=steps_since_log, seconds=elapsed, batch_size=tc.batch_size,
+            steps=steps_since_log, seconds=elapsed, batch_size=settings.batch_size,
             flops_per_device=self.flops,
         )  # fmt: skip
         scalars.update({f"perf/{k}": v for k, v in perf.items()})
@@ -382,9 +399,9 @@ class _TrainLoop:
         return scalars
 
     def stop_if_nonfinite(self, scalars: dict, step: int) -> None:
-        tc, ckpt = self.tc, self.ckpt
+        settings, ckpt = self.settings, self.ckpt
         streak = scalars.get("train/max_nonfinite_streak", 0)
-        if tc.max_consecutive_nonfinite and streak >= tc.max_consecutive_nonfinite:
+        if settings.max_consecutive_nonfinite and streak >= settings.max_consecutive_nonfinite:
             ckpt.close()
             self.writer.flush()
             raise NonFiniteError(
@@ -394,7 +411,7 @@ class _TrainLoop:
             )
 
     def run(self, state, step: int, end: int, first_batch) -> RunResult:
-        tc, ckpt = self.tc, self.ckpt
+        settings, ckpt = self.settings, self.ckpt
         acc = metrics_lib.MetricAccumulator()
         last = {}
         preempted = False
@@ -414,13 +431,13 @@ class _TrainLoop:
                 for hook in self.hooks:
                     hook(step)
                 is_last = step == end
-                if tc.log_every and (step % tc.log_every == 0 or is_last):
+                if settings.log_every and (step % settings.log_every == 0 or is_last):
                     last = self.log(acc, step, steps_since_log, t_log)
                     t_log, steps_since_log = time.perf_counter(), 0
                     self.stop_if_nonfinite(last, step)
                 t_side = time.perf_counter()  # periodic work below is excluded from img/s
                 self.periodic(step, state, last_batch, last)
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not is_last:
+                if _due(step, settings.checkpoint_every) and not is_last:
                     self.save(state, step)
                 t_log += time.perf_counter() - t_side
                 if flag.set or ckpt.reached_preemption(step):
@@ -438,13 +455,15 @@ class _TrainLoop:
         return RunResult(state=state, step=step, metrics=last, preempted=preempted)
 
 
-def _evaluate(eval_step, state, eval_iter_fn, tc, classifier: bool, step: int) -> dict:
+def _evaluate(
+    eval_step, state, eval_iter_fn, eval_batches: int, classifier: bool, step: int
+) -> dict:
     """Mean validation terms over ``eval_batches`` batches (EMA params for the diffusion
     model, the ones we sample with; raw params for the classifier, which keeps no EMA)."""
     params = state.ema_params[0] if (state.ema_params and not classifier) else state.params
     it = eval_iter_fn()
     results = []
-    for i in range(tc.eval_batches):
+    for i in range(eval_batches):
         try:
             batch = next(it)
         except StopIteration:
@@ -470,10 +489,10 @@ class _SampleGrid:
     random labels; super-resolution models upsample the last training batch (with its labels).
     """
 
-    def __init__(self, config, module, mesh):
-        tc = config.train
-        self.num_images = int(tc.num_sample_images)
-        self.seed = int(tc.seed) + 17
+    def __init__(self, config, module, mesh, settings: TrainSettings | None = None):
+        settings = read_train(config) if settings is None else settings
+        self.num_images = settings.num_sample_images
+        self.seed = settings.seed + 17
         self.num_classes = getattr(module, "num_classes", None)
         self.small_size = steps.low_res_size(config)
         self.mesh = mesh
@@ -481,7 +500,7 @@ class _SampleGrid:
         channels = config_lib.in_channels(config)
         size = config_lib.model_image_size(config)
         self.sampler = BatchSampler.for_networks(
-            config_lib.build_diffusion(config, timestep_respacing=tc.sample_respacing),
+            config_lib.build_diffusion(config, timestep_respacing=settings.sample_respacing),
             module,
             model_options=dict(train=False),
             image_shape=(size, size, channels),

@@ -20,6 +20,7 @@ from adm_jax.checkpoints import replicated_sharding
 from adm_jax.diffusion import loss_second_moment_init
 from adm_jax.models import example_inputs
 from adm_jax.recipe import config as config_lib
+from adm_jax.recipe.train import TrainSettings, read_train
 from adm_jax.train import sharding
 
 
@@ -28,7 +29,7 @@ class TrainState:
     step: jax.Array  # int32 scalar: steps taken (skipped non-finite steps included)
     params: Any
     opt_state: Any
-    # One params pytree per config.train.ema_rate entry, then one per posthoc_ema_stds entry.
+    # One params pytree per train.ema_rate entry, then one per train.posthoc_ema_stds entry.
     ema_params: tuple
     rng: jax.Array  # uint32[2] base key
     sampler_state: Any  # LossSecondMomentState for "loss-second-moment", else None
@@ -36,45 +37,59 @@ class TrainState:
     nonfinite_streak: jax.Array  # int32: non-finite steps in a row ending at this step
 
 
-def lr_schedule(tc) -> optax.Schedule:
+def lr_schedule(settings: TrainSettings) -> optax.Schedule:
     """Linear warmup (optional) then constant, or linear decay to 0 at ``lr_anneal_steps``
-    (the reference's ``lr * (1 - step / lr_anneal_steps)``)."""
-    lr = float(tc.lr)
-    if tc.lr_anneal_steps:
-        main = optax.linear_schedule(lr, 0.0, tc.lr_anneal_steps - tc.warmup_steps)
+    (the reference's ``lr * (1 - step / lr_anneal_steps)``). ``settings``: ``TrainSettings`` (a
+    ``config.train`` section reads the same)."""
+    lr = float(settings.lr)
+    if settings.lr_anneal_steps:
+        main = optax.linear_schedule(lr, 0.0, settings.lr_anneal_steps - settings.warmup_steps)
     else:
         main = optax.constant_schedule(lr)
-    if not tc.warmup_steps:
+    if not settings.warmup_steps:
         return main
-    warm = optax.linear_schedule(0.0, lr, tc.warmup_steps)
-    return optax.join_schedules([warm, main], [tc.warmup_steps])
+    warm = optax.linear_schedule(0.0, lr, settings.warmup_steps)
+    return optax.join_schedules([warm, main], [settings.warmup_steps])
 
 
-def make_optimizer(tc) -> optax.GradientTransformation:
+def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     """AdamW with decoupled weight decay on every parameter (torch.optim.AdamW, as the
     reference), optional global-norm clipping; the learning rate is an injected
-    hyperparameter so the logged value is the one applied."""
+    hyperparameter so the logged value is the one applied. ``settings``: ``TrainSettings`` (a
+    ``config.train`` section reads the same)."""
 
     def build(learning_rate):
         parts = []
-        if tc.grad_clip:
-            parts.append(optax.clip_by_global_norm(tc.grad_clip))
+        if settings.grad_clip:
+            parts.append(optax.clip_by_global_norm(settings.grad_clip))
         parts.append(
-            optax.adamw(learning_rate, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay)
+            optax.adamw(
+                learning_rate,
+                b1=settings.b1,
+                b2=settings.b2,
+                eps=settings.eps,
+                weight_decay=settings.weight_decay,
+            )
         )
         return optax.chain(*parts)
 
-    return optax.inject_hyperparams(build)(learning_rate=lr_schedule(tc))
+    return optax.inject_hyperparams(build)(learning_rate=lr_schedule(settings))
 
 
 def current_lr(opt_state) -> jax.Array:
     return opt_state.hyperparams["learning_rate"]
 
 
-def make_init_fn(module, config, tx):
-    """rng -> TrainState (pure; jit it with out_shardings to build it in place)."""
-    num_emas = config_lib.num_emas(config)
-    use_sampler = config.train.schedule_sampler == "loss-second-moment"
+def _settings(config, settings: TrainSettings | None) -> TrainSettings:
+    return read_train(config) if settings is None else settings
+
+
+def make_init_fn(module, config, tx, settings: TrainSettings | None = None):
+    """rng -> TrainState (pure; jit it with out_shardings to build it in place). ``config``
+    gives the diffusion steps; ``settings`` the train section (default: ``read_train``)."""
+    settings = _settings(config, settings)
+    num_emas = settings.num_emas
+    use_sampler = settings.schedule_sampler == "loss-second-moment"
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
@@ -98,30 +113,34 @@ def make_init_fn(module, config, tx):
     return init
 
 
-def create_train_state(module, config, tx, mesh):
+def create_train_state(module, config, tx, mesh, settings: TrainSettings | None = None):
     """Builds the state directly into its shards: ``jax.jit(init, out_shardings=...)``, so no
     host or device ever holds a full unsharded copy of a large model.
 
     Returns (state, state_shardings).
     """
-    init = make_init_fn(module, config, tx)
-    rng = jax.random.PRNGKey(config.train.seed)
+    settings = _settings(config, settings)
+    init = make_init_fn(module, config, tx, settings)
+    rng = jax.random.PRNGKey(settings.seed)
     abstract = jax.eval_shape(init, rng)
-    shardings = state_shardings(abstract, mesh, config)
+    shardings = state_shardings(abstract, mesh, settings)
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
 
 
-def state_shardings(abstract_state, mesh, config):
-    return sharding.tree_shardings(abstract_state, mesh, min_size=config.train.fsdp_min_size)
+def state_shardings(abstract_state, mesh, settings: TrainSettings):
+    """The state's shardings: arrays of ``train.fsdp_min_size`` elements or more split over
+    "fsdp"."""
+    return sharding.tree_shardings(abstract_state, mesh, min_size=settings.fsdp_min_size)
 
 
-def abstract_train_state(module, config, tx, mesh):
+def abstract_train_state(module, config, tx, mesh, settings: TrainSettings | None = None):
     """(ShapeDtypeStructs with shardings, shardings) of the state, without allocating."""
-    init = make_init_fn(module, config, tx)
+    settings = _settings(config, settings)
+    init = make_init_fn(module, config, tx, settings)
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = state_shardings(abstract, mesh, config)
+    shardings = state_shardings(abstract, mesh, settings)
     return (
         jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -133,8 +152,9 @@ def abstract_train_state(module, config, tx, mesh):
 def replicated_abstract_state(config):
     """ShapeDtypeStructs of the TrainState ``config`` trains, replicated on every device (a
     check needs every value, not the training mesh): ``--mode=verify``'s restore target."""
+    settings = read_train(config)
     module = config_lib.build_model(config)
-    init = make_init_fn(module, config, make_optimizer(config.train))
+    init = make_init_fn(module, config, make_optimizer(settings), settings)
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     sharding = replicated_sharding()
     place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from adm_jax import diffusion as dlib
 from adm_jax import posthoc_ema
 from adm_jax.recipe import config as config_lib
+from adm_jax.recipe.train import TrainSettings, read_train
 from adm_jax.train import sharding as sharding_lib
 from adm_jax.train.state import TrainState, current_lr
 
@@ -130,14 +131,14 @@ def _accumulate_grads(loss_and_aux: Callable, params, inputs, k: int):
     return loss / k, grads, _merge_microbatches(aux)
 
 
-def ema_decays(config) -> tuple:
+def ema_decays(settings: TrainSettings) -> tuple:
     """One decay per ``TrainState.ema_params`` entry: the constant ``train.ema_rate`` values
     (Python floats, folded into the program), then a function of the step for each post-hoc
     power EMA (``train.posthoc_ema_stds``)."""
-    constant = config_lib.ema_rates(config)
+    constant = settings.ema_rate
     powers = tuple(
         functools.partial(posthoc_ema.power_decay, gamma=posthoc_ema.std_to_exp(std))
-        for std in config_lib.posthoc_ema_stds(config)
+        for std in settings.posthoc_ema_stds
     )
     return constant + powers
 
@@ -175,11 +176,12 @@ def _apply_update(state: TrainState, tx, grads, ok, ema_rates, sampler_state):
     )
 
 
-def make_diffusion_train_step(module, diffusion, tx, config):
+def make_diffusion_train_step(module, diffusion, tx, config, settings: TrainSettings | None = None):
     """(state, batch) -> (state, metrics): hybrid loss (adm_jax.diffusion.training_losses)
     at t from the configured timestep sampler, weighted by its importance weights; class
     labels go to class-conditional models (as the reference's image_train.py), each replaced
-    by ``module.null_label`` with probability model.class_dropout_prob."""
+    by ``module.null_label`` with probability model.class_dropout_prob. ``config`` gives the
+    model section; ``settings`` the train section (default: ``read_train(config)``)."""
     p_drop = config_lib.class_dropout_prob(config)
     null_label = getattr(module, "null_label", None)
     if p_drop > 0 and null_label is None:
@@ -187,10 +189,10 @@ def make_diffusion_train_step(module, diffusion, tx, config):
             f"model.class_dropout_prob: {p_drop} needs a module with a null-label embedding "
             "(build it with adm_jax.train.build_model)"
         )
-    tc = config.train
-    rates = ema_decays(config)
-    importance = tc.schedule_sampler == "loss-second-moment"
-    k = int(tc.grad_accum_steps)
+    settings = read_train(config) if settings is None else settings
+    rates = ema_decays(settings)
+    importance = settings.schedule_sampler == "loss-second-moment"
+    k = settings.grad_accum_steps
     T = diffusion.num_timesteps
     small = low_res_size(config)
 
@@ -253,20 +255,24 @@ def _step_metrics(state, new_state, loss, terms, grad_norm, ok, t, T):
     }
 
 
-def make_classifier_train_step(module, diffusion, tx, config):
+def make_classifier_train_step(
+    module, diffusion, tx, config, settings: TrainSettings | None = None
+):
     """(state, batch) -> (state, metrics) for the noisy classifier (reference
     classifier_train.py): x_t = q_sample(x_0, t) at uniformly random t (if train.noised),
-    cross-entropy, acc@1 / acc@5, per-quartile logging."""
-    tc = config.train
-    rates = ema_decays(config)
-    k = int(tc.grad_accum_steps)
+    cross-entropy, acc@1 / acc@5, per-quartile logging. ``settings``: the train section
+    (default: ``read_train(config)``)."""
+    settings = read_train(config) if settings is None else settings
+    rates = ema_decays(settings)
+    k = settings.grad_accum_steps
+    noised = settings.noised
     T = diffusion.num_timesteps
 
     def train_step(state: TrainState, batch):
         _count_trace("classifier_train")
         x = batch["image"].astype(jnp.float32)
         t_key, noise_key, dropout_key = step_keys(state)
-        t, x_t = noised_inputs(diffusion, x, t_key, noise_key, noised=tc.noised)
+        t, x_t = noised_inputs(diffusion, x, t_key, noise_key, noised=noised)
         inputs = {"x": x_t, "t": t, "label": batch["label"]}
 
         def loss_fn(params, mb, i):
@@ -289,12 +295,23 @@ def make_classifier_train_step(module, diffusion, tx, config):
     return train_step
 
 
-def jit_train_step(module, diffusion, tx, config, state_shardings, mesh, *, classifier: bool):
+def jit_train_step(
+    module,
+    diffusion,
+    tx,
+    config,
+    state_shardings,
+    mesh,
+    *,
+    classifier: bool,
+    settings: TrainSettings | None = None,
+):
     """The train step as the train loop runs it: state and batch shardings on ``mesh``,
-    replicated metrics, donated state. The loop, the benchmark and the tests all call this."""
+    replicated metrics, donated state. The loop, the benchmark and the tests all call this.
+    ``settings``: the train section (default: ``read_train(config)``)."""
     make_step = make_classifier_train_step if classifier else make_diffusion_train_step
     return jax.jit(
-        make_step(module, diffusion, tx, config),
+        make_step(module, diffusion, tx, config, settings),
         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
         donate_argnums=(0,),
