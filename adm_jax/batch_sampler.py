@@ -173,7 +173,7 @@ class BatchSampler:
     def _constrain(self, array: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(array, self.batch_sharding)
 
-    def _model_fns(self, model_params, labels, cfg, low_res):
+    def _model_fns(self, model_params, labels, cfg_scale, low_res):
         """``(model_fn, unguided_model_fn, net)``: the model as the samplers call it (with
         classifier-free guidance when built with a null label), the conditional model used
         outside sample.guidance_interval (or None), and the raw ``net(x, t, y)``."""
@@ -191,7 +191,7 @@ class BatchSampler:
         if self.unconditional:
             return lambda x, t: net(x, t, jnp.full_like(labels, null_label)), None, net
         if null_label is not None:
-            model_fn = classifier_free_model_fn(net, labels, null_label, cfg)
+            model_fn = classifier_free_model_fn(net, labels, null_label, cfg_scale)
             return model_fn, (lambda x, t: net(x, t, labels)), net
         return (lambda x, t: net(x, t, labels if self.class_cond else None)), None, net
 
@@ -202,8 +202,8 @@ class BatchSampler:
         seed,
         batch_index,
         labels,
-        scale,
-        cfg,
+        classifier_scale,
+        cfg_scale,
         low_res,
         extra=None,
     ):
@@ -211,14 +211,14 @@ class BatchSampler:
         self.trace_count += 1
         extra = extra or {}
         key = jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
-        model_fn, unguided_model_fn, net = self._model_fns(model_params, labels, cfg, low_res)
+        model_fn, unguided_model_fn, net = self._model_fns(model_params, labels, cfg_scale, low_res)
         classifier_fn = None
         if self.classifier_apply is not None:
             classifier_fn = lambda x, t: self.classifier_apply(classifier_params, x, t)
         guidance = dict(
             classifier_fn=classifier_fn,
             y=labels,
-            classifier_scale=scale,
+            classifier_scale=classifier_scale,
             unguided_model_fn=unguided_model_fn,
         )
         if "x_known" in extra:  # an EditSpec's edit
@@ -280,7 +280,7 @@ class BatchSampler:
         batch_index: int,
         labels: np.ndarray | None = None,
         classifier_params: Any = None,
-        scale: float = 0.0,
+        classifier_scale: float = 0.0,
         cfg_scale: float | None = None,
         low_res: np.ndarray | None = None,
     ) -> tuple:
@@ -309,7 +309,7 @@ class BatchSampler:
             np.uint32(seed % 2**32),
             np.int32(batch_index),
             labels,
-            np.float32(scale),
+            np.float32(classifier_scale),
             np.float32(0.0 if cfg_scale is None else cfg_scale),
             low_res,
         )

@@ -214,8 +214,8 @@ def test_sharded_equals_one_device_and_explicit_labels(ckpts, cond_job, tmp_path
 def test_guided_differs_from_unguided(ckpts, tmp_path):
     config = _config(ckpts, tmp_path, classifier_checkpoint=ckpts["classifier"], use_ddim=True)
     job = sampler.build_job(config, str(tmp_path))
-    unguided, labels = job.sample_batch(0, scale=0.0)
-    guided, guided_labels = job.sample_batch(0, scale=20.0)
+    unguided, labels = job.sample_batch(0, classifier_scale=0.0)
+    guided, guided_labels = job.sample_batch(0, classifier_scale=20.0)
     np.testing.assert_array_equal(labels, guided_labels)
     assert np.abs(guided.astype(int) - unguided.astype(int)).mean() > 1.0
     assert job.sampler.trace_count == 1  # the scale is a traced argument

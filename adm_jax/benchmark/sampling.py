@@ -217,7 +217,7 @@ def sample_benchmark(
                 batch_index=0,
                 labels=labels if sampler.needs_labels else None,
                 classifier_params=cls_params if guided else None,
-                scale=classifier_scale if guided else 0.0,
+                classifier_scale=classifier_scale if guided else 0.0,
                 cfg_scale=cfg_scale if kind == "cfg" else None,
             )
             run = _time_program(sampler, args, mesh=mesh, repeats=repeats, diffusion=diffusion)

@@ -134,15 +134,15 @@ class SamplingJob:
         return self.base_images[rows % len(self.base_images)].astype(np.float32) / 127.5 - 1.0
 
     def sample_batch(
-        self, batch_index: int, scale: float = 0.0, cfg_scale: float | None = None
+        self, batch_index: int, classifier_scale: float = 0.0, cfg_scale: float | None = None
     ) -> tuple[np.ndarray, Any]:
         """``(uint8 images, labels or None)`` of batch ``batch_index``; ``cfg_scale`` None
         means the job's own (``sample.cfg_scale``)."""
-        images, labels = self.dispatch_batch(batch_index, scale, cfg_scale)
+        images, labels = self.dispatch_batch(batch_index, classifier_scale, cfg_scale)
         return np.asarray(images), labels
 
     def dispatch_batch(
-        self, batch_index: int, scale: float = 0.0, cfg_scale: float | None = None
+        self, batch_index: int, classifier_scale: float = 0.0, cfg_scale: float | None = None
     ) -> tuple[jax.Array, Any]:
         """Like ``sample_batch`` but returns before the device finishes."""
         labels = self.labels_for(batch_index)
@@ -152,7 +152,7 @@ class SamplingJob:
             batch_index=batch_index,
             labels=labels,
             classifier_params=self.classifier_params,
-            scale=scale,
+            classifier_scale=classifier_scale,
             cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
             **self.batch_inputs(batch_index),
         )
