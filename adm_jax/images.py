@@ -4,6 +4,7 @@ rounding and PNG grids. It sits below both packages, so ``adm_jax.train`` never 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -38,8 +39,9 @@ def save_png(path, image: np.ndarray) -> str:
     from PIL import Image
 
     image = np.asarray(image)
-    with paths.open_atomic(path) as f:
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    paths.write_bytes_atomic(path, buffer.getvalue())  # retried: a bucket may refuse a write
     return os.fspath(path)
 
 
