@@ -131,6 +131,7 @@ class BatchSampler:
         cfg: bool = False,
         unconditional: bool = False,
         model_options: dict[str, Any] | None = None,
+        source: str = "the model",
         **options,
     ) -> BatchSampler:
         """The program for linen networks: ``module`` the diffusion model (``UNet`` or
@@ -138,7 +139,8 @@ class BatchSampler:
         ``classifier`` the noisy classifier that guides it (``EncoderUNet``, or None); ``cfg``
         classifier-free guidance with the model's null label (``unconditional``: scale 0, one
         pass with the null label). ``model_options`` go to every call of the model (e.g.
-        ``train=False``); ``options`` are ``BatchSampler``'s (image_shape, batch_size, mesh,
+        ``train=False``); ``source`` names the model in errors (its checkpoint path);
+        ``options`` are ``BatchSampler``'s (image_shape, batch_size, mesh,
         method, clip_denoised, edit)."""
         fixed = dict(model_options or {})
         superres = isinstance(module, SuperResUNet)
@@ -156,7 +158,7 @@ class BatchSampler:
             null_label = getattr(module, "null_label", None)
             if null_label is None:
                 raise ValueError(
-                    "sample.cfg_scale: the model has no null label; classifier-free guidance "
+                    f"sample.cfg_scale: {source} has no null label; classifier-free guidance "
                     "needs a class-conditional model trained with model.class_dropout_prob > 0"
                 )
         return cls(

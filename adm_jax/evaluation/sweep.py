@@ -52,11 +52,13 @@ _KNOWN_METRICS = {
 MetricsFn = Callable[[str], Mapping[str, float]]
 
 
-def inception_metrics_fn(config: Any) -> MetricsFn:
-    """The evaluator's metrics against ``config.sample.reference_batch`` (``config.evaluate``
-    supplies the Inception weights, batch size, resize path and distance precision)."""
+def inception_metrics_fn(config: Any, reference: str | None = None) -> MetricsFn:
+    """The evaluator's metrics against ``reference`` (default ``config.sample.reference_batch``;
+    ``config.evaluate`` supplies the Inception weights, batch size, resize path and distance
+    precision)."""
     variables, kwargs = inception_settings(recipe.read_evaluate(config))
-    reference = recipe.read_sweep(config).reference_batch
+    if reference is None:
+        reference = recipe.config_text(recipe.config_get(config, "sample"), "reference_batch")
 
     def metrics(npz_path: str) -> Mapping[str, float]:
         return evaluate_npz(npz_path, reference, inception_params=variables, **kwargs)
@@ -90,7 +92,7 @@ def guidance_sweep(
     several_samplers = len({(p.get("sampler"), p.get("steps")) for p in sweep.grid}) > 1
     guidance = sweep.guidance
     if metrics_fn is None and sweep.reference_batch:
-        metrics_fn = inception_metrics_fn(config)
+        metrics_fn = inception_metrics_fn(config, sweep.reference_batch)
 
     base_job = _build_job(config, workdir, guidance, sweep.scales)
     num_samples = base_job.settings.num_samples or base_job.default_num_samples

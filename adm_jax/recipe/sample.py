@@ -288,9 +288,11 @@ def read_sample(config: Any, **sampler_overrides) -> SampleSettings:
             "(a noisy-image classifier); set the scale to 0 to sample without guidance"
         )
     num_classes = fields.get("num_classes", 0) or 0
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise ValueError(f"sample.num_classes: expected an integer >= 0, got {num_classes!r}")
-    if num_classes < 0:
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, (int, np.integer))
+        or (num_classes < 0)
+    ):
         raise ValueError(f"sample.num_classes: expected an integer >= 0, got {num_classes!r}")
     labels = parse_class_labels(fields.get("class_labels", "random"))
     fields.update(sampler_overrides)

@@ -228,11 +228,6 @@ def _load_models(config: Any, workdir: str, settings: SampleSettings, mesh: Mesh
         settings, ckpt, model_path, needs_labels, num_classes
     )
     module = ckpt.module(**settings.module_overrides())
-    if settings.cfg_scale is not None and getattr(module, "null_label", None) is None:
-        raise ValueError(
-            f"sample.cfg_scale: {model_path} has no null label; classifier-free guidance "
-            "needs a class-conditional model trained with model.class_dropout_prob > 0"
-        )
     base_diffusion = ckpt.diffusion_kwargs or recipe.to_dict(config_get(config, "diffusion"))
     return _Models(
         ckpt=ckpt,
@@ -361,6 +356,7 @@ def _make_job(models: _Models, settings: SampleSettings, edit: EditSpec | None) 
         classifier=models.classifier,
         cfg=settings.cfg_scale is not None,
         unconditional=settings.cfg_scale == 0,
+        source=models.model_path,
         image_shape=models.image_shape,
         batch_size=settings.batch_size,
         mesh=models.mesh,
